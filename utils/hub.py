@@ -1,0 +1,59 @@
+"""Resolve a weights file from a local path or a Hugging Face hub repository.
+
+A local file or folder always wins. Otherwise ``path_or_repo_id`` is a hub repo id and the file is
+fetched through ``huggingface_hub`` (which honours ``HF_HOME``, its cache and ``HF_HUB_OFFLINE``).
+When the network is unreachable and nothing is cached, the error says exactly what to download and
+where to put it instead of a stack of HTTP errors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+OFFICIAL_REPO_ID = "showlab/D-AR"
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """The requested weights are neither local nor reachable on the hub."""
+
+
+def resolve_file(
+    path_or_repo_id: str | os.PathLike,
+    filename: str | None = None,
+    default_filename: str | None = None,
+) -> Path:
+    """Return a local path for ``filename`` in a folder / hub repo, or ``path_or_repo_id`` itself if a file."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_file():
+        if filename is not None:
+            raise ValueError(f"{path} is a file; do not also pass filename={filename!r}")
+        return path
+    name = filename or default_filename
+    if path.is_dir():
+        if name is None:
+            raise ValueError(f"{path} is a folder: pass filename= to choose a file inside it")
+        candidate = path / name
+        if not candidate.is_file():
+            raise WeightsNotFoundError(f"{candidate} does not exist")
+        return candidate
+    repo_id = str(path_or_repo_id)
+    looks_like_repo = repo_id.count("/") == 1 and not repo_id.startswith((".", "/", "~"))
+    if not looks_like_repo:
+        raise WeightsNotFoundError(f"{repo_id} is neither an existing local file/folder nor a hub repo id")
+    if name is None:
+        raise ValueError(f"hub repo {repo_id}: pass filename= to choose a file")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as error:  # pragma: no cover - huggingface_hub is a requirement
+        raise WeightsNotFoundError("huggingface_hub is not installed; pass a local path instead") from error
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename=name))
+    except Exception as error:  # the hub raises many network/cache error types; all mean "not available"
+        raise WeightsNotFoundError(
+            f"could not get {name!r} from the hub repo {repo_id!r} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}).\n"
+            f"If this machine is offline, download https://huggingface.co/{repo_id}/resolve/main/{name} "
+            f"on a machine with internet and either pass its local path, or put it in the hub cache with "
+            f"`huggingface-cli download {repo_id} {name}` (then HF_HUB_OFFLINE=1 works)."
+        ) from error
