@@ -1,0 +1,59 @@
+"""Shared training machinery: LR schedules, EMA, non-finite guard, optimizer groups."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from utils.training import NonFiniteGuard, OptimConfig, build_optimizer, create_ema, learning_rate, update_ema
+
+
+def test_warmup_then_constant() -> None:
+    cfg = OptimConfig(lr=2e-4, warmup_steps=4)
+    assert [learning_rate(s, 100, cfg) for s in range(5)] == pytest.approx([5e-5, 1e-4, 1.5e-4, 2e-4, 2e-4])
+
+
+def test_cosine_reaches_min_lr() -> None:
+    cfg = OptimConfig(lr=1.0, warmup_steps=0, schedule="cosine", min_lr=0.1)
+    assert learning_rate(0, 10, cfg) == pytest.approx(1.0)
+    assert learning_rate(5, 10, cfg) == pytest.approx(0.55)
+    assert learning_rate(10, 10, cfg) == pytest.approx(0.1)
+
+
+def test_linear_decay_over_the_tail() -> None:
+    cfg = OptimConfig(lr=4e-4, schedule="linear", min_lr=1e-5, decay_start_step=250)
+    assert learning_rate(249, 300, cfg) == pytest.approx(4e-4)
+    assert learning_rate(275, 300, cfg) == pytest.approx((4e-4 + 1e-5) / 2)
+    assert learning_rate(300, 300, cfg) == pytest.approx(1e-5)
+
+
+def test_weight_decay_only_on_matrices() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    opt = build_optimizer(model, OptimConfig(weight_decay=0.05), torch.device("cpu"))
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    assert decayed == {id(model[0].weight)}
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_ema_update_is_a_lerp() -> None:
+    model = nn.Linear(2, 2)
+    ema = create_ema(model)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    before = ema.weight.clone()
+    update_ema(ema, model, decay=0.9)
+    assert torch.allclose(ema.weight, 0.9 * before + 0.1 * model.weight)
+    assert not ema.weight.requires_grad
+
+
+def test_non_finite_guard_skips_then_aborts() -> None:
+    guard = NonFiniteGuard(max_bad_steps=2)
+    assert guard.check(torch.tensor(1.0))
+    assert not guard.check(torch.tensor(math.nan))
+    assert guard.check(torch.tensor(1.0))
+    assert not guard.check(torch.tensor(math.inf))
+    with pytest.raises(FloatingPointError, match="max-bad-steps"):
+        guard.check(torch.tensor(math.nan))

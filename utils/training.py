@@ -1,0 +1,375 @@
+"""Training machinery shared by the tokenizer and the AR trainers.
+
+Both trainers are one ``main(cfg)`` that reads top to bottom; everything they have in common lives
+here so it is written (and tested) once: optimizer/LR schedule, EMA, precision, non-finite guard,
+the resumable infinite data iterator, and the checkpoint layout that makes a killed-and-resumed run
+produce exactly the losses of an uninterrupted one.
+
+Exact resume rests on three things, all saved in every checkpoint:
+1. the data position: epoch and number of samples already consumed in that epoch (globally), so the
+   sampler restarts mid-epoch at the same place (per-sample augmentation is seeded by
+   (seed, epoch, index), never by a worker's RNG);
+2. every rank's RNG states (python, numpy, torch, cuda), gathered to rank 0 and scattered back;
+3. model, EMA, optimizer(s) and step, loaded strictly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from utils.checkpoint import CheckpointManager, safe_torch_load
+from utils.distributed import DistEnv, all_gather_object, is_initialized
+from utils.run import capture_rng_state, restore_rng_state
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    # Weight decay only on tensors with ndim >= 2 (matrices/embeddings), never on norms or biases.
+    decay_matrices_only: bool = True
+    warmup_steps: int = 0
+    # "constant": warmup then flat; "cosine": warmup then cosine to min_lr at max_steps;
+    # "linear": flat until decay_start_step, then linear to min_lr at max_steps (the AR paper recipe).
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr: float = 0.0
+    decay_start_step: int = 0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0
+    max_bad_steps: int = 20
+
+
+def learning_rate(step: int, max_steps: int, cfg: OptimConfig) -> float:
+    """LR for the optimizer step with 0-based index ``step`` (pure; tested)."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        span = max(1, max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+    if cfg.schedule == "linear":
+        start = max(cfg.decay_start_step, cfg.warmup_steps)
+        if step < start:
+            return cfg.lr
+        progress = min(1.0, (step - start) / max(1, max_steps - start))
+        return cfg.lr + (cfg.min_lr - cfg.lr) * progress
+    raise ValueError(f"unknown LR schedule {cfg.schedule!r}")
+
+
+def build_optimizer(params: list[tuple[str, nn.Parameter]] | nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    named = list(params.named_parameters()) if isinstance(params, nn.Module) else list(params)
+    named = [(n, p) for n, p in named if p.requires_grad]
+    if cfg.decay_matrices_only:
+        decay = [p for _, p in named if p.ndim >= 2]
+        no_decay = [p for _, p in named if p.ndim < 2]
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+    else:
+        groups = [{"params": [p for _, p in named], "weight_decay": cfg.weight_decay}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def create_ema(model: nn.Module) -> nn.Module:
+    ema = copy.deepcopy(unwrap_model(model)).eval()
+    ema.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    ema_params = [p for p in ema.parameters()]
+    params = [p.detach() for p in unwrap_model(model).parameters()]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), unwrap_model(model).buffers()):
+        ema_buffer.copy_(buffer)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP / FSDP-less wrappers and ``torch.compile``'s ``_orig_mod``."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
+    """Mixed precision where asked for; a true no-op for fp32 on any device."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def default_precision(device: torch.device) -> Precision:
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+class NonFiniteGuard:
+    """Skips optimizer steps whose loss or gradient norm is not finite; aborts after a run of them."""
+
+    def __init__(self, max_bad_steps: int) -> None:
+        self.max_bad_steps = max_bad_steps
+        self.consecutive = 0
+        self.total = 0
+
+    def check(self, *values: torch.Tensor) -> bool:
+        """True if the step may be applied. Every rank must agree, so call it on reduced values."""
+        finite = all(bool(torch.isfinite(v).all()) for v in values)
+        if finite:
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        self.total += 1
+        if self.consecutive >= self.max_bad_steps:
+            raise FloatingPointError(
+                f"{self.consecutive} consecutive non-finite steps (limit --max-bad-steps={self.max_bad_steps}); "
+                "aborting. Lower the LR, check the data, or resume from an earlier checkpoint."
+            )
+        return False
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consecutive": self.consecutive, "total": self.total}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.consecutive = int(state["consecutive"])
+        self.total = int(state["total"])
+
+
+class InfiniteLoader:
+    """Endless batches over epochs with a resumable position.
+
+    ``sampler`` must offer ``set_epoch(e)`` and ``set_start_index(k)`` (skip the first ``k`` of this
+    rank's indices), as :class:`dataset.sampler.ResumableDistributedSampler` does. The position is kept
+    in *global* samples consumed in the current epoch, so a resume on the same world size lands on
+    exactly the next batch.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        sampler: Any,
+        batch_size: int,
+        world_size: int,
+        num_workers: int = 0,
+        collate_fn: Callable | None = None,
+        pin_memory: bool = False,
+        on_epoch_end: Callable[[int], None] | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.collate_fn = collate_fn
+        self.pin_memory = pin_memory
+        self.on_epoch_end = on_epoch_end
+        self.epoch = 0
+        self.consumed_in_epoch = 0
+        self._iterator: Iterator | None = None
+
+    def _start_epoch(self) -> None:
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.set_start_index(self.consumed_in_epoch // self.world_size)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=self.sampler,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            pin_memory=self.pin_memory,
+            drop_last=True,
+            persistent_workers=False,
+        )
+        self._iterator = iter(loader)
+
+    def __iter__(self) -> "InfiniteLoader":
+        return self
+
+    def __next__(self) -> Any:
+        for _ in range(2):
+            if self._iterator is None:
+                self._start_epoch()
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                self._iterator = None
+                if self.on_epoch_end is not None:
+                    self.on_epoch_end(self.epoch)
+                self.epoch += 1
+                self.consumed_in_epoch = 0
+                continue
+            self.consumed_in_epoch += self.batch_size * self.world_size
+            return batch
+        raise RuntimeError("the dataset yields no full batch: it is smaller than the per-rank batch size")
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed_in_epoch": self.consumed_in_epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.consumed_in_epoch = int(state["consumed_in_epoch"])
+        self._iterator = None
+
+
+def save_train_checkpoint(
+    manager: CheckpointManager,
+    env: DistEnv,
+    step: int,
+    config: Any,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Collective: every rank must call it (RNG states are gathered); rank 0 writes."""
+    rng_states = all_gather_object(capture_rng_state())
+    if not env.is_main:
+        return
+    state = {
+        "format": "dar-train-v1",
+        "step": step,
+        "world_size": env.world_size,
+        "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
+        "modules": {name: unwrap_model(m).state_dict() for name, m in modules.items()},
+        "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+        "rng": rng_states,
+        "extra": extra or {},
+    }
+    manager.save(state, step)
+
+
+def load_train_checkpoint(
+    path: str,
+    env: DistEnv,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Restore modules (strict), optimizers and this rank's RNG; returns the checkpoint's ``extra`` + step."""
+    state = safe_torch_load(path, map_location="cpu")
+    if state.get("format") != "dar-train-v1":
+        raise ValueError(f"{path} is not a training checkpoint of this codebase (no 'format': 'dar-train-v1')")
+    missing = sorted(set(modules) - set(state["modules"]))
+    if missing:
+        raise KeyError(f"{path} has no state for module(s) {missing}")
+    for name, module in modules.items():
+        unwrap_model(module).load_state_dict(state["modules"][name], strict=True)
+    missing_opt = sorted(set(optimizers) - set(state["optimizers"]))
+    if missing_opt:
+        raise KeyError(f"{path} has no state for optimizer(s) {missing_opt}")
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(state["optimizers"][name])
+    if state["world_size"] == env.world_size:
+        restore_rng_state(state["rng"][env.rank])
+    else:
+        log(
+            f"checkpoint was written with world size {state['world_size']}, now {env.world_size}: "
+            "training continues, but RNG streams are re-seeded so losses will not match an uninterrupted run"
+        )
+    return {"step": int(state["step"]), **state["extra"]}
+
+
+class Throughput:
+    """Images (or sequences) per second between two log points, summed over ranks."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.items = 0
+
+    def add(self, n: int) -> None:
+        self.items += n
+
+    def rate(self) -> float:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        value = self.items / elapsed
+        self.start = time.perf_counter()
+        self.items = 0
+        return value
+
+
+class WandbLogger:
+    """Optional Weights & Biases mirror of ``metrics.jsonl`` (rank 0 only)."""
+
+    def __init__(self, enabled: bool, env: DistEnv, project: str, run_name: str, config: Any) -> None:
+        self.run = None
+        if not enabled or not env.is_main:
+            return
+        try:
+            import wandb
+        except ImportError as error:
+            raise ImportError("--wandb needs the wandb package: `pip install wandb` (or drop --wandb)") from error
+        cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+        self.run = wandb.init(project=project, name=run_name, config=cfg, resume="allow")
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def add_common_train_args(parser: argparse.ArgumentParser) -> None:
+    """Flags both trainers share; every one of them is read by both."""
+    parser.add_argument("--config", required=True, help="YAML recipe (configs/...)")
+    parser.add_argument("--results-dir", required=True, help="run folder: config, metrics, checkpoints, samples")
+    parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's total steps")
+    parser.add_argument("--global-batch-size", type=int, default=None, help="override; divided over ranks")
+    parser.add_argument("--lr", type=float, default=None, help="override the peak learning rate")
+    parser.add_argument("--ckpt-every", type=int, default=None)
+    parser.add_argument("--log-every", type=int, default=None)
+    parser.add_argument("--keep-last", type=int, default=3, help="checkpoints kept on disk")
+    parser.add_argument("--resume", default=None, help="'auto' (latest in results-dir if any) or a checkpoint path")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--max-bad-steps", type=int, default=None, help="abort after this many non-finite steps in a row")
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--wandb", action="store_true", help="mirror metrics to Weights & Biases")
+    parser.add_argument("--wandb-project", default="dar")
+
+
+def resolve_resume(resume: str | None, manager: CheckpointManager) -> str | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        latest = manager.latest()
+        return str(latest) if latest is not None else None
+    return resume
+
+
+def all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """True only if ``flag`` holds on every rank (used so all ranks skip a bad step together)."""
+    if not is_initialized():
+        return flag
+    value = torch.tensor([0 if flag else 1], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(value)
+    return int(value.item()) == 0
