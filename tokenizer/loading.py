@@ -1,0 +1,158 @@
+"""Strict, safe loading of official and own tokenizer checkpoints (CHECKPOINT_FORMAT §1.1, §5).
+
+Official key conversion happens in exactly one function, :func:`convert_official_state_dict`.
+Nothing is ever unpickled beyond tensors and the two allow-listed official config objects
+(:func:`utils.checkpoint.safe_torch_load`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tokenizer.config import TOKENIZER_PRESETS, TokenizerConfig, from_official, load_tokenizer_config
+from tokenizer.model import DARTokenizer
+from tokenizer.pixel_decoder import build_repa_head
+from utils.checkpoint import atomic_write, load_state_file
+from utils.config import dataclass_to_dict, save_yaml
+from utils.hub import OFFICIAL_REPO_ID, resolve_file
+
+OFFICIAL_TOKENIZER_FILENAME = "D-AR-tokenizer_v1.pt"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "tokenizer_config.yaml"
+
+# Keys the official files carry that inference never reads (CHECKPOINT_FORMAT §1.1).
+_IGNORED_OFFICIAL_KEYS = ("quantize.codebook_used",)
+_REPA_PREFIX = "diff_decoder.net.repa_out."
+
+
+class StateDictMismatchError(KeyError):
+    """Missing, unexpected or wrongly shaped checkpoint entries; the message names every one."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+def convert_official_state_dict(state_dict: dict[str, Any], model: DARTokenizer) -> tuple[dict[str, Tensor], set[str]]:
+    """Official (or own) key names → this model's; returns (converted, keys the model may keep uninitialised).
+
+    Our parameter names equal the official ones, so conversion is a filter: drop the training
+    statistic ``quantize.codebook_used``; the REPA head (``diff_decoder.net.repa_out.*``) is optional
+    in both directions (training-only; absent from the golden file, present in official files).
+    """
+    converted = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items() if k not in _IGNORED_OFFICIAL_KEYS}
+    if not model.config.diff_decoder.has_repa_head:
+        converted = {k: v for k, v in converted.items() if not k.startswith(_REPA_PREFIX)}
+    optional = {k for k in model.state_dict() if k.startswith(_REPA_PREFIX)}
+    return converted, optional
+
+
+def _check_keys(model: nn.Module, state_dict: dict[str, Any], optional: set[str]) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict) - optional)
+    unexpected = sorted(set(state_dict) - set(expected))
+    not_tensor = sorted(k for k, v in state_dict.items() if not isinstance(v, Tensor))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and isinstance(v, Tensor) and v.shape != expected[k].shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    if not_tensor:
+        problems.append(f"non-tensor entries: {', '.join(not_tensor)}")
+    if shapes:
+        problems.append(f"shape mismatches: {'; '.join(shapes)}")
+    if problems:
+        raise StateDictMismatchError("tokenizer checkpoint does not match the config — " + " | ".join(problems))
+
+
+def build_from_state_dict(config: TokenizerConfig, state_dict: dict[str, Any], device: str | torch.device | None = None) -> DARTokenizer:
+    """Build ``config`` without initialising it (meta device), then load ``state_dict`` strictly.
+
+    Skipping the random init matters for the 307M-parameter v1 model. Optional entries that the
+    checkpoint lacks (the REPA head) are initialised normally.
+    """
+    with torch.device("meta"):
+        model = DARTokenizer(config)
+    converted, optional = convert_official_state_dict(state_dict, model)
+    _check_keys(model, converted, optional)
+    target = torch.device(device) if device is not None else None
+    tensors = {}
+    for key, value in converted.items():
+        if not value.is_floating_point():
+            raise StateDictMismatchError(f"{key} has dtype {value.dtype}; the tokenizer stores float tensors")
+        value = value.to(dtype=torch.float32, device=target or value.device)
+        tensors[key] = value
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if optional - set(converted):
+        device_of_rest = next(iter(tensors.values())).device if tensors else (target or torch.device("cpu"))
+        with torch.device(device_of_rest):
+            model.pixel_decoder.repa_out = build_repa_head(config.diff_decoder)
+    return model.eval()
+
+
+def load_tokenizer_from_official(state_dict: dict, model_config: dict) -> DARTokenizer:
+    """Official state dict + official ``model:`` config mapping → eval-mode :class:`DARTokenizer` (strict)."""
+    return build_from_state_dict(from_official(model_config), state_dict)
+
+
+def _pick_weights(obj: Any, source: str) -> tuple[dict[str, Any], TokenizerConfig | None]:
+    """Official container layouts: prefer ``ema`` over ``model`` over a bare state dict; embedded ``config``."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{source}: expected a dict, got {type(obj).__name__}")
+    config = None
+    embedded = obj.get("config")
+    if isinstance(embedded, dict):
+        if "model" not in embedded:
+            raise ValueError(f"{source}: embedded config has no 'model' section")
+        config = from_official(embedded["model"])
+    for key in ("ema", "model"):
+        if isinstance(obj.get(key), dict):
+            return obj[key], config
+    return obj, config
+
+
+def load_tokenizer(
+    path_or_repo_id: str | os.PathLike = OFFICIAL_REPO_ID,
+    filename: str | None = None,
+    config: TokenizerConfig | str | None = None,
+    device: str | torch.device | None = None,
+) -> DARTokenizer:
+    """Implementation of :meth:`DARTokenizer.from_pretrained` (see there)."""
+    folder = Path(path_or_repo_id).expanduser()
+    if folder.is_dir() and filename is None and (folder / CONFIG_NAME).is_file():
+        path = folder / WEIGHTS_NAME
+    else:
+        path = resolve_file(path_or_repo_id, filename, default_filename=OFFICIAL_TOKENIZER_FILENAME)
+    obj = load_state_file(path)
+    if path.suffix == ".safetensors":
+        state_dict, embedded = obj, None
+        sibling = path.parent / CONFIG_NAME
+        if config is None and sibling.is_file():
+            config = load_tokenizer_config(sibling)
+    else:
+        state_dict, embedded = _pick_weights(obj, str(path))
+    if isinstance(config, str):
+        config = load_tokenizer_config(config)
+    resolved = config or embedded or TOKENIZER_PRESETS["v1"]
+    return build_from_state_dict(resolved, state_dict, device=device)
+
+
+def save_tokenizer(model: DARTokenizer, directory: str | os.PathLike) -> Path:
+    """``directory/model.safetensors`` + ``directory/tokenizer_config.yaml``; returns the folder."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
+    save_yaml(dataclass_to_dict(model.config), directory / CONFIG_NAME)
+    return directory
