@@ -1,0 +1,17 @@
+"""Stage 2 of D-AR: a class-conditional Llama GPT over the tokenizer's codes (codes → codes)."""
+
+from autoregressive.config import GPT_PRESETS, GPTConfig
+from autoregressive.generate import GuidanceSchedule, draw_uniforms, generate_codes
+from autoregressive.model import GPT, convert_official_state_dict, gpt_config_from_yaml, load_gpt_from_official
+
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "GPT_PRESETS",
+    "GuidanceSchedule",
+    "convert_official_state_dict",
+    "draw_uniforms",
+    "generate_codes",
+    "gpt_config_from_yaml",
+    "load_gpt_from_official",
+]

@@ -1,0 +1,307 @@
+"""Sampling codes from the GPT with its static KV cache (SPEC §2 "Sampling", CHECKPOINT_FORMAT §4.5).
+
+Small pure functions in the gpt-fast style: :func:`prefill` (class token and forced prefix),
+:func:`decode_one_token` (the hot step, optionally compiled), :func:`decode_n_tokens` (the loop) and
+:func:`generate_codes` (the whole thing). Randomness enters only through a (B, N) tensor of uniforms,
+one per sample and position, drawn up front by :func:`draw_uniforms`; each token is chosen by inverse
+CDF. A sample therefore depends only on its own uniforms and label, never on the batch it shares,
+and the loop needs no host-device synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from autoregressive.model import GPT
+
+# Lowest temperature: the official sampler divides by max(temperature, 1e-5), so 0 means greedy.
+MIN_TEMPERATURE = 1e-5
+# The official sampler raises a schedule start of exactly 1.0 to this so that guidance is on from
+# the first token (CHECKPOINT_FORMAT §4.5); D-AR's published numbers were made with it.
+OFFICIAL_START_BUMP = 1.001
+
+
+@dataclass(frozen=True)
+class GuidanceSchedule:
+    """Classifier-free guidance scale per generated position: constant, or linear start → end.
+
+    Token i of N uses linspace(start, end, N)[i]. With ``official_start_quirk`` (default) a linear
+    schedule that starts at exactly 1.0 and rises starts at 1.001 instead, reproducing the official
+    sampler. Guidance (batch doubling with the null class) is on whenever any scale differs from 1;
+    the official sampler only looked at the first entry and silently ignored e.g. "0.5,3.0".
+    """
+
+    start: float = 1.0
+    end: float | None = None
+    official_start_quirk: bool = True
+
+    def __post_init__(self) -> None:
+        for value in (self.start, self.end):
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"guidance scales must be finite, got start={self.start}, end={self.end}")
+
+    @classmethod
+    def parse(cls, text: str) -> "GuidanceSchedule":
+        """"4.0" → constant 4.0; "1.2,8.0" → linear from 1.2 to 8.0 (the official CLI syntax)."""
+        parts = [p.strip() for p in str(text).split(",")]
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"guidance scale must be 'S' or 'START,END' numbers, got {text!r}") from None
+        if len(values) == 1:
+            return cls(values[0])
+        if len(values) == 2:
+            return cls(values[0], values[1])
+        raise ValueError(f"guidance scale must be 'S' or 'START,END', got {text!r}")
+
+    @classmethod
+    def from_value(cls, value: "float | tuple[float, float] | Sequence[float] | str | GuidanceSchedule") -> "GuidanceSchedule":
+        """Accept a schedule, a number, a (start, end) pair, or a string for :meth:`parse`."""
+        if isinstance(value, GuidanceSchedule):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return cls(float(value))
+        if isinstance(value, (tuple, list)) and len(value) == 2:
+            return cls(float(value[0]), float(value[1]))
+        raise TypeError(f"cfg_scale must be a number, (start, end), 'a,b' or a GuidanceSchedule, got {value!r}")
+
+    @property
+    def final(self) -> float:
+        return self.start if self.end is None else self.end
+
+    @property
+    def enabled(self) -> bool:
+        return self.start != 1.0 or self.final != 1.0
+
+    def scales(self, num_tokens: int) -> torch.Tensor:
+        """(N,) float32 scales on the CPU (computed there so every device uses the same values)."""
+        start, end = self.start, self.final
+        if self.official_start_quirk and start == 1.0 and end > 1.0:
+            start = OFFICIAL_START_BUMP
+        return torch.linspace(start, end, num_tokens, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Token selection
+# ------------------------------------------------------------------------------------------------
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then top-p on logits (B, V); removed entries become −inf. Returns a new tensor.
+
+    Top-k keeps every logit ≥ the k-th largest (ties kept). Top-p keeps the sorted prefix whose
+    cumulative probability stays ≤ p plus the first token crossing p, so the best token always stays.
+    """
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative > top_p
+        # Shift right by one: the token that crosses p is kept, and position 0 can never be dropped.
+        drop_sorted = torch.cat([torch.zeros_like(drop_sorted[..., :1]), drop_sorted[..., :-1]], dim=-1)
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, -math.inf)
+    return logits
+
+
+def sample_token(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Pick one token per row of logits (B, V) by inverse CDF at uniforms (B,) in [0, 1) → (B,) int64.
+
+    The smallest index whose cumulative probability exceeds u·total is chosen; a zero-probability
+    token can never be that index, so top-k=1 (or temperature→0) gives the argmax.
+    """
+    logits = filter_logits(logits.float() / max(temperature, MIN_TEMPERATURE), top_k, top_p)
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+    total = cdf[:, -1:]
+    # Keep the target strictly below the total so rounding of u·total can never run off the end.
+    target = torch.minimum(uniforms[:, None].to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+
+
+def apply_guidance(logits: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Logits (2B, V) of [conditional; null-class] rows → u + s·(c − u), shape (B, V)."""
+    cond, uncond = logits.chunk(2, dim=0)
+    return uncond + (cond - uncond) * scale
+
+
+def draw_uniforms(
+    batch: int,
+    num_tokens: int,
+    *,
+    seeds: torch.Tensor | Sequence[int] | None = None,
+    generators: Sequence[torch.Generator] | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """(B, N) uniforms in [0, 1): one per sample and position.
+
+    ``seeds``: sample b uses a CPU generator seeded with seeds[b], so its codes depend only on that
+    seed (and its label) on any device, batch size, batch position or number of ranks.
+    ``generators``: one generator per sample, same guarantee. ``generator``: a single generator
+    fills the whole (B, N) block row by row. None of them: the global RNG of ``device``.
+    """
+    given = sum(x is not None for x in (seeds, generators, generator))
+    if given > 1:
+        raise ValueError("pass at most one of seeds, generators, generator")
+    if seeds is not None:
+        seed_list = seeds.tolist() if isinstance(seeds, torch.Tensor) else list(seeds)
+        if len(seed_list) != batch:
+            raise ValueError(f"got {len(seed_list)} seeds for a batch of {batch}")
+        rows = [torch.rand(num_tokens, generator=torch.Generator().manual_seed(int(s))) for s in seed_list]
+        return torch.stack(rows).to(device) if rows else torch.empty(0, num_tokens, device=device)
+    if generators is not None:
+        if len(generators) != batch:
+            raise ValueError(f"got {len(generators)} generators for a batch of {batch}")
+        rows = [torch.rand(num_tokens, generator=g, device=g.device).to(device) for g in generators]
+        return torch.stack(rows) if rows else torch.empty(0, num_tokens, device=device)
+    if generator is not None:
+        return torch.rand(batch, num_tokens, generator=generator, device=generator.device).to(device)
+    return torch.rand(batch, num_tokens, device=device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Cached decoding
+# ------------------------------------------------------------------------------------------------
+def prefill(model: "GPT", labels: torch.Tensor, prefix_codes: torch.Tensor | None = None) -> torch.Tensor:
+    """Feed the class token (position 0) and forced codes (positions 1..k) → last logits (B, V)."""
+    k = 0 if prefix_codes is None else prefix_codes.shape[1]
+    input_pos = torch.arange(k + 1, device=labels.device)
+    return model.forward_cached(input_pos, codes=prefix_codes if k else None, labels=labels)[:, -1]
+
+
+def decode_one_token(model: "GPT", tokens: torch.Tensor, input_pos: torch.Tensor, scale: torch.Tensor,
+                     uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                     guided: bool) -> torch.Tensor:
+    """Feed tokens (B', 1) at input_pos (1,) and pick the next token (B,); B' = 2B when guided."""
+    logits = model.forward_cached(input_pos, codes=tokens)[:, -1]  # (B', V)
+    if guided:
+        logits = apply_guidance(logits, scale)
+    return sample_token(logits, uniforms, temperature, top_k, top_p)
+
+
+DecodeStep = Callable[..., torch.Tensor]
+
+
+def decode_n_tokens(model: "GPT", first: torch.Tensor, start_pos: int, scales: torch.Tensor,
+                    uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float, guided: bool,
+                    step: DecodeStep = decode_one_token) -> torch.Tensor:
+    """From token first (B,) at position start_pos, decode uniforms.shape[1] more tokens → (B, n).
+
+    scales (n,) and uniforms (B, n) belong to the tokens being produced.
+    """
+    tokens = []
+    current = first[:, None]
+    input_pos = torch.tensor([start_pos], device=first.device)
+    for i in range(uniforms.shape[1]):
+        fed = torch.cat([current, current]) if guided else current
+        # clone: a CUDA-graph step reuses its output buffer on the next call.
+        nxt = step(model, fed, input_pos, scales[i], uniforms[:, i], temperature, top_k, top_p, guided).clone()
+        tokens.append(nxt)
+        current = nxt[:, None]
+        input_pos = input_pos + 1
+    if not tokens:
+        return first.new_empty(first.shape[0], 0)
+    return torch.stack(tokens, dim=1)
+
+
+_COMPILED_STEPS: dict[str, DecodeStep] = {}
+
+
+def compiled_decode_one_token(device_type: str) -> DecodeStep:
+    """torch.compile'd :func:`decode_one_token` (CUDA graphs via "reduce-overhead" on CUDA), cached."""
+    if device_type not in _COMPILED_STEPS:
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        _COMPILED_STEPS[device_type] = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+    return _COMPILED_STEPS[device_type]
+
+
+def _check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be a non-negative int (0 = off), got {top_k!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+
+
+def _expand_prefix(prefix_codes: torch.Tensor | None, batch: int, num_tokens: int,
+                   device: torch.device) -> torch.Tensor | None:
+    """Prefix (k,) or (B, k) → (B, k) int64 on device, or None when empty."""
+    if prefix_codes is None:
+        return None
+    prefix = prefix_codes.to(device=device, dtype=torch.long)
+    if prefix.ndim == 1:
+        prefix = prefix[None].expand(batch, -1)
+    if prefix.ndim != 2 or prefix.shape[0] != batch:
+        raise ValueError(f"prefix_codes must be (k,) or (B={batch}, k), got {tuple(prefix_codes.shape)}")
+    if prefix.shape[1] > num_tokens:
+        raise ValueError(f"prefix of {prefix.shape[1]} codes is longer than the {num_tokens} to generate")
+    return prefix if prefix.shape[1] > 0 else None
+
+
+@torch.no_grad()
+def generate_codes(
+    model: "GPT",
+    labels: torch.Tensor,
+    uniforms: torch.Tensor,
+    *,
+    guidance: GuidanceSchedule = GuidanceSchedule(),
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    prefix_codes: torch.Tensor | None = None,
+    compile: bool = False,
+) -> torch.Tensor:
+    """Sample codes (B, N) for labels (B,) with uniforms (B, N) (see :func:`draw_uniforms`).
+
+    Token i uses guidance scale ``guidance.scales(N)[i]`` and uniforms[:, i]. Guided batches hold
+    [labels; null class] rows that share the chosen token. The first k codes are ``prefix_codes``
+    ((k,) or (B, k)), returned verbatim and fed through the cache; their uniforms go unused, so a
+    prefixed run draws the same randomness for the remaining positions as an unprefixed one.
+    """
+    if model.training:
+        raise RuntimeError("generate needs model.eval(): dropout would corrupt the samples")
+    _check_sampling_args(temperature, top_k, top_p)
+    model.check_labels(labels)
+    batch, num_tokens = labels.shape[0], uniforms.shape[1]
+    if uniforms.shape[0] != batch:
+        raise ValueError(f"uniforms {tuple(uniforms.shape)} do not match a batch of {batch}")
+    if not 1 <= num_tokens <= model.config.block_size:
+        raise ValueError(f"can generate 1..{model.config.block_size} codes, asked for {num_tokens}")
+    device = labels.device
+    prefix = _expand_prefix(prefix_codes, batch, num_tokens, device)
+    if prefix is not None:
+        model.check_codes(prefix, "prefix_codes")
+    k = 0 if prefix is None else prefix.shape[1]
+    if k == num_tokens:
+        return prefix.clone()
+
+    guided = guidance.enabled
+    if guided and not model.config.has_null_class:
+        raise ValueError("classifier-free guidance needs a null class (class_dropout_prob > 0 in the config)")
+    labels_in, prefix_in = labels, prefix
+    if guided:
+        labels_in = torch.cat([labels, torch.full_like(labels, model.config.null_class)])
+        prefix_in = None if prefix is None else torch.cat([prefix, prefix])
+    uniforms = uniforms.to(device)
+    scales = guidance.scales(num_tokens).to(device)
+
+    # The last code is never fed back, so positions 0..N-1 (class + N-1 codes) fill the cache.
+    model.setup_caches(labels_in.shape[0], num_tokens, device=device)
+    logits = prefill(model, labels_in, prefix_in)  # (B', V)
+    if guided:
+        logits = apply_guidance(logits, scales[k])
+    first = sample_token(logits, uniforms[:, k], temperature, top_k, top_p)  # (B,)
+    step = compiled_decode_one_token(device.type) if compile else decode_one_token
+    rest = decode_n_tokens(model, first, k + 1, scales[k + 1:], uniforms[:, k + 1:], temperature, top_k,
+                           top_p, guided, step=step)
+    parts = ([prefix] if prefix is not None else []) + [first[:, None], rest]
+    return torch.cat(parts, dim=1)

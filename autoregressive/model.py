@@ -1,0 +1,525 @@
+"""Class-conditional Llama GPT over tokenizer codes (SPEC §2, CHECKPOINT_FORMAT §4).
+
+Module and parameter names equal the official ``Transformer`` keys, so official weights load with no
+renaming beyond :func:`convert_official_state_dict`. The same blocks serve training (full causal
+attention, no cache) and generation (static KV cache written at ``input_pos``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath
+
+from autoregressive.config import GPT_PRESETS, GPTConfig, find_multiple
+from utils.checkpoint import load_state_file
+from utils.config import dataclass_from_dict, dataclass_to_dict, load_yaml, save_yaml
+from utils.hub import OFFICIAL_REPO_ID, resolve_file
+
+CONFIG_FILENAME = "config.yaml"
+WEIGHTS_FILENAME = "model.safetensors"
+# Released GPT weights in the official hub repo, keyed by the preset they were trained with.
+OFFICIAL_FILES = {"GPT-L": "D-AR-L-360K.pt", "GPT-XL": "D-AR-XL-360K.pt"}
+# ModelArgs fields that exist only for the text-to-image variant or for LlamaGen's own cache sizing;
+# they do not change a c2i network, so official configs may carry them.
+_OFFICIAL_IGNORED_FIELDS = ("caption_dim", "max_batch_size", "max_seq_len")
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics even under bf16, then back to the input dtype (CHECKPOINT_FORMAT §4.3).
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def precompute_rope(num_positions: int, head_dim: int, base: float) -> torch.Tensor:
+    """(cos, sin) table of shape (P, head_dim/2, 2) in fp32; pair k rotates by p·base^(−2k/head_dim)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(num_positions), inv_freq)  # (P, head_dim/2)
+    # polar() rather than cos()/sin(): it reproduces the official table bit for bit.
+    rotation = torch.polar(torch.ones_like(angles), angles)
+    return torch.stack([rotation.real, rotation.imag], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x₂ₖ, x₂ₖ₊₁) of x (B, S, H, hd) by rope (S, hd/2, 2), in fp32."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, S, H, hd/2, 2)
+    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]  # (1, S, 1, hd/2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        hidden = config.ffn_hidden
+        self.w1 = nn.Linear(config.dim, hidden, bias=False)
+        self.w3 = nn.Linear(config.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, config.dim, bias=False)
+        self.ffn_dropout = nn.Dropout(config.ffn_dropout_p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values (batch, kv_heads, max_len, head_dim); rows beyond the batch are unused."""
+
+    def __init__(self, max_batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None) -> None:
+        super().__init__()
+        shape = (max_batch, kv_heads, max_len, head_dim)
+        # Non-persistent: a cache is generation state, never part of a checkpoint.
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, kv_heads, S, hd) at positions input_pos (S,); return the (B, kv_heads, L, hd) caches."""
+        batch = k.shape[0]
+        if batch > self.k_cache.shape[0]:
+            raise ValueError(f"batch {batch} exceeds the KV cache batch {self.k_cache.shape[0]}; call setup_caches again")
+        k_all, v_all = self.k_cache[:batch], self.v_cache[:batch]
+        k_all[:, :, input_pos] = k.to(k_all.dtype)
+        v_all[:, :, input_pos] = v.to(v_all.dtype)
+        return k_all, v_all
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head, self.kv_heads, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.dim = config.dim
+        # Fused projection split as [q (dim), k (kv_dim), v (kv_dim)], the official order.
+        self.wqkv = nn.Linear(config.dim, (self.n_head + 2 * self.kv_heads) * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+        self.attn_dropout_p = config.attn_dropout_p
+        self.resid_dropout = nn.Dropout(config.resid_dropout_p)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, S, D); with input_pos/mask the KV cache is written and attended over (mask: (S, L) bool)."""
+        batch, seq, _ = x.shape
+        kv_dim = self.kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([self.dim, kv_dim, kv_dim], dim=-1)
+        q = apply_rope(q.view(batch, seq, self.n_head, self.head_dim), rope)
+        k = apply_rope(k.view(batch, seq, self.kv_heads, self.head_dim), rope)
+        v = v.view(batch, seq, self.kv_heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, S, hd)
+
+        if input_pos is not None:
+            if self.kv_cache is None:
+                raise RuntimeError("cached attention needs setup_caches() first")
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, kv_heads, L, hd)
+        if self.kv_heads != self.n_head:
+            # The cache stores only the KV heads (that is what GQA saves); share them per query group here.
+            k = k.repeat_interleave(self.n_head // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_head // self.kv_heads, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=None if mask is None else mask[None, None],
+            is_causal=mask is None,
+            dropout_p=self.attn_dropout_p if self.training else 0.0,
+        )  # (B, H, S, hd)
+        out = out.transpose(1, 2).reshape(batch, seq, self.dim)
+        return self.resid_dropout(self.wo(out))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: GPTConfig, drop_path: float) -> None:
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.drop_path(self.attention(self.attention_norm(x), rope, input_pos, mask))
+        return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with an extra null row (index num_classes) for label dropout and guidance."""
+
+    def __init__(self, num_classes: int, dim: int, dropout_prob: float) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """labels (B,) → (B, 1, D); in training each label becomes the null class with dropout_prob."""
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels).unsqueeze(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Official checkpoint conversion (the one place that knows about official quirks)
+# ------------------------------------------------------------------------------------------------
+def convert_official_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official GPT state dict → ours: strip torch.compile's ``_orig_mod.`` and drop a stale ``freqs_cis``.
+
+    Older LlamaGen files stored the rotary table as ``freqs_cis``; we always rebuild it from the config.
+    """
+    converted = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("_orig_mod.")
+        if key == "freqs_cis":
+            continue
+        converted[key] = value
+    return converted
+
+
+def gpt_config_from_official(official: dict[str, Any]) -> GPTConfig:
+    """Official ``ModelArgs`` mapping → :class:`GPTConfig`; unknown keys and non-c2i models are errors."""
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(official) - fields - set(_OFFICIAL_IGNORED_FIELDS) - {"model_type"})
+    if unknown:
+        raise ValueError(f"unknown official GPT config key(s): {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    model_type = official.get("model_type", "c2i")
+    if model_type != "c2i":
+        raise ValueError(f"only class-conditional (model_type='c2i') GPTs are supported, got {model_type!r}")
+    return dataclass_from_dict(GPTConfig, {k: v for k, v in official.items() if k in fields})
+
+
+# ------------------------------------------------------------------------------------------------
+# GPT
+# ------------------------------------------------------------------------------------------------
+class GPT(nn.Module):
+    """Decoder-only Llama: [class token, codes] → next-code logits. Shapes: B batch, N codes, V vocab."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_dropout = nn.Dropout(config.token_dropout_p)
+        rates = torch.linspace(0, config.drop_path_rate, config.n_layer).tolist()
+        self.layers = nn.ModuleList(TransformerBlock(config, rate) for rate in rates)
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        # A plain attribute, not a buffer: it must stay fp32 when the model is cast to bf16, and it
+        # is not part of official checkpoints.
+        self.rope = precompute_rope(config.max_positions, config.head_dim, config.rope_base)
+        self.causal_mask: torch.Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        # A zero head starts training from uniform predictions (official initialisation).
+        nn.init.zeros_(self.output.weight)
+
+    # -- properties ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- input checks ----------------------------------------------------------------------------
+    def check_labels(self, labels: torch.Tensor, allow_null: bool = True) -> None:
+        if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor of shape (B,), got {tuple(labels.shape)} {labels.dtype}")
+        if torch.compiler.is_compiling() or labels.numel() == 0:
+            return
+        upper = self.config.num_classes + int(allow_null and self.config.has_null_class)
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= upper:
+            raise ValueError(f"labels must be in [0, {upper}), got values in [{low}, {high}]")
+
+    def check_codes(self, codes: torch.Tensor, name: str = "codes") -> None:
+        if codes.ndim != 2 or codes.dtype.is_floating_point or codes.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor of shape (B, N), got {tuple(codes.shape)} {codes.dtype}")
+        if codes.shape[1] > self.config.block_size:
+            raise ValueError(f"{name} has {codes.shape[1]} positions; block_size is {self.config.block_size}")
+        if torch.compiler.is_compiling() or codes.numel() == 0:
+            return
+        low, high = int(codes.min()), int(codes.max())
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(f"{name} must be in [0, {self.config.vocab_size}), got values in [{low}, {high}]")
+
+    # -- forward paths ---------------------------------------------------------------------------
+    def _rope_on(self, device: torch.device) -> torch.Tensor:
+        if self.rope.device != device:
+            self.rope = self.rope.to(device)
+        return self.rope
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(self.norm(h)).float()
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: codes (B, N), labels (B,) → logits (B, N, V); row i predicts codes[:, i].
+
+        The input is [class, codes[:, :N-1]] at positions 0..N-1, so N may be anything up to block_size.
+        """
+        self.check_codes(codes)
+        self.check_labels(labels)
+        if codes.shape[0] != labels.shape[0]:
+            raise ValueError(f"codes batch {codes.shape[0]} != labels batch {labels.shape[0]}")
+        n = codes.shape[1]
+        if n == 0:
+            raise ValueError("codes must hold at least one position")
+        h = torch.cat([self.cls_embedding(labels), self.tok_embeddings(codes[:, : n - 1])], dim=1)  # (B, N, D)
+        h = self.tok_dropout(h)
+        rope = self._rope_on(h.device)[:n]
+        for layer in self.layers:
+            h = layer(h, rope)
+        return self._head(h)
+
+    def forward_cached(self, input_pos: torch.Tensor, codes: torch.Tensor | None = None,
+                       labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Incremental forward through the KV cache → logits (B, S, V) for positions input_pos (S,).
+
+        With ``labels`` the class token comes first (input_pos must then start at 0), followed by
+        ``codes`` (B, S-1) if given; without labels ``codes`` (B, S) are fed at input_pos. No input
+        checks here: this is the hot decode step, its callers validate once.
+        """
+        if self.causal_mask is None:
+            raise RuntimeError("call setup_caches() before cached decoding")
+        parts = []
+        if labels is not None:
+            parts.append(self.cls_embedding(labels))
+        if codes is not None:
+            parts.append(self.tok_embeddings(codes))
+        h = self.tok_dropout(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])  # (B, S, D)
+        rope = self._rope_on(h.device)[input_pos]
+        mask = self.causal_mask[input_pos]  # (S, L)
+        for layer in self.layers:
+            h = layer(h, rope, input_pos, mask)
+        return self._head(h)
+
+    # -- KV cache --------------------------------------------------------------------------------
+    def setup_caches(self, max_batch: int, max_len: int, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> None:
+        """Allocate (max_batch, kv_heads, max_len↑8, head_dim) caches; max_len counts the class token."""
+        if max_len > self.config.max_positions:
+            raise ValueError(f"max_len {max_len} exceeds the {self.config.max_positions} rotary positions")
+        dtype = dtype or self.dtype
+        device = torch.device(device) if device is not None else self.device
+        # Rounded up to a multiple of 8 like the official cache, for aligned attention kernels.
+        length = find_multiple(max_len, 8)
+        cfg = self.config
+        shape = (max_batch, cfg.kv_heads, length, cfg.head_dim)
+        current = self.layers[0].attention.kv_cache
+        if not (current is not None and current.k_cache.shape == shape and current.k_cache.dtype == dtype
+                and current.k_cache.device == device):
+            # Reusing identical caches keeps buffer addresses stable for CUDA-graph replays; stale
+            # entries are harmless because the causal mask hides every position not yet written.
+            for layer in self.layers:
+                layer.attention.kv_cache = KVCache(max_batch, cfg.kv_heads, length, cfg.head_dim, dtype, device)
+            self.causal_mask = torch.tril(torch.ones(length, length, dtype=torch.bool, device=device))
+        self._rope_on(device)
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        self.causal_mask = None
+
+    # -- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        labels: torch.Tensor,
+        cfg_scale: float | tuple[float, float] | str | Any = 1.0,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        prefix_codes: torch.Tensor | None = None,
+        *,
+        seeds: torch.Tensor | list[int] | None = None,
+        generators: list[torch.Generator] | None = None,
+        num_tokens: int | None = None,
+        compile: bool = False,
+    ) -> torch.Tensor:
+        """Sample codes (B, N) for labels (B,); N = block_size unless num_tokens is given.
+
+        ``cfg_scale``: a number, (start, end) for a linear schedule, "a,b", or a GuidanceSchedule.
+        Randomness (pick one): ``seeds`` (B,) or ``generators`` (one per sample) make each sample depend
+        only on its own seed and label; ``generator`` draws all uniforms from one generator; none of
+        them uses the global RNG. See :func:`autoregressive.generate.generate_codes`.
+        """
+        from autoregressive.generate import GuidanceSchedule, draw_uniforms, generate_codes
+
+        n = self.config.block_size if num_tokens is None else num_tokens
+        uniforms = draw_uniforms(labels.shape[0], n, seeds=seeds, generators=generators,
+                                 generator=generator, device=labels.device)
+        return generate_codes(
+            self, labels, uniforms, guidance=GuidanceSchedule.from_value(cfg_scale),
+            temperature=temperature, top_k=top_k, top_p=top_p, prefix_codes=prefix_codes, compile=compile,
+        )
+
+    # -- persistence -----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``model.safetensors`` (config also in its metadata) and ``config.yaml`` into directory."""
+        from safetensors.torch import save_file
+
+        from utils.checkpoint import atomic_write
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = dataclass_to_dict(self.config)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        atomic_write(directory / WEIGHTS_FILENAME,
+                     lambda tmp: save_file(tensors, tmp, metadata={"gpt_config": json.dumps(config)}))
+        save_yaml({"model": config}, directory / CONFIG_FILENAME)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | Path,
+        filename: str | None = None,
+        preset: str | None = None,
+        ema: bool = False,
+        map_location: str | torch.device = "cpu",
+    ) -> "GPT":
+        """Load our files (folder from save_pretrained, .safetensors, .pt with config) or official ones.
+
+        Official ``.pt`` layouts are read in the official sampler's order: ``model``, ``module``,
+        ``state_dict``, bare; ``ema=True`` reads ``ema`` instead (an error if absent). A file without
+        a config needs ``preset``; for the hub repo showlab/D-AR the preset also picks the file
+        (GPT-L → D-AR-L-360K.pt, GPT-XL → D-AR-XL-360K.pt) and vice versa. Returns an eval-mode model.
+        """
+        path = Path(path_or_repo_id).expanduser()
+        if path.is_dir() and filename is None and (path / WEIGHTS_FILENAME).is_file():
+            file = path / WEIGHTS_FILENAME
+        else:
+            if filename is None and preset in OFFICIAL_FILES and str(path_or_repo_id) == OFFICIAL_REPO_ID:
+                filename = OFFICIAL_FILES[preset]
+            file = resolve_file(path_or_repo_id, filename)
+        if preset is not None and preset not in GPT_PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(GPT_PRESETS)}")
+
+        state, config = _read_gpt_file(file, ema)
+        if config is not None and preset is not None and config != GPT_PRESETS[preset]:
+            raise ValueError(f"{file} stores its own GPT config, which differs from preset {preset!r}; drop preset=")
+        if preset is None:
+            preset = next((p for p, f in OFFICIAL_FILES.items() if file.name == f), None)
+        if config is None:
+            sibling = file.parent / CONFIG_FILENAME
+            if file.suffix == ".safetensors" and sibling.is_file():
+                config = gpt_config_from_yaml(sibling)
+            elif preset is not None:
+                config = GPT_PRESETS[preset]
+            else:
+                raise ValueError(f"{file} does not store a GPT config: pass preset= (one of {', '.join(GPT_PRESETS)})")
+        model = cls(config)
+        load_state_dict_strict(model, convert_official_state_dict(state))
+        return model.to(map_location).eval()
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """load_state_dict(strict=True) with an error listing every missing, unexpected or misshapen key."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        lines = []
+        if missing:
+            lines.append(f"missing keys: {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"unexpected keys: {', '.join(unexpected)}")
+        if mismatched:
+            lines.append(f"shape mismatches: {'; '.join(mismatched)}")
+        raise KeyError("GPT state dict does not match the model:\n  " + "\n  ".join(lines))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _read_gpt_file(file: Path, ema: bool) -> tuple[dict[str, torch.Tensor], GPTConfig | None]:
+    """(state_dict, config or None) from any supported GPT file layout."""
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+        if ema:
+            raise ValueError(f"{file} holds one set of weights; ema=True applies to training checkpoints only")
+        config = metadata.get("gpt_config")
+        config = dataclass_from_dict(GPTConfig, json.loads(config)) if config else None
+        return load_state_file(file), config
+
+    obj = load_state_file(file)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{file}: expected a dict checkpoint, got {type(obj).__name__}")
+    config = _config_in_checkpoint(obj)
+    if ema:
+        if not _is_state_dict(obj.get("ema")):
+            raise KeyError(f"{file} has no 'ema' weights (top-level keys: {', '.join(map(str, obj))})")
+        return obj["ema"], config
+    for key in ("model", "module", "state_dict"):
+        if _is_state_dict(obj.get(key)):
+            return obj[key], config
+    if _is_state_dict(obj):
+        return obj, None
+    raise ValueError(f"{file}: no GPT weights under 'model', 'module' or 'state_dict' and not a bare "
+                     f"state dict (top-level keys: {', '.join(map(str, obj))})")
+
+
+def _config_in_checkpoint(obj: dict) -> GPTConfig | None:
+    """Our checkpoints store ``gpt_config`` (GPTConfig fields) or a run ``config`` with a ``model`` section."""
+    if isinstance(obj.get("gpt_config"), dict):
+        return dataclass_from_dict(GPTConfig, obj["gpt_config"])
+    run_config = obj.get("config")
+    if isinstance(run_config, dict) and isinstance(run_config.get("model"), dict) and "dim" in run_config["model"]:
+        return dataclass_from_dict(GPTConfig, run_config["model"])
+    return None
+
+
+def gpt_config_from_yaml(path: str | Path) -> GPTConfig:
+    """The ``model`` section of a GPT YAML (configs/ar/*.yaml or a save_pretrained folder), strictly."""
+    data = load_yaml(path)
+    if "model" not in data:
+        raise ValueError(f"{path}: a GPT config needs a top-level 'model' mapping")
+    section = dict(data["model"])
+    preset = section.pop("preset", None)
+    if preset is not None:
+        if preset not in GPT_PRESETS:
+            raise ValueError(f"{path}: unknown preset {preset!r}; choose from {', '.join(GPT_PRESETS)}")
+        base = dataclass_to_dict(GPT_PRESETS[preset])
+        section = {**base, **section}
+    return dataclass_from_dict(GPTConfig, section)
+
+
+def load_gpt_from_official(state_dict: dict, gpt_config: dict) -> GPT:
+    """Build a GPT from an official state dict and official ``ModelArgs`` fields; strict; eval mode."""
+    model = GPT(gpt_config_from_official(gpt_config))
+    load_state_dict_strict(model, convert_official_state_dict(state_dict))
+    return model.eval()
+
