@@ -7,7 +7,6 @@ split, table sizes, REPA widths, eps, β, ...) is a field here whose default rep
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,7 +233,3 @@ def load_tokenizer_config(path_or_preset: str | Path) -> TokenizerConfig:
         raise ConfigError(f"{path_or_preset!r} is neither a tokenizer preset ({', '.join(TOKENIZER_PRESETS)}) nor a file")
     return dataclass_from_dict(TokenizerConfig, load_yaml(path))
 
-
-def replace(config: TokenizerConfig, **changes: Any) -> TokenizerConfig:
-    """``dataclasses.replace`` re-exported so callers need not import dataclasses for one override."""
-    return dataclasses.replace(config, **changes)

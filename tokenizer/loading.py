@@ -25,9 +25,8 @@ OFFICIAL_TOKENIZER_FILENAME = "D-AR-tokenizer_v1.pt"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "tokenizer_config.yaml"
 
-# Keys the official files carry that inference never reads (CHECKPOINT_FORMAT §1.1).
-_IGNORED_OFFICIAL_KEYS = ("quantize.codebook_used",)
-_REPA_PREFIX = "diff_decoder.net.repa_out."
+_USAGE_KEY = "quantize.codebook_used"  # training statistic; inference never reads it
+_REPA_PREFIX = "diff_decoder.net.repa_out."  # training-only REPA head
 
 
 class StateDictMismatchError(KeyError):
@@ -38,16 +37,21 @@ class StateDictMismatchError(KeyError):
 
 
 def convert_official_state_dict(state_dict: dict[str, Any], model: DARTokenizer) -> tuple[dict[str, Tensor], set[str]]:
-    """Official (or own) key names → this model's; returns (converted, keys the model may keep uninitialised).
+    """Official (or own) key names → this model's; returns (converted, keys the checkpoint may lack).
 
-    Our parameter names equal the official ones, so conversion is a filter: drop the training
-    statistic ``quantize.codebook_used``; the REPA head (``diff_decoder.net.repa_out.*``) is optional
-    in both directions (training-only; absent from the golden file, present in official files).
+    Our parameter names equal the official ones, so conversion is a filter. Two entries are optional
+    in both directions (CHECKPOINT_FORMAT §1.1): the usage statistic ``quantize.codebook_used`` (its
+    size is not checked either) and the REPA head ``diff_decoder.net.repa_out.*`` (absent from the
+    golden file, present in official files, dropped when this config has no REPA tap). A leading
+    ``_orig_mod.`` left by ``torch.compile`` is stripped.
     """
-    converted = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items() if k not in _IGNORED_OFFICIAL_KEYS}
+    converted = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    usage = converted.get(_USAGE_KEY)
+    if usage is not None and tuple(usage.shape) != tuple(model.quantize.codebook_used.shape):
+        del converted[_USAGE_KEY]
     if not model.config.diff_decoder.has_repa_head:
         converted = {k: v for k, v in converted.items() if not k.startswith(_REPA_PREFIX)}
-    optional = {k for k in model.state_dict() if k.startswith(_REPA_PREFIX)}
+    optional = {k for k in model.state_dict() if k.startswith(_REPA_PREFIX)} | {_USAGE_KEY}
     return converted, optional
 
 
@@ -78,12 +82,17 @@ def build_from_state_dict(config: TokenizerConfig, state_dict: dict[str, Any], d
     """Build ``config`` without initialising it (meta device), then load ``state_dict`` strictly.
 
     Skipping the random init matters for the 307M-parameter v1 model. Optional entries that the
-    checkpoint lacks (the REPA head) are initialised normally.
+    checkpoint lacks are initialised normally (REPA head) or zeroed (usage statistic). Tensors are
+    cast to float32 and moved to ``device`` (default: where they are).
     """
     with torch.device("meta"):
         model = DARTokenizer(config)
     converted, optional = convert_official_state_dict(state_dict, model)
     _check_keys(model, converted, optional)
+    repa_expected = {k for k in optional if k.startswith(_REPA_PREFIX)}
+    repa_given = {k for k in converted if k.startswith(_REPA_PREFIX)}
+    if repa_given and repa_given != repa_expected:
+        raise StateDictMismatchError(f"incomplete REPA head, missing keys: {', '.join(sorted(repa_expected - repa_given))}")
     target = torch.device(device) if device is not None else None
     tensors = {}
     for key, value in converted.items():
@@ -92,10 +101,15 @@ def build_from_state_dict(config: TokenizerConfig, state_dict: dict[str, Any], d
         value = value.to(dtype=torch.float32, device=target or value.device)
         tensors[key] = value
     model.load_state_dict(tensors, strict=False, assign=True)
-    if optional - set(converted):
-        device_of_rest = next(iter(tensors.values())).device if tensors else (target or torch.device("cpu"))
+    device_of_rest = model.decoder_embedding.weight.device
+    if _USAGE_KEY not in converted:
+        model.quantize.codebook_used = torch.zeros(model.quantize.codebook_used.shape, device=device_of_rest)
+    if config.diff_decoder.has_repa_head and not any(k.startswith(_REPA_PREFIX) for k in converted):
         with torch.device(device_of_rest):
             model.pixel_decoder.repa_out = build_repa_head(config.diff_decoder)
+    uninitialised = [name for name, t in model.state_dict().items() if t.is_meta]
+    if uninitialised:  # cannot happen after the checks above; a guard against silent garbage weights
+        raise StateDictMismatchError(f"entries left uninitialised: {', '.join(uninitialised)}")
     return model.eval()
 
 

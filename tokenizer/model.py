@@ -25,11 +25,14 @@ from tokenizer.pixel_decoder import PixelDecoder
 class Quantizer(nn.Module):
     """L2-normalised VQ with a straight-through estimator (lowest index wins ties)."""
 
-    def __init__(self, codebook_size: int, dim: int, beta: float) -> None:
+    def __init__(self, codebook_size: int, dim: int, beta: float, usage_size: int) -> None:
         super().__init__()
         self.embedding = nn.Embedding(codebook_size, dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
         self.beta = beta
+        # Rolling window of recently used code indices (a training statistic the official checkpoints
+        # carry); kept so state dicts round-trip key for key. Inference never reads it.
+        self.register_buffer("codebook_used", torch.zeros(usage_size))
 
     def codebook(self) -> Tensor:
         """(K, d) unit-norm codebook rows; stored rows are not normalised, so normalise on use."""
@@ -108,7 +111,7 @@ class DARTokenizer(nn.Module):
         self.decoder_layers = nn.ModuleList(block(c.decoder_dim) for _ in range(c.num_decoder_layers))
         self.quant_in_conv = nn.Conv2d(c.encoder_dim, c.vq_dim, 1, bias=False)
         self.quant_out_conv = nn.Conv2d(c.vq_dim, c.decoder_dim, 1, bias=False)
-        self.quantize = Quantizer(c.vq_codebook_size, c.vq_dim, c.commitment_beta)
+        self.quantize = Quantizer(c.vq_codebook_size, c.vq_dim, c.commitment_beta, c.codebook_used_size)
         if c.query_low_rank:
             self.query_embedding = nn.Embedding(c.max_queries, c.query_rank)
             self.query_linear = nn.Linear(c.query_rank, c.encoder_dim)
