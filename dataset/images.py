@@ -1,0 +1,489 @@
+"""Image folders in, ``[-1, 1]`` RGB tensors out: folder scanning, robust decoding, ADM crops.
+
+Layouts (``ImageFolderDataset``)
+    * class folders (ImageNet style): ``root/<class>/**/<image>``; the label is the index of the
+      class folder in sorted order, ``dataset.classes`` holds the names;
+    * flat folders: images directly in ``root`` (and any sub-folders, recursively); label 0 and
+      ``dataset.classes == ()``. ``with_labels=False`` forces this reading for any tree.
+    Hidden files and folders (leading ``.``) are ignored; the file list is sorted by relative
+    POSIX path, so every machine sees the same order.
+
+Decoding policy (``decode_rgb``) — every returned image is 8-bit RGB, or the file is skipped:
+    converted and counted
+        ``grayscale``  L / 1 / LA / I / I;16* / F, replicated to three equal channels;
+        ``palette``    P / PA, through the palette;
+        ``cmyk``       CMYK (Pillow's conversion; Adobe-inverted JPEGs are handled by its decoder);
+        ``rgba``       any alpha channel is composited onto white. ADM and torchvision drop alpha
+                       instead, which exposes whatever colour the transparent pixels happen to
+                       store (often black); white is what a viewer shows and what product photos
+                       mean;
+        ``16bit``      16 bits per channel are scaled by keeping the high byte (``v >> 8``, so
+                       65535 → 255 and 257·g → g), the same rule Pillow's decoder applies to 16-bit
+                       RGB(A) files; nothing is clipped;
+        ``other_mode`` YCbCr / LAB / HSV / RGBX, through Pillow's conversion.
+    skipped and counted (``__getitem__`` returns an item with ``image=None``)
+        ``truncated``   truncated or corrupt data (any decoder error after the header was read);
+        ``not_image``   Pillow cannot identify the file (text, empty file, wrong extension);
+        ``too_small``   shorter side below ``min_size``. With ``min_size=0`` (the default) nothing is
+                        skipped for size: the ADM crops upsample small images with BICUBIC, as the
+                        official pipelines do;
+        ``too_large``   Pillow's decompression-bomb guard fired;
+        ``unsupported`` a pixel format whose scale cannot be known (mode I outside 0..65535, F
+                        outside [0, 1] and [0, 255]).
+    EXIF orientation is not applied (neither ADM nor torchvision applies it).
+
+Skipping keeps exact resume deterministic: a bad file yields a marker item in its sampler slot and
+``collate_skip_bad`` drops it from the batch, so the sampler position alone says where an epoch is
+and the batch simply comes out smaller (possibly empty: the trainer skips an empty batch). The
+counts travel inside each batch (collation runs in the worker processes, whose own counters the
+main process never sees); ``BadFileStats.all_reduce`` sums them over ranks at the end of an epoch.
+
+Augmentations (ADM, ``guided_diffusion/image_datasets.py``; ten-crop as in LlamaGen's extractor)
+draw only from a per-sample ``torch.Generator`` seeded by (seed, epoch, index), so results do not
+depend on the worker count or on a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from dataset.seeding import randint, sample_generator
+from utils.distributed import all_reduce_sum
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+CONVERSIONS = ("grayscale", "palette", "cmyk", "rgba", "16bit", "other_mode")
+SKIP_REASONS = ("truncated", "not_image", "too_small", "too_large", "unsupported")
+
+# Transform contract: (decoded RGB image, this sample's generator) -> float tensor in [-1, 1].
+Transform = Callable[[Image.Image, torch.Generator], torch.Tensor]
+
+_GRAY_MODES = {"1", "L", "LA", "La", "I", "F"}
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+
+
+# --------------------------------------------------------------------------------------------
+# Folder scanning
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _is_image_name(name: str) -> bool:
+    return not _is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """Every image file under ``root`` (recursive, symlinks followed), sorted by relative path."""
+    root = Path(root)
+    found: list[str] = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = [d for d in dirs if not _is_hidden(d)]
+        rel = Path(folder).relative_to(root)
+        found.extend((rel / name).as_posix() for name in files if _is_image_name(name))
+    return [root / rel for rel in sorted(found)]
+
+
+def scan_image_folder(
+    root: str | os.PathLike, with_labels: bool = True
+) -> tuple[list[Path], list[int], tuple[str, ...]]:
+    """(files, labels, class names) for a class-folder or flat tree; see the module docstring."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
+    entries = sorted(e for e in os.listdir(root) if not _is_hidden(e))
+    has_direct_images = any(_is_image_name(e) and (root / e).is_file() for e in entries)
+    class_dirs = [e for e in entries if (root / e).is_dir()]
+    if with_labels and class_dirs and not has_direct_images:
+        files: list[Path] = []
+        labels: list[int] = []
+        for label, name in enumerate(class_dirs):
+            class_files = list_images(root / name)
+            if not class_files:
+                raise ValueError(
+                    f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                    "remove it or pass with_labels=False, otherwise class indices would shift"
+                )
+            files.extend(class_files)
+            labels.extend([label] * len(class_files))
+        return files, labels, tuple(class_dirs)
+    files = list_images(root)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    return files, [0] * len(files), ()
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+
+class SkipImage(Exception):
+    """A file that cannot become a faithful RGB image; ``reason`` is one of ``SKIP_REASONS``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def _is_16bit(image: Image.Image) -> bool:
+    # Pillow stores 16-bit RGB(A) as 8-bit modes; only the decoder's raw mode (in the tile list,
+    # which load() clears) still tells that the file had 16 bits per channel.
+    if image.mode.startswith("I;16"):
+        return True
+    return any(";16" in str(tile.args) for tile in getattr(image, "tile", ()) or ())
+
+
+def _gray_to_uint8(image: Image.Image) -> np.ndarray:
+    """(H, W) uint8 from a single-channel image of any bit depth; raises SkipImage if ambiguous."""
+    if image.mode in ("1", "L"):
+        return np.asarray(image.convert("L"))
+    values = np.asarray(image)
+    if image.mode.startswith("I"):
+        if values.min() < 0 or values.max() > 65535:
+            raise SkipImage("unsupported", f"mode {image.mode} values outside 0..65535")
+        return (values.astype(np.uint32) >> 8).astype(np.uint8)
+    # Mode F: float images come as [0, 1] or [0, 255]; anything else has no known white point.
+    values = values.astype(np.float64)
+    if not np.isfinite(values).all() or values.min() < 0 or values.max() > 255:
+        raise SkipImage("unsupported", "mode F values outside [0, 1] and [0, 255]")
+    scale = 255.0 if values.max() <= 1.0 else 1.0
+    return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+
+
+def _composite_on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    a = alpha.astype(np.float32)[..., None] / 255.0
+    out = rgb.astype(np.float32) * a + 255.0 * (1.0 - a)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _to_rgb(image: Image.Image, is_16bit: bool) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(H, W, 3) uint8 and the conversion tags applied, from a loaded image."""
+    mode = image.mode
+    notes: list[str] = ["16bit"] if is_16bit else []
+    alpha: np.ndarray | None = None
+    if mode in ("P", "PA"):
+        notes.append("palette")
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    elif mode == "RGB" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in _ALPHA_MODES or mode == "RGBA":
+        alpha = np.asarray(image.getchannel("A"))
+        if alpha.min() < 255:
+            notes.append("rgba")
+        else:
+            alpha = None  # fully opaque: compositing would be a no-op
+    if mode in _GRAY_MODES or mode.startswith("I;16"):
+        notes.append("grayscale")
+        gray = _gray_to_uint8(image.getchannel(0) if mode in ("LA", "La") else image)
+        rgb = np.repeat(gray[..., None], 3, axis=-1)
+    elif mode == "CMYK":
+        notes.append("cmyk")
+        rgb = np.asarray(image.convert("RGB"))
+    elif mode in ("RGB", "RGBA", "RGBa"):
+        rgb = np.asarray(image.convert("RGB") if mode != "RGB" else image)
+    else:
+        notes.append("other_mode")
+        rgb = np.asarray(image.convert("RGB"))
+    if alpha is not None:
+        rgb = _composite_on_white(rgb, alpha)
+    return np.ascontiguousarray(rgb), tuple(notes)
+
+
+def decode_rgb(path: str | os.PathLike, min_size: int = 0) -> tuple[Image.Image, tuple[str, ...]]:
+    """Open ``path`` as an 8-bit RGB image; return it with its conversion tags or raise SkipImage."""
+    try:
+        image = Image.open(path)
+    except UnidentifiedImageError as err:
+        raise SkipImage("not_image", str(err)) from err
+    except Image.DecompressionBombError as err:
+        raise SkipImage("too_large", str(err)) from err
+    except OSError as err:
+        raise SkipImage("truncated", f"unreadable: {err}") from err
+    with image:
+        if min(image.size) < min_size:
+            raise SkipImage("too_small", f"{image.size[0]}x{image.size[1]} < min_size {min_size}")
+        is_16bit = _is_16bit(image)
+        try:
+            image.load()
+        except Image.DecompressionBombError as err:
+            raise SkipImage("too_large", str(err)) from err
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as err:
+            # What Pillow's decoders raise on truncated or corrupt pixel data.
+            raise SkipImage("truncated", f"{type(err).__name__}: {err}") from err
+        rgb, notes = _to_rgb(image, is_16bit)
+    return Image.fromarray(rgb), notes
+
+
+# --------------------------------------------------------------------------------------------
+# ADM crops
+
+
+def _resize_short_side(pil_image: Image.Image, short_side: int) -> Image.Image:
+    # ADM: halve with BOX while that stays >= 2x the target (cheap anti-aliasing), then one BICUBIC.
+    while min(*pil_image.size) >= 2 * short_side:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = short_side / min(*pil_image.size)
+    return pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """ADM centre crop: short side resized to ``image_size``, then the central square (H, W, C)."""
+    arr = np.asarray(_resize_short_side(pil_image, image_size))
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return arr[top : top + image_size, left : left + image_size]
+
+
+def random_crop_arr(
+    pil_image: Image.Image,
+    image_size: int,
+    min_crop_frac: float = 0.8,
+    max_crop_frac: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> np.ndarray:
+    """ADM random-resized crop: the crop covers ``min..max_crop_frac`` of the short side."""
+    if not 0.0 < min_crop_frac <= max_crop_frac <= 1.0:
+        raise ValueError(f"need 0 < min_crop_frac <= max_crop_frac <= 1, got {min_crop_frac}, {max_crop_frac}")
+    if generator is None:
+        raise ValueError("random_crop_arr needs an explicit generator (see dataset.seeding)")
+    low = math.ceil(image_size / max_crop_frac)
+    high = math.ceil(image_size / min_crop_frac)
+    arr = np.asarray(_resize_short_side(pil_image, randint(generator, low, high + 1)))
+    top = randint(generator, 0, arr.shape[0] - image_size + 1)
+    left = randint(generator, 0, arr.shape[1] - image_size + 1)
+    return arr[top : top + image_size, left : left + image_size]
+
+
+def ten_crop_arrs(pil_image: Image.Image, image_size: int, crop_ratio: float = 1.1) -> list[np.ndarray]:
+    """The AR recipe's ten views: ADM centre crop to ``int(crop_ratio * image_size)`` (281 for 256),
+    then the four corners and the centre at ``image_size``, followed by the same five of the
+    mirrored image (torchvision ``ten_crop`` order)."""
+    if crop_ratio < 1.0:
+        raise ValueError(f"crop_ratio must be >= 1, got {crop_ratio}")
+    base = Image.fromarray(center_crop_arr(pil_image, int(image_size * crop_ratio)))
+    return [np.asarray(crop) for crop in TF.ten_crop(base, [image_size, image_size])]
+
+
+def arr_to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1]."""
+    scaled = np.asarray(arr, dtype=np.float32) / 127.5 - 1.0  # ADM's scaling, bit for bit
+    return torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))
+
+
+def _maybe_flip(arr: np.ndarray, flip: bool, generator: torch.Generator) -> np.ndarray:
+    if flip and torch.rand((), generator=generator).item() < 0.5:
+        return arr[:, ::-1]
+    return arr
+
+
+@dataclass(frozen=True)
+class RandomCropFlip:
+    """Tokenizer training: ADM random-resized crop (80-100 % of the short side) + horizontal flip."""
+
+    image_size: int
+    min_crop_frac: float = 0.8
+    max_crop_frac: float = 1.0
+    flip: bool = True
+
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
+        arr = random_crop_arr(image, self.image_size, self.min_crop_frac, self.max_crop_frac, generator)
+        return arr_to_tensor(_maybe_flip(arr, self.flip, generator))  # (3, H, W)
+
+
+@dataclass(frozen=True)
+class CenterCrop:
+    """Evaluation / extraction: ADM centre crop (optionally a random flip)."""
+
+    image_size: int
+    flip: bool = False
+
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
+        arr = center_crop_arr(image, self.image_size)
+        return arr_to_tensor(_maybe_flip(arr, self.flip, generator))  # (3, H, W)
+
+
+@dataclass(frozen=True)
+class RandomTenCrop:
+    """AR training on the fly: one of the ten crops, picked uniformly."""
+
+    image_size: int
+    crop_ratio: float = 1.1
+
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
+        crops = ten_crop_arrs(image, self.image_size, self.crop_ratio)
+        return arr_to_tensor(crops[randint(generator, 0, len(crops))])  # (3, H, W)
+
+
+@dataclass(frozen=True)
+class TenCrop:
+    """Code extraction with ``--ten-crop``: all ten crops, (10, 3, H, W)."""
+
+    image_size: int
+    crop_ratio: float = 1.1
+
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
+        return torch.stack([arr_to_tensor(a) for a in ten_crop_arrs(image, self.image_size, self.crop_ratio)])
+
+
+# --------------------------------------------------------------------------------------------
+# Bad-file accounting
+
+
+@dataclass
+class BadFileStats:
+    """Per-reason counts of converted and skipped files (one item may carry several conversions)."""
+
+    seen: int = 0
+    converted_items: int = 0
+    conversions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CONVERSIONS, 0))
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def record(self, notes: Sequence[str], ok: bool) -> None:
+        self.seen += 1
+        if not ok:
+            (reason,) = notes
+            self.skipped[reason] += 1
+            return
+        if notes:
+            self.converted_items += 1
+        for note in notes:
+            self.conversions[note] += 1
+
+    def update(self, other: BadFileStats) -> None:
+        self._load_vector(self._vector() + other._vector())
+
+    def _vector(self) -> torch.Tensor:
+        values = [self.seen, self.converted_items, *self.conversions.values(), *self.skipped.values()]
+        return torch.tensor(values, dtype=torch.int64)
+
+    def _load_vector(self, vector: torch.Tensor) -> None:
+        values = [int(v) for v in vector.tolist()]
+        self.seen, self.converted_items = values[:2]
+        self.conversions = dict(zip(CONVERSIONS, values[2 : 2 + len(CONVERSIONS)]))
+        self.skipped = dict(zip(SKIP_REASONS, values[2 + len(CONVERSIONS) :]))
+
+    def all_reduce(self, device: torch.device | str = "cpu") -> BadFileStats:
+        """Counts summed over all ranks (a new object; ``device`` must suit the backend: CUDA for nccl)."""
+        total = BadFileStats()
+        total._load_vector(all_reduce_sum(self._vector().to(device)).cpu())
+        return total
+
+    def to_dict(self) -> dict[str, int]:
+        """Flat ``{"seen": .., "converted": .., "converted/<tag>": .., "skipped/<reason>": ..}``."""
+        out = {"seen": self.seen, "converted": self.converted_items, "skipped": self.num_skipped}
+        out.update({f"converted/{k}": v for k, v in self.conversions.items()})
+        out.update({f"skipped/{k}": v for k, v in self.skipped.items()})
+        return out
+
+    def summary(self) -> str:
+        def listed(counts: dict[str, int]) -> str:
+            parts = [f"{k} {v}" for k, v in counts.items() if v]
+            return f" ({', '.join(parts)})" if parts else ""
+
+        return (
+            f"images: {self.seen} read, {self.converted_items} converted{listed(self.conversions)}, "
+            f"{self.num_skipped} skipped{listed(self.skipped)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset, collation, loader
+
+
+class ImageItem(NamedTuple):
+    image: torch.Tensor | None  # transform output, e.g. (3, H, W); None when skipped
+    label: int
+    index: int
+    notes: tuple[str, ...]  # conversion tags, or (skip reason,) when image is None
+
+
+class ImageBatch(NamedTuple):
+    images: torch.Tensor  # (B', ...) with B' <= batch size: skipped files are dropped
+    labels: torch.Tensor  # (B',) int64
+    indices: torch.Tensor  # (B',) int64 dataset indices
+    stats: BadFileStats  # this batch's conversions and skips
+
+
+class ImageFolderDataset(Dataset):
+    """Class-folder or flat image tree -> ``ImageItem``; see the module docstring for the policies.
+
+    Call ``set_epoch`` before each epoch's loader is created; workers must not be persistent (as
+    in ``utils.training.InfiniteLoader``) so that they pick up the new epoch. Batch with
+    ``collate_fn=collate_skip_bad``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Transform,
+        with_labels: bool = True,
+        seed: int = 0,
+        min_size: int = 0,
+    ) -> None:
+        self.root = Path(root)
+        self.transform = transform
+        self.seed = seed
+        self.min_size = min_size
+        self.epoch = 0
+        self.files, self.labels, self.classes = scan_image_folder(self.root, with_labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> ImageItem:
+        path = self.files[index]
+        label = self.labels[index]
+        try:
+            image, notes = decode_rgb(path, self.min_size)
+        except SkipImage as skip:
+            logger.warning("skipping %s (%s)", path, skip)
+            return ImageItem(None, label, index, (skip.reason,))
+        if notes:
+            logger.debug("converted %s (%s)", path, ", ".join(notes))
+        tensor = self.transform(image, sample_generator(self.seed, self.epoch, index))
+        return ImageItem(tensor, label, index, notes)
+
+
+def collate_skip_bad(items: Sequence[ImageItem]) -> ImageBatch:
+    """Stack the good items, drop the skipped ones, and count both."""
+    stats = BadFileStats()
+    good = []
+    for item in items:
+        stats.record(item.notes, item.image is not None)
+        if item.image is not None:
+            good.append(item)
+    if good:
+        images = torch.stack([item.image for item in good])
+    else:
+        images = torch.empty(0)
+    labels = torch.tensor([item.label for item in good], dtype=torch.int64)
+    indices = torch.tensor([item.index for item in good], dtype=torch.int64)
+    return ImageBatch(images, labels, indices, stats)
