@@ -138,7 +138,9 @@ def write_manifest(
                 f"expected {expected} {codes_dtype(vocab_size)}"
             )
         if labels.shape != (codes.shape[0],) or indices.shape != (codes.shape[0],):
-            raise ValueError(f"shard {shard_id}: labels/indices length differs from its {codes.shape[0]} codes")
+            raise ValueError(
+                f"shard {shard_id}: labels/indices length differs from its {codes.shape[0]} codes"
+            )
         shards.append({"id": shard_id, **names, "start": start, "count": int(codes.shape[0])})
         start += int(codes.shape[0])
         seen_sources.append(indices)
@@ -197,7 +199,9 @@ class CodeDataset(Dataset):
             [np.load(self.root / s["labels"], allow_pickle=False) for s in self._shards]
         )
         if len(self.labels) != self.num_items:
-            raise ValueError(f"{self.root}: {len(self.labels)} labels but manifest says {self.num_items} items")
+            raise ValueError(
+                f"{self.root}: {len(self.labels)} labels but the manifest says {self.num_items} items"
+            )
 
     def _open(self) -> list[np.ndarray]:
         if self._codes is None:

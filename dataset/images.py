@@ -22,7 +22,7 @@ Decoding policy (``decode_rgb``) — every returned image is 8-bit RGB, or the f
                        RGB(A) files; nothing is clipped;
         ``other_mode`` YCbCr / LAB / HSV / RGBX, through Pillow's conversion.
     skipped and counted (``__getitem__`` returns an item with ``image=None``)
-        ``truncated``   truncated or corrupt data (any decoder error after the header was read);
+        ``truncated``   truncated, corrupt or unreadable data (a decoder or I/O error);
         ``not_image``   Pillow cannot identify the file (text, empty file, wrong extension);
         ``too_small``   shorter side below ``min_size``. With ``min_size=0`` (the default) nothing is
                         skipped for size: the ADM crops upsample small images with BICUBIC, as the
@@ -72,8 +72,8 @@ SKIP_REASONS = ("truncated", "not_image", "too_small", "too_large", "unsupported
 # Transform contract: (decoded RGB image, this sample's generator) -> float tensor in [-1, 1].
 Transform = Callable[[Image.Image, torch.Generator], torch.Tensor]
 
-_GRAY_MODES = {"1", "L", "LA", "La", "I", "F"}
-_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+_GRAY_MODES = {"1", "L", "LA", "I", "F"}
+_ALPHA_MODES = {"RGBA", "LA", "PA"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def _to_rgb(image: Image.Image, is_16bit: bool) -> tuple[np.ndarray, tuple[str, 
     elif mode == "RGB" and "transparency" in image.info:
         image = image.convert("RGBA")
         mode = "RGBA"
-    if mode in _ALPHA_MODES or mode == "RGBA":
+    if mode in _ALPHA_MODES:
         alpha = np.asarray(image.getchannel("A"))
         if alpha.min() < 255:
             notes.append("rgba")
@@ -191,13 +191,13 @@ def _to_rgb(image: Image.Image, is_16bit: bool) -> tuple[np.ndarray, tuple[str, 
             alpha = None  # fully opaque: compositing would be a no-op
     if mode in _GRAY_MODES or mode.startswith("I;16"):
         notes.append("grayscale")
-        gray = _gray_to_uint8(image.getchannel(0) if mode in ("LA", "La") else image)
+        gray = _gray_to_uint8(image.getchannel(0) if mode == "LA" else image)
         rgb = np.repeat(gray[..., None], 3, axis=-1)
     elif mode == "CMYK":
         notes.append("cmyk")
         rgb = np.asarray(image.convert("RGB"))
-    elif mode in ("RGB", "RGBA", "RGBa"):
-        rgb = np.asarray(image.convert("RGB") if mode != "RGB" else image)
+    elif mode in ("RGB", "RGBA"):
+        rgb = np.asarray(image.convert("RGB") if mode == "RGBA" else image)
     else:
         notes.append("other_mode")
         rgb = np.asarray(image.convert("RGB"))
@@ -260,7 +260,9 @@ def random_crop_arr(
 ) -> np.ndarray:
     """ADM random-resized crop: the crop covers ``min..max_crop_frac`` of the short side."""
     if not 0.0 < min_crop_frac <= max_crop_frac <= 1.0:
-        raise ValueError(f"need 0 < min_crop_frac <= max_crop_frac <= 1, got {min_crop_frac}, {max_crop_frac}")
+        raise ValueError(
+            f"need 0 < min_crop_frac <= max_crop_frac <= 1, got {min_crop_frac}, {max_crop_frac}"
+        )
     if generator is None:
         raise ValueError("random_crop_arr needs an explicit generator (see dataset.seeding)")
     low = math.ceil(image_size / max_crop_frac)

@@ -96,7 +96,11 @@ class ResumableDistributedSampler(Sampler[int]):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mismatched = [f"{k}: saved {state.get(k)!r}, now {getattr(self, k)!r}" for k in _IDENTITY if state.get(k) != getattr(self, k)]
+        mismatched = [
+            f"{k}: saved {state.get(k)!r}, now {getattr(self, k)!r}"
+            for k in _IDENTITY
+            if state.get(k) != getattr(self, k)
+        ]
         if mismatched:
             raise ValueError(
                 "cannot resume the data order exactly; the sampler differs from the saved one ("

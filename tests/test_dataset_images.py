@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -45,7 +46,8 @@ def _png16_rgb(arr: np.ndarray) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
     header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
 
 
 def _decoded(path: Path, min_size: int = 0) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -192,7 +194,8 @@ def test_bad_folder_counts_and_batches(tmp_path: Path) -> None:
     assert batch.images.min() >= -1 and batch.images.max() <= 1
     stats = batch.stats
     assert stats.seen == 8 and stats.converted_items == 4 and stats.num_skipped == 3
-    assert stats.conversions == {"grayscale": 2, "palette": 0, "cmyk": 1, "rgba": 1, "16bit": 1, "other_mode": 0}
+    assert stats.conversions == {
+        "grayscale": 2, "palette": 0, "cmyk": 1, "rgba": 1, "16bit": 1, "other_mode": 0}
     assert stats.skipped == {"truncated": 1, "not_image": 1, "too_small": 1, "too_large": 0, "unsupported": 0}
     summary = stats.summary()
     assert "8 read" in summary and "3 skipped" in summary and "cmyk 1" in summary
@@ -324,3 +327,25 @@ def test_same_tensors_for_any_worker_count(tmp_path: Path) -> None:
     for batch in runs[1]:
         total.update(batch.stats)
     assert total.seen == 8 and total.num_skipped == 2  # min_size=0: the small image is upsampled
+
+
+def _reduce_worker(rank: int, init_file: str, out_file: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        stats = BadFileStats()
+        stats.record(("grayscale", "16bit"), ok=True)
+        stats.record(("truncated",) if rank == 0 else ("too_small",), ok=False)
+        total = stats.all_reduce()
+        if rank == 0:
+            Path(out_file).write_text(json.dumps(total.to_dict()))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_stats_all_reduce_two_ranks(tmp_path: Path) -> None:
+    out = tmp_path / "total.json"
+    args = (str(tmp_path / "init"), str(out))
+    torch.multiprocessing.start_processes(_reduce_worker, args=args, nprocs=2, start_method="fork")
+    total = json.loads(out.read_text())
+    assert total["seen"] == 4 and total["converted"] == 2
+    assert total["converted/16bit"] == 2 and total["skipped/truncated"] == 1 and total["skipped/too_small"] == 1

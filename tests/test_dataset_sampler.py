@@ -18,8 +18,9 @@ def test_same_order_as_torch(num_items: int, replicas: int, drop_last: bool, shu
             ResumableDistributedSampler(num_items, replicas, 0, drop_last=drop_last)
         return
     for rank in range(replicas):
-        ours = ResumableDistributedSampler(num_items, replicas, rank, seed=5, shuffle=shuffle, drop_last=drop_last)
-        ref = DistributedSampler(range(num_items), replicas, rank, shuffle=shuffle, seed=5, drop_last=drop_last)
+        kwargs = {"seed": 5, "shuffle": shuffle, "drop_last": drop_last}
+        ours = ResumableDistributedSampler(num_items, replicas, rank, **kwargs)
+        ref = DistributedSampler(range(num_items), replicas, rank, **kwargs)
         for epoch in (0, 3):
             ours.set_epoch(epoch)
             ref.set_epoch(epoch)
