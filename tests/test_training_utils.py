@@ -57,3 +57,38 @@ def test_non_finite_guard_skips_then_aborts() -> None:
     assert not guard.check(torch.tensor(math.inf))
     with pytest.raises(FloatingPointError, match="max-bad-steps"):
         guard.check(torch.tensor(math.nan))
+
+
+def test_infinite_loader_resumes_mid_epoch_exactly() -> None:
+    from dataset.sampler import ResumableDistributedSampler
+    from utils.training import InfiniteLoader
+
+    class Items(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            self.epochs: list[int] = []
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epochs.append(epoch)
+
+        def __len__(self) -> int:
+            return 10
+
+        def __getitem__(self, i: int) -> int:
+            return i
+
+    def make(items: Items) -> InfiniteLoader:
+        sampler = ResumableDistributedSampler(10, num_replicas=1, rank=0, seed=3)
+        return InfiniteLoader(items, sampler, batch_size=3, world_size=1)
+
+    full_items = Items()
+    full = make(full_items)
+    reference = [next(full).tolist() for _ in range(7)]
+    assert full_items.epochs == [0, 1, 2]
+
+    first = make(Items())
+    head = [next(first).tolist() for _ in range(4)]
+    state = first.state_dict()
+    resumed = make(Items())
+    resumed.load_state_dict(state)
+    tail = [next(resumed).tolist() for _ in range(3)]
+    assert head + tail == reference

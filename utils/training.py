@@ -195,6 +195,9 @@ class InfiniteLoader:
         self._iterator: Iterator | None = None
 
     def _start_epoch(self) -> None:
+        # Datasets seed per-sample augmentation from (seed, epoch, index): tell them the epoch too.
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
         self.sampler.set_epoch(self.epoch)
         self.sampler.set_start_index(self.consumed_in_epoch // self.world_size)
         loader = DataLoader(
