@@ -250,6 +250,8 @@ class DARTokenizer(nn.Module):
         self, codes: Tensor, noise: Tensor | None, steps: int, sampler: flow.SamplerName,
         generator: torch.Generator | None, keep_previews: bool,
     ) -> list[Tensor]:
+        if not 1 <= steps <= self.config.num_denoising_steps:
+            raise ValueError(f"steps must be in 1..{self.config.num_denoising_steps}, got {steps}")
         needed = self.schedule.tokens_needed(steps)
         if codes.shape[-1] < needed:
             raise ValueError(f"{steps} decoding step(s) need the first {needed} codes, got {codes.shape[-1]}")
