@@ -46,8 +46,7 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     def refuse(*args: object, **kwargs: object) -> None:
         raise urllib.error.URLError("network is unreachable")
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch" / "hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
     monkeypatch.setattr(lpips_module, "_bundled_lpips_head", lambda: None)
     import huggingface_hub
@@ -328,3 +327,16 @@ def test_adaptive_weight_is_the_gradient_norm_ratio() -> None:
     assert adaptive_gan_weight(rec, gan, generator.weight, max_weight=1e-3).item() == pytest.approx(1e-3)
     (rec + weight * gan).backward()  # the graphs survive for the real backward
     assert generator.weight.grad is not None
+
+
+@pytest.mark.parametrize(("tokenizer_preset", "encoder_preset"), [("v1", "dinov2_vitb14"), ("tiny", "tiny")])
+def test_repa_encoder_presets_match_the_tokenizer_repa_heads(tokenizer_preset: str, encoder_preset: str) -> None:
+    """The REPA head's (G², D) must equal the encoder's (patches, width), checked without building the ViT-B."""
+    from tokenizer.config import TOKENIZER_PRESETS
+
+    decoder = TOKENIZER_PRESETS[tokenizer_preset].diff_decoder
+    encoder = REPA_ENCODER_PRESETS[encoder_preset]
+    with torch.device("meta"):  # shapes only: no 86M-param allocation or init
+        extractor = RepaFeatureExtractor(encoder, pretrained=False)
+    assert extractor.grid_size == (decoder.repa_pool_grid, decoder.repa_pool_grid)
+    assert extractor.embed_dim == decoder.repa_out_dim
