@@ -248,13 +248,13 @@ def test_repa_offline_without_weights_names_file_and_flag(offline: Path) -> None
 def test_repa_prefers_the_official_torch_hub_file(offline: Path) -> None:
     """The file the official code's torch.hub DINOv2 cached is used without any hub lookup."""
     torch.manual_seed(0)
-    config = RepaEncoderConfig(model_name="vit_small_patch14_dinov2", img_size=28)
+    config = RepaEncoderConfig(model_name="vit_tiny_patch16_224", img_size=32)  # small, unmodified
     cache = offline / "torch" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     source = RepaFeatureExtractor(config, pretrained=False)
-    torch.save({**source.vit.state_dict(), "mask_token": torch.zeros(1, 384)}, cache / "dinov2_vitb14_pretrain.pth")
+    torch.save({**source.vit.state_dict(), "mask_token": torch.zeros(1, 192)}, cache / "dinov2_vitb14_pretrain.pth")
     loaded = RepaFeatureExtractor(config, pretrained=True)
-    image = _images(1, 28, seed=16)
+    image = _images(1, 32, seed=16)
     torch.testing.assert_close(loaded(image), source(image), rtol=0, atol=0)
 
 
