@@ -47,7 +47,9 @@ class GPTConfig:
         if self.kv_heads < 1 or self.n_head % self.kv_heads != 0:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.cls_token_num != 1:
-            raise ValueError(f"class-conditional GPT uses exactly one class token, got cls_token_num={self.cls_token_num}")
+            raise ValueError(
+                f"class-conditional GPT uses exactly one class token, got cls_token_num={self.cls_token_num}"
+            )
         for name in ("token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p",
                      "drop_path_rate", "class_dropout_prob"):
             value = getattr(self, name)

@@ -60,7 +60,9 @@ class GuidanceSchedule:
         raise ValueError(f"guidance scale must be 'S' or 'START,END', got {text!r}")
 
     @classmethod
-    def from_value(cls, value: "float | tuple[float, float] | Sequence[float] | str | GuidanceSchedule") -> "GuidanceSchedule":
+    def from_value(
+        cls, value: "float | tuple[float, float] | Sequence[float] | str | GuidanceSchedule"
+    ) -> "GuidanceSchedule":
         """Accept a schedule, a number, a (start, end) pair, or a string for :meth:`parse`."""
         if isinstance(value, GuidanceSchedule):
             return value

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 
 from autoregressive.config import GPT_PRESETS, GPTConfig, find_multiple
-from utils.checkpoint import load_state_file
+from autoregressive.generate import GuidanceSchedule, draw_uniforms, generate_codes
+from utils.checkpoint import atomic_write, load_state_file
 from utils.config import dataclass_from_dict, dataclass_to_dict, load_yaml, save_yaml
 from utils.hub import OFFICIAL_REPO_ID, resolve_file
 
@@ -49,8 +50,9 @@ class RMSNorm(nn.Module):
 
 def precompute_rope(num_positions: int, head_dim: int, base: float) -> torch.Tensor:
     """(cos, sin) table of shape (P, head_dim/2, 2) in fp32; pair k rotates by p·base^(−2k/head_dim)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
-    angles = torch.outer(torch.arange(num_positions), inv_freq)  # (P, head_dim/2)
+    # Explicitly on the CPU: the model may be built under a meta-device context.
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device="cpu")[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(num_positions, device="cpu"), inv_freq)  # (P, head_dim/2)
     # polar() rather than cos()/sin(): it reproduces the official table bit for bit.
     rotation = torch.polar(torch.ones_like(angles), angles)
     return torch.stack([rotation.real, rotation.imag], dim=-1)
@@ -93,7 +95,9 @@ class KVCache(nn.Module):
         """Write k, v (B, kv_heads, S, hd) at positions input_pos (S,); return the (B, kv_heads, L, hd) caches."""
         batch = k.shape[0]
         if batch > self.k_cache.shape[0]:
-            raise ValueError(f"batch {batch} exceeds the KV cache batch {self.k_cache.shape[0]}; call setup_caches again")
+            raise ValueError(
+                f"batch {batch} exceeds the KV cache batch {self.k_cache.shape[0]}; call setup_caches again"
+            )
         k_all, v_all = self.k_cache[:batch], self.v_cache[:batch]
         k_all[:, :, input_pos] = k.to(k_all.dtype)
         v_all[:, :, input_pos] = v.to(v_all.dtype)
@@ -195,7 +199,9 @@ def gpt_config_from_official(official: dict[str, Any]) -> GPTConfig:
     fields = {f.name for f in dataclasses.fields(GPTConfig)}
     unknown = sorted(set(official) - fields - set(_OFFICIAL_IGNORED_FIELDS) - {"model_type"})
     if unknown:
-        raise ValueError(f"unknown official GPT config key(s): {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+        raise ValueError(
+            f"unknown official GPT config key(s): {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
+        )
     model_type = official.get("model_type", "c2i")
     if model_type != "c2i":
         raise ValueError(f"only class-conditional (model_type='c2i') GPTs are supported, got {model_type!r}")
@@ -214,7 +220,8 @@ class GPT(nn.Module):
         self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.tok_dropout = nn.Dropout(config.token_dropout_p)
-        rates = torch.linspace(0, config.drop_path_rate, config.n_layer).tolist()
+        # Stochastic depth rising linearly from 0 at the first block to drop_path_rate at the last.
+        rates = [config.drop_path_rate * i / max(config.n_layer - 1, 1) for i in range(config.n_layer)]
         self.layers = nn.ModuleList(TransformerBlock(config, rate) for rate in rates)
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -249,7 +256,9 @@ class GPT(nn.Module):
     # -- input checks ----------------------------------------------------------------------------
     def check_labels(self, labels: torch.Tensor, allow_null: bool = True) -> None:
         if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be an integer tensor of shape (B,), got {tuple(labels.shape)} {labels.dtype}")
+            raise ValueError(
+                f"labels must be an integer tensor of shape (B,), got {tuple(labels.shape)} {labels.dtype}"
+            )
         if torch.compiler.is_compiling() or labels.numel() == 0:
             return
         upper = self.config.num_classes + int(allow_null and self.config.has_null_class)
@@ -259,7 +268,9 @@ class GPT(nn.Module):
 
     def check_codes(self, codes: torch.Tensor, name: str = "codes") -> None:
         if codes.ndim != 2 or codes.dtype.is_floating_point or codes.dtype == torch.bool:
-            raise ValueError(f"{name} must be an integer tensor of shape (B, N), got {tuple(codes.shape)} {codes.dtype}")
+            raise ValueError(
+                f"{name} must be an integer tensor of shape (B, N), got {tuple(codes.shape)} {codes.dtype}"
+            )
         if codes.shape[1] > self.config.block_size:
             raise ValueError(f"{name} has {codes.shape[1]} positions; block_size is {self.config.block_size}")
         if torch.compiler.is_compiling() or codes.numel() == 0:
@@ -366,11 +377,9 @@ class GPT(nn.Module):
 
         ``cfg_scale``: a number, (start, end) for a linear schedule, "a,b", or a GuidanceSchedule.
         Randomness (pick one): ``seeds`` (B,) or ``generators`` (one per sample) make each sample depend
-        only on its own seed and label; ``generator`` draws all uniforms from one generator; none of
-        them uses the global RNG. See :func:`autoregressive.generate.generate_codes`.
+        only on its own seed and label; ``generator`` draws all uniforms from one generator; with none
+        of them the global RNG of the labels' device is used. See :func:`autoregressive.generate.generate_codes`.
         """
-        from autoregressive.generate import GuidanceSchedule, draw_uniforms, generate_codes
-
         n = self.config.block_size if num_tokens is None else num_tokens
         uniforms = draw_uniforms(labels.shape[0], n, seeds=seeds, generators=generators,
                                  generator=generator, device=labels.device)
@@ -383,8 +392,6 @@ class GPT(nn.Module):
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``model.safetensors`` (config also in its metadata) and ``config.yaml`` into directory."""
         from safetensors.torch import save_file
-
-        from utils.checkpoint import atomic_write
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -434,28 +441,31 @@ class GPT(nn.Module):
                 config = GPT_PRESETS[preset]
             else:
                 raise ValueError(f"{file} does not store a GPT config: pass preset= (one of {', '.join(GPT_PRESETS)})")
-        model = cls(config)
-        load_state_dict_strict(model, convert_official_state_dict(state))
-        return model.to(map_location).eval()
+        return build_gpt(config, state).to(map_location)
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """load_state_dict(strict=True) with an error listing every missing, unexpected or misshapen key."""
+def build_gpt(config: GPTConfig, state_dict: dict[str, torch.Tensor]) -> GPT:
+    """GPT with weights ``state_dict`` (official or ours), loaded strictly, in eval mode, fp32.
+
+    The model is built on the meta device first: random init of a 343M-parameter model only to
+    overwrite it costs seconds. Errors list every missing, unexpected or misshapen key.
+    """
+    with torch.device("meta"):
+        model = GPT(config)
+    state = convert_official_state_dict(state_dict)
     own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        lines = []
-        if missing:
-            lines.append(f"missing keys: {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"unexpected keys: {', '.join(unexpected)}")
-        if mismatched:
-            lines.append(f"shape mismatches: {'; '.join(mismatched)}")
-        raise KeyError("GPT state dict does not match the model:\n  " + "\n  ".join(lines))
-    model.load_state_dict(state_dict, strict=True)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    not_float = sorted(k for k, v in state.items() if not (isinstance(v, torch.Tensor) and v.is_floating_point()))
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state and k not in not_float and state[k].shape != own[k].shape]
+    problems = [f"{what}: {', '.join(keys)}" for what, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("non-float entries", not_float),
+                 ("shape mismatches", mismatched)) if keys]
+    if problems:
+        raise KeyError("GPT state dict does not match the model:\n  " + "\n  ".join(problems))
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    return model.eval()
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -519,7 +529,5 @@ def gpt_config_from_yaml(path: str | Path) -> GPTConfig:
 
 def load_gpt_from_official(state_dict: dict, gpt_config: dict) -> GPT:
     """Build a GPT from an official state dict and official ``ModelArgs`` fields; strict; eval mode."""
-    model = GPT(gpt_config_from_official(gpt_config))
-    load_state_dict_strict(model, convert_official_state_dict(state_dict))
-    return model.eval()
+    return build_gpt(gpt_config_from_official(gpt_config), state_dict)
 
