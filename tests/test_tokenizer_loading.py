@@ -210,9 +210,20 @@ def test_official_config_conversion_is_strict(golden: dict) -> None:
     with pytest.raises(ConfigError, match="vq_enable"):
         from_official(dict(golden["tok.config"], vq_enable=False))
     defaults = {k: v for k, v in OFFICIAL_V1.items() if k != "queries_per_step"}
-    defaults["diff_decoder"] = {k: v for k, v in OFFICIAL_V1["diff_decoder"].items() if k not in ("data_std", "time_shift")}
+    diff = OFFICIAL_V1["diff_decoder"]
+    defaults["diff_decoder"] = {k: v for k, v in diff.items() if k not in ("data_std", "time_shift")}
     converted = from_official(defaults)  # the official code's defaults, not our preset's
     assert converted.queries_per_step == 32
     assert (converted.diff_decoder.data_std, converted.diff_decoder.time_shift) == (1.0, 1.0)
     with pytest.raises(ConfigError, match="cond_dim"):
         dataclasses.replace(TOKENIZER_PRESETS["tiny"], decoder_dim=128)
+
+
+def test_trainer_style_container_with_our_config(golden: dict, tmp_path: Path) -> None:
+    from utils.config import dataclass_to_dict
+
+    config = from_official(golden["tok.config"])
+    torch.save({"ema": golden["tok.state_dict"], "tokenizer_config": dataclass_to_dict(config)}, tmp_path / "ours.pt")
+    loaded = DARTokenizer.from_pretrained(tmp_path / "ours.pt")
+    assert loaded.config == config
+    assert torch.equal(loaded.encode(golden["tok.images"]), golden["tok.codes"])

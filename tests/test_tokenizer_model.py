@@ -159,7 +159,8 @@ def test_straight_through_gradients_reach_the_encoder(model: DARTokenizer) -> No
     model.zero_grad()
     out = model(images(), generator=torch.Generator().manual_seed(9))
     out.losses["flow"].backward()
-    for name in ("patchify.weight", "encoder_layers.0.attention.q.weight", "quant_in_conv.weight", "query_linear.weight"):
+    encoder_side = ("patchify.weight", "encoder_layers.0.attention.q.weight", "quant_in_conv.weight", "query_linear.weight")
+    for name in encoder_side:
         grad = model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
     # The flow loss reaches the codebook only through the commitment/codebook terms, not the STE.

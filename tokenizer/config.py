@@ -14,6 +14,12 @@ from typing import Any
 from utils.config import ConfigError, dataclass_from_dict, load_yaml
 
 
+def _check_rope_axes(axes_dim: tuple[int, ...], head_dim: int) -> None:
+    """2-D RoPE rotates (row, column) channel groups of each head in adjacent pairs."""
+    if len(axes_dim) != 2 or sum(axes_dim) != head_dim or any(a % 2 for a in axes_dim):
+        raise ConfigError(f"rope_axes_dim {axes_dim} must be two even sizes summing to head_dim {head_dim}")
+
+
 @dataclass(frozen=True)
 class PixelDecoderConfig:
     """The flow-matching pixel decoder (``diff_decoder`` in the official YAML, CHECKPOINT_FORMAT §3.5)."""
@@ -43,10 +49,7 @@ class PixelDecoderConfig:
     def __post_init__(self) -> None:
         if self.dim % self.head_dim:
             raise ConfigError(f"diff_decoder dim {self.dim} is not a multiple of head_dim {self.head_dim}")
-        if sum(self.rope_axes_dim) != self.head_dim or len(self.rope_axes_dim) != 2:
-            raise ConfigError(f"rope_axes_dim {self.rope_axes_dim} must be two sizes summing to head_dim {self.head_dim}")
-        if any(a % 2 for a in self.rope_axes_dim):
-            raise ConfigError(f"rope_axes_dim {self.rope_axes_dim} must be even (channels rotate in pairs)")
+        _check_rope_axes(self.rope_axes_dim, self.head_dim)
         if self.mlp_head and not self.share_time_encoding:
             # The official final adaLN layer consumes an embedded time vector, which only exists when
             # the time embedding is shared (CHECKPOINT_FORMAT §2).
@@ -93,8 +96,7 @@ class TokenizerConfig:
         for name in ("encoder_dim", "decoder_dim"):
             if getattr(self, name) % self.head_dim:
                 raise ConfigError(f"{name} {getattr(self, name)} is not a multiple of head_dim {self.head_dim}")
-        if sum(self.rope_axes_dim) != self.head_dim or len(self.rope_axes_dim) != 2:
-            raise ConfigError(f"rope_axes_dim {self.rope_axes_dim} must be two sizes summing to head_dim {self.head_dim}")
+        _check_rope_axes(self.rope_axes_dim, self.head_dim)
         if not 0 < self.num_all_queries <= self.max_queries:
             raise ConfigError(f"num_all_queries {self.num_all_queries} must be in 1..max_queries ({self.max_queries})")
         if not 0 < self.queries_per_step <= self.num_all_queries:
@@ -230,6 +232,7 @@ def load_tokenizer_config(path_or_preset: str | Path) -> TokenizerConfig:
         return TOKENIZER_PRESETS[path_or_preset]
     path = Path(path_or_preset)
     if not path.is_file():
-        raise ConfigError(f"{path_or_preset!r} is neither a tokenizer preset ({', '.join(TOKENIZER_PRESETS)}) nor a file")
+        presets = ", ".join(TOKENIZER_PRESETS)
+        raise ConfigError(f"{path_or_preset!r} is neither a tokenizer preset ({presets}) nor a file")
     return dataclass_from_dict(TokenizerConfig, load_yaml(path))
 

@@ -18,7 +18,7 @@ from tokenizer.config import TOKENIZER_PRESETS, TokenizerConfig, from_official, 
 from tokenizer.model import DARTokenizer
 from tokenizer.pixel_decoder import build_repa_head
 from utils.checkpoint import atomic_write, load_state_file
-from utils.config import dataclass_to_dict, save_yaml
+from utils.config import dataclass_from_dict, dataclass_to_dict, save_yaml
 from utils.hub import OFFICIAL_REPO_ID, resolve_file
 
 OFFICIAL_TOKENIZER_FILENAME = "D-AR-tokenizer_v1.pt"
@@ -47,7 +47,7 @@ def convert_official_state_dict(state_dict: dict[str, Any], model: DARTokenizer)
     """
     converted = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
     usage = converted.get(_USAGE_KEY)
-    if usage is not None and tuple(usage.shape) != tuple(model.quantize.codebook_used.shape):
+    if isinstance(usage, Tensor) and tuple(usage.shape) != tuple(model.quantize.codebook_used.shape):
         del converted[_USAGE_KEY]
     if not model.config.diff_decoder.has_repa_head:
         converted = {k: v for k, v in converted.items() if not k.startswith(_REPA_PREFIX)}
@@ -83,7 +83,9 @@ def _check_keys(model: nn.Module, state_dict: dict[str, Any], optional: set[str]
         raise StateDictMismatchError("tokenizer checkpoint does not match the config — " + " | ".join(problems))
 
 
-def build_from_state_dict(config: TokenizerConfig, state_dict: dict[str, Any], device: str | torch.device | None = None) -> DARTokenizer:
+def build_from_state_dict(
+    config: TokenizerConfig, state_dict: dict[str, Any], device: str | torch.device | None = None
+) -> DARTokenizer:
     """Build ``config`` without initialising it (meta device), then load ``state_dict`` strictly.
 
     Skipping the random init matters for the 307M-parameter v1 model. Optional entries that the
@@ -97,7 +99,8 @@ def build_from_state_dict(config: TokenizerConfig, state_dict: dict[str, Any], d
     repa_expected = {k for k in optional if k.startswith(_REPA_PREFIX)}
     repa_given = {k for k in converted if k.startswith(_REPA_PREFIX)}
     if repa_given and repa_given != repa_expected:
-        raise StateDictMismatchError(f"incomplete REPA head, missing keys: {_names(sorted(repa_expected - repa_given))}")
+        absent = _names(sorted(repa_expected - repa_given))
+        raise StateDictMismatchError(f"incomplete REPA head, missing keys: {absent}")
     target = torch.device(device) if device is not None else None
     tensors = {}
     for key, value in converted.items():
@@ -124,15 +127,21 @@ def load_tokenizer_from_official(state_dict: dict, model_config: dict) -> DARTok
 
 
 def _pick_weights(obj: Any, source: str) -> tuple[dict[str, Any], TokenizerConfig | None]:
-    """Official container layouts: prefer ``ema`` over ``model`` over a bare state dict; embedded ``config``."""
+    """Container layouts → (state dict, stored config or None).
+
+    Weights: ``ema`` over ``model`` over the file itself (official order). Config: our
+    ``tokenizer_config`` entry (a :class:`TokenizerConfig` mapping, written by our trainer), else the
+    official ``config`` entry's ``model`` section.
+    """
     if not isinstance(obj, dict):
         raise ValueError(f"{source}: expected a dict, got {type(obj).__name__}")
     config = None
-    embedded = obj.get("config")
-    if isinstance(embedded, dict):
-        if "model" not in embedded:
-            raise ValueError(f"{source}: embedded config has no 'model' section")
-        config = from_official(embedded["model"])
+    if isinstance(obj.get("tokenizer_config"), dict):
+        config = dataclass_from_dict(TokenizerConfig, obj["tokenizer_config"])
+    elif isinstance(obj.get("config"), dict):
+        if "model" not in obj["config"]:
+            raise ValueError(f"{source}: embedded official config has no 'model' section")
+        config = from_official(obj["config"]["model"])
     for key in ("ema", "model"):
         if isinstance(obj.get(key), dict):
             return obj[key], config
@@ -142,7 +151,7 @@ def _pick_weights(obj: Any, source: str) -> tuple[dict[str, Any], TokenizerConfi
 def load_tokenizer(
     path_or_repo_id: str | os.PathLike = OFFICIAL_REPO_ID,
     filename: str | None = None,
-    config: TokenizerConfig | str | None = None,
+    config: TokenizerConfig | str | os.PathLike | None = None,
     device: str | torch.device | None = None,
 ) -> DARTokenizer:
     """Implementation of :meth:`DARTokenizer.from_pretrained` (see there)."""
@@ -159,7 +168,7 @@ def load_tokenizer(
             config = load_tokenizer_config(sibling)
     else:
         state_dict, embedded = _pick_weights(obj, str(path))
-    if isinstance(config, str):
+    if isinstance(config, (str, os.PathLike)):
         config = load_tokenizer_config(config)
     resolved = config or embedded or TOKENIZER_PRESETS["v1"]
     return build_from_state_dict(resolved, state_dict, device=device)

@@ -233,6 +233,7 @@ class DARTokenizer(nn.Module):
             )
         return flow.SequentialSampler(noise.to(self.device), self.schedule.sigmas(steps), sampler)
 
+    @torch.no_grad()
     def sampler_step(self, state: flow.SequentialSampler, cond: Tensor, preview: bool = True) -> Tensor | None:
         """Run the next step of ``state`` on condition tokens ``cond`` (B, n, D), n ≥ that step's window end.
 
@@ -284,7 +285,9 @@ class DARTokenizer(nn.Module):
         return self._run(codes, noise, steps, sampler, generator, keep_previews=False)[-1]
 
     @torch.no_grad()
-    def previews(self, codes: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None) -> list[Tensor]:
+    def previews(
+        self, codes: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> list[Tensor]:
         """The preview after each of the S steps from one sampling pass; the last equals :meth:`decode`."""
         return self._run(codes, noise, self.config.num_denoising_steps, "adams2", generator, keep_previews=True)
 
@@ -329,7 +332,7 @@ class DARTokenizer(nn.Module):
         cls,
         path_or_repo_id: str | os.PathLike = "showlab/D-AR",
         filename: str | None = None,
-        config: TokenizerConfig | str | None = None,
+        config: TokenizerConfig | str | os.PathLike | None = None,
         device: str | torch.device | None = None,
     ) -> DARTokenizer:
         """Load an eval-mode tokenizer from a local file/folder or the hub (default ``showlab/D-AR``).
@@ -337,7 +340,8 @@ class DARTokenizer(nn.Module):
         - A folder written by :meth:`save_pretrained` (``model.safetensors`` + ``tokenizer_config.yaml``).
         - A ``.safetensors`` file (config from a sibling ``tokenizer_config.yaml``, else ``config``, else v1).
         - A ``.pt`` file: official layouts (``ema`` preferred over ``model`` over a bare state dict;
-          an embedded official ``config`` gives the model config, else the v1 preset). Loaded with
+          the config comes from a ``tokenizer_config`` entry in our schema, else the official
+          ``config`` entry's ``model`` section, else the v1 preset). Loaded with
           ``weights_only=True``; only the official config / args objects are allow-listed.
         - A hub repo id: ``filename`` in that repo (default ``D-AR-tokenizer_v1.pt``), through the
           ``huggingface_hub`` cache; offline without a cached copy raises ``WeightsNotFoundError``.

@@ -27,12 +27,20 @@ class TimestepEmbedder(nn.Module):
         self.dim = dim
         self.scale = scale
         self.max_period = max_period
+        # Not a buffer: models are built on the meta device before loading, and non-persistent
+        # buffers would stay there. Frequencies are computed once per device instead.
+        self._freqs: dict[torch.device, Tensor] = {}
+
+    def frequencies(self, device: torch.device) -> Tensor:
+        if device not in self._freqs:
+            half = self.dim // 2
+            freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32) / half)
+            self._freqs[device] = freqs.to(device)
+        return self._freqs[device]
 
     def forward(self, t: Tensor) -> Tensor:
         """t (B,) → (B, dim)."""
-        half = self.dim // 2
-        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
-        args = (t * self.scale)[:, None].float() * freqs[None]
+        args = (t * self.scale)[:, None].float() * self.frequencies(t.device)[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if self.dim % 2:
             emb = F.pad(emb, (0, 1))
@@ -73,7 +81,10 @@ class SiTBlock(nn.Module):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(t_emb + sc).chunk(6, dim=-1)
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         attn_in = modulate(h, shift_a, scale_a)
-        attn = checkpoint(self.attention, attn_in, None, rope, use_reentrant=False) if ckpt else self.attention(attn_in, rope=rope)
+        if ckpt:
+            attn = checkpoint(self.attention, attn_in, None, rope, use_reentrant=False)
+        else:
+            attn = self.attention(attn_in, rope=rope)
         x = x + gate_a * attn
         mlp_in = modulate(self.norm(x), shift_m, scale_m)
         mlp = checkpoint(self.mlp, mlp_in, use_reentrant=False) if ckpt else self.mlp(mlp_in)
@@ -118,9 +129,10 @@ class PixelDecoder(nn.Module):
         patch_channels = cfg.channels * p * p
         self.cond_mlp = nn.Linear(cfg.cond_dim, dim)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=cfg.norm_eps)
-        self.time_embed = (
-            TimestepEmbedder(dim, cfg.time_embed_scale, cfg.time_max_period) if cfg.share_time_encoding else nn.Identity()
-        )
+        if cfg.share_time_encoding:
+            self.time_embed = TimestepEmbedder(dim, cfg.time_embed_scale, cfg.time_max_period)
+        else:
+            self.time_embed = nn.Identity()
         self.conv_in = nn.Conv2d(patch_channels, dim, 1)
         if cfg.mlp_head:
             self.linear_out = FinalLayer(dim, patch_channels, cfg.norm_eps)
