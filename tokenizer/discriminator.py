@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.config import ConfigError
+
 GanLossKind = Literal["non_saturating", "hinge"]
 NormKind = Literal["group", "batch"]
 
@@ -43,13 +45,13 @@ class DiscriminatorConfig:
 
     def __post_init__(self) -> None:
         if self.num_layers < 1 or self.base_channels < 1 or self.in_channels < 1:
-            raise ValueError("DiscriminatorConfig: num_layers, base_channels and in_channels must be positive")
+            raise ConfigError("DiscriminatorConfig: num_layers, base_channels and in_channels must be positive")
         if self.norm not in ("group", "batch"):
-            raise ValueError(f"DiscriminatorConfig.norm must be 'group' or 'batch', got {self.norm!r}")
+            raise ConfigError(f"DiscriminatorConfig.norm must be 'group' or 'batch', got {self.norm!r}")
         if self.norm == "group":
             for width in self.normalized_widths():
                 if width % self.num_groups:
-                    raise ValueError(f"GroupNorm: width {width} is not divisible by num_groups={self.num_groups}")
+                    raise ConfigError(f"GroupNorm: width {width} is not divisible by num_groups={self.num_groups}")
 
     def widths(self) -> list[int]:
         """Output channels of each conv before the final 1-channel one."""

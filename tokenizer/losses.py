@@ -48,6 +48,7 @@ from tokenizer.discriminator import (
 )
 from tokenizer.lpips import LPIPS
 from utils.checkpoint import load_state_file
+from utils.config import ConfigError
 from utils.hub import WeightsNotFoundError, resolve_file
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "RepaEncoderConfig",
     "RepaFeatureExtractor",
     "WeightsNotFoundError",
+    "default_weights_file",
     "adaptive_gan_weight",
     "discriminator_loss",
     "gan_active",
@@ -91,7 +93,7 @@ class RepaEncoderConfig:
 
     def __post_init__(self) -> None:
         if self.img_size < 1:
-            raise ValueError(f"RepaEncoderConfig.img_size must be positive, got {self.img_size}")
+            raise ConfigError(f"RepaEncoderConfig.img_size must be positive, got {self.img_size}")
 
     @property
     def is_modified(self) -> bool:
