@@ -124,12 +124,16 @@ class RepaFeatureExtractor(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
-        overrides = {k: getattr(config, k) for k in ("embed_dim", "depth", "num_heads") if getattr(config, k) is not None}
+        overrides = {
+            k: getattr(config, k) for k in ("embed_dim", "depth", "num_heads") if getattr(config, k) is not None
+        }
         if not pretrained and weights is not None:
             raise ValueError("RepaFeatureExtractor(pretrained=False) builds random weights; do not also pass weights")
         if pretrained and weights is None:
             weights = default_weights_file(config)  # before building the ViT: fail fast when offline
-        self.vit = timm.create_model(config.model_name, pretrained=False, img_size=config.img_size, num_classes=0, **overrides)
+        self.vit = timm.create_model(
+            config.model_name, pretrained=False, img_size=config.img_size, num_classes=0, **overrides
+        )
         if pretrained:
             self.load_weights(weights)
         self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -160,7 +164,9 @@ class RepaFeatureExtractor(nn.Module):
         else:
             path = Path(source).expanduser()
             if not path.is_file():
-                raise WeightsNotFoundError(f"REPA encoder weights {path} do not exist; provide that file, {_REPA_OFF_SWITCH}")
+                raise WeightsNotFoundError(
+                    f"REPA encoder weights {path} do not exist; provide that file, {_REPA_OFF_SWITCH}"
+                )
             state, where = load_state_file(path), str(path)
         if not isinstance(state, dict):
             raise ValueError(f"REPA encoder weights {where}: expected a state dict, got {type(state).__name__}")
@@ -171,7 +177,10 @@ class RepaFeatureExtractor(nn.Module):
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
-            raise KeyError(f"REPA encoder weights {where}: missing key(s) {missing or 'none'}; unexpected key(s) {unexpected or 'none'}")
+            raise KeyError(
+                f"REPA encoder weights {where}: missing key(s) {missing or 'none'}; "
+                f"unexpected key(s) {unexpected or 'none'}"
+            )
         self.vit.load_state_dict(state, strict=True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -184,7 +193,9 @@ class RepaFeatureExtractor(nn.Module):
             x = (images.float() + 1.0) / 2.0
             x = (x - self.mean) / self.std
             if x.shape[-2:] != (size, size):
-                x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=self.config.antialias)
+                x = F.interpolate(
+                    x, size=(size, size), mode="bicubic", align_corners=False, antialias=self.config.antialias
+                )
             tokens = self.vit.forward_features(x)  # (B, prefix + N, D)
             patches = tokens[:, self.vit.num_prefix_tokens :].float()  # (B, N, D)
         return patches.clone()
@@ -223,8 +234,8 @@ def repa_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if pred.ndim != 3 or pred.shape != target.shape:
         raise ValueError(
             f"REPA: the tokenizer's REPA head gives {tuple(pred.shape)} but the encoder gives {tuple(target.shape)}; "
-            f"both must be (B, N, D) with N = G^2 the pooled grid (v1: G = 16, DINOv2 ViT-B/14 at 224 px = 16 x 16 = 256 "
-            f"patches, D = 768). Make the tokenizer's repa_pool_grid**2 and repa_out_dim match the encoder's "
+            f"both must be (B, N, D) with N = G^2 the pooled grid (v1: G = 16, DINOv2 ViT-B/14 at 224 px = "
+            f"16 x 16 = 256 patches, D = 768). Make the tokenizer's repa_pool_grid**2 and repa_out_dim match the encoder's "
             f"(img_size / patch)**2 and width."
         )
     cosine = F.cosine_similarity(pred.float(), target.detach().float(), dim=-1)  # (B, N)

@@ -111,7 +111,9 @@ def _bundled_lpips_head() -> Path | None:
     return None
 
 
-def _check_keys(state: dict[str, Any], expected: dict[str, torch.Size], source: str, ignored_prefixes: tuple[str, ...] = ()) -> None:
+def _check_keys(
+    state: dict[str, Any], expected: dict[str, torch.Size], source: str, ignored_prefixes: tuple[str, ...] = ()
+) -> None:
     """Strict key and shape check; ``ignored_prefixes`` name known extra parts of a standard file."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(k for k in set(state) - set(expected) if not k.startswith(ignored_prefixes))
@@ -169,7 +171,8 @@ class LPIPS(nn.Module):
         bundled = _bundled_lpips_head()
         if bundled is not None:
             return bundled
-        return download_to_hub_cache(LPIPS_HEAD_URL, LPIPS_HEAD_FILENAME, LPIPS_HEAD_SHA256, "LPIPS v0.1 linear-head weights (vgg.pth)")
+        what = "LPIPS v0.1 linear-head weights (vgg.pth)"
+        return download_to_hub_cache(LPIPS_HEAD_URL, LPIPS_HEAD_FILENAME, LPIPS_HEAD_SHA256, what)
 
     def load_backbone_weights(self, source: str | os.PathLike | dict[str, torch.Tensor]) -> None:
         """Load torchvision VGG16 weights (``features.N.weight/bias``; its ``classifier.*`` is ignored)."""
@@ -212,9 +215,13 @@ class LPIPS(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"LPIPS expects two (B, 3, H, W) batches of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+            raise ValueError(
+                f"LPIPS expects two (B, 3, H, W) batches of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+            )
         if min(x.shape[-2:]) < MIN_IMAGE_SIZE:
-            raise ValueError(f"LPIPS-VGG16 needs images of at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}, got {tuple(x.shape[-2:])}")
+            raise ValueError(
+                f"LPIPS-VGG16 needs images of at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}, got {tuple(x.shape[-2:])}"
+            )
         batch = x.shape[0]
         # One backbone pass over both batches: half the kernel launches, same result per image.
         taps = self._taps(torch.cat([x, y.to(x.dtype)]))
