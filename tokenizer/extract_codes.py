@@ -1,0 +1,271 @@
+"""Encode an image folder into code shards for AR training (``dataset/codes.py`` format).
+
+    torchrun --nproc_per_node=8 -m tokenizer.extract_codes \
+        --tokenizer-ckpt showlab/D-AR --data-path /data/imagenet/train --out codes/imagenet256 --ten-crop
+
+(``python -m tokenizer.extract_codes ...`` runs the same thing in one process.)
+
+Output contract
+    Shard ``k`` holds the source images ``[k * shard_size, (k + 1) * shard_size)`` of the sorted file
+    list, minus the files that could not be decoded (skipped and counted, never encoded). Rank ``r``
+    encodes the shards ``k`` with ``k % world_size == r``. Views per image (``num_augs``): 1 (ADM centre
+    crop), 2 with ``--flip`` (centre crop, then its mirror, as LlamaGen's extractor) or 10 with
+    ``--ten-crop`` (``dataset.images.TenCrop``: the crops of the 281-px centre crop and of its mirror).
+    When every shard is complete rank 0 writes ``manifest.json``; its ``meta`` records the settings,
+    the class names and the bad-file counts.
+
+Resuming
+    A shard is written atomically (``dataset.codes.write_shard``), so rerunning the same command
+    after a kill skips the complete shards and redoes only the others: no duplicates, no gaps, and
+    the result is identical to an uninterrupted run. ``extraction.json`` pins the settings of the
+    first run; a rerun with different settings into the same folder is refused. ``--max-shards``
+    stops a rank after that many new shards (for time-limited jobs).
+
+The tokenizer is the EMA one whenever the checkpoint has EMA weights (``DARTokenizer.from_pretrained``
+prefers them) and runs in eval mode; ``--precision bf16`` is an opt-in speed-up on CUDA (it can
+flip near-tie nearest-code assignments, so fp32 is the default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dataset.codes import completed_shards, write_manifest, write_shard
+from dataset.images import BadFileStats, CenterCrop, ImageBatch, ImageFolderDataset, TenCrop, collate_skip_bad
+from tokenizer.model import DARTokenizer
+from utils.checkpoint import atomic_write_text
+from utils.distributed import DistEnv, barrier, broadcast_object, cleanup_distributed, setup_distributed
+from utils.run import create_logger
+from utils.training import Precision, autocast
+
+SETTINGS_FILE = "extraction.json"
+# Per-shard bad-file counts, written just before the shard itself, so a resumed run can still
+# report the totals of shards it did not redo.
+_STATS_FILE = "badfiles_{:05d}.json"
+# Crop settings fixed by the paper recipe (SPEC §2: centre crop to 281 px for 256 px codes).
+TEN_CROP_RATIO = 1.1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokenizer-ckpt", required=True, help="tokenizer folder, file or hub repo id")
+    parser.add_argument("--tokenizer-filename", default=None, help="file inside a hub repo (default: the v1 tokenizer)")
+    parser.add_argument("--data-path", required=True, help="image folder (class sub-folders give the labels)")
+    parser.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    views = parser.add_mutually_exclusive_group()
+    views.add_argument("--ten-crop", action="store_true", help="store all ten crops (the AR paper recipe)")
+    views.add_argument("--flip", action="store_true", help="store the centre crop and its mirror")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per rank per encoder call")
+    parser.add_argument("--shard-size", type=int, default=10000, help="source images per shard")
+    parser.add_argument("--max-shards", type=int, default=None, help="stop each rank after this many new shards")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="encoder autocast")
+    parser.add_argument("--num-workers", type=int, default=4)
+    args = parser.parse_args(argv)
+    for name in ("image_size", "batch_size", "shard_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.max_shards is not None and args.max_shards < 0:
+        parser.error("--max-shards must be >= 0")
+    return args
+
+
+def num_views(args: argparse.Namespace) -> int:
+    return 10 if args.ten_crop else 2 if args.flip else 1
+
+
+def settings_of(args: argparse.Namespace, num_images: int) -> dict[str, Any]:
+    """Everything that changes the content of a shard; a resumed run must match it exactly."""
+    return {
+        "tokenizer_ckpt": str(args.tokenizer_ckpt),
+        "tokenizer_filename": args.tokenizer_filename,
+        "data_path": str(Path(args.data_path).resolve()),
+        "num_source_images": num_images,
+        "image_size": args.image_size,
+        "views": "ten_crop" if args.ten_crop else "flip" if args.flip else "center",
+        "crop_ratio": TEN_CROP_RATIO if args.ten_crop else 1.0,
+        "shard_size": args.shard_size,
+        "precision": args.precision,
+    }
+
+
+def pin_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Write the settings on the first run; refuse to mix shards of different settings later."""
+    path = out / SETTINGS_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
+        if changed:
+            raise ValueError(
+                f"{out} holds shards extracted with other settings ({'; '.join(changed)}); "
+                "use a new --out folder or the original settings"
+            )
+        return
+    atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
+
+
+def shard_range(shard_id: int, shard_size: int, num_images: int) -> range:
+    return range(shard_id * shard_size, min((shard_id + 1) * shard_size, num_images))
+
+
+def shard_batches(shard_ids: list[int], shard_size: int, num_images: int, batch_size: int) -> list[tuple[int, list[int]]]:
+    """(shard id, source indices) per batch; batches never straddle shards, so a shard ends on a batch."""
+    batches = []
+    for shard_id in shard_ids:
+        indices = list(shard_range(shard_id, shard_size, num_images))
+        batches.extend((shard_id, indices[i : i + batch_size]) for i in range(0, len(indices), batch_size))
+    return batches
+
+
+@torch.no_grad()
+def encode_views(tokenizer: DARTokenizer, images: torch.Tensor, flip: bool, precision: Precision) -> torch.Tensor:
+    """images (B, 3, H, W) or (B, A, 3, H, W) → codes (B, A', N); ``flip`` appends the mirror (A' = 2)."""
+    if images.dim() == 4:
+        images = images.unsqueeze(1)  # (B, 1, 3, H, W)
+    if flip:
+        images = torch.cat([images, images.flip(-1)], dim=1)  # (B, 2, 3, H, W)
+    batch, views = images.shape[:2]
+    with autocast(tokenizer.device, precision):
+        codes = tokenizer.encode(images.flatten(0, 1))  # (B * A, N)
+    return codes.view(batch, views, -1)
+
+
+def _collect_stats(out: Path, shard_ids: list[int]) -> BadFileStats:
+    total = BadFileStats()
+    for shard_id in shard_ids:
+        path = out / _STATS_FILE.format(shard_id)
+        stats = BadFileStats()
+        if path.is_file():
+            counts = json.loads(path.read_text(encoding="utf-8"))
+            stats.seen = counts["seen"]
+            stats.converted_items = counts["converted"]
+            stats.conversions = {k: counts[f"converted/{k}"] for k in stats.conversions}
+            stats.skipped = {k: counts[f"skipped/{k}"] for k in stats.skipped}
+        total.update(stats)
+    return total
+
+
+def _iterate(loader: DataLoader, plan: list[tuple[int, list[int]]]) -> Iterator[tuple[int, bool, ImageBatch]]:
+    """(shard id, is the shard's last batch, batch) in plan order."""
+    for i, ((shard_id, _), batch) in enumerate(zip(plan, loader, strict=True)):
+        last = i + 1 == len(plan) or plan[i + 1][0] != shard_id
+        yield shard_id, last, batch
+
+
+def main(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Extract this rank's missing shards; returns the manifest when all shards are complete."""
+    # -- distributed -------------------------------------------------------------------------
+    env: DistEnv = setup_distributed(args.device)
+    out = Path(args.out)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier()
+    logger = create_logger("extract_codes", out, env.is_main)
+
+    # -- tokenizer ---------------------------------------------------------------------------
+    tokenizer = DARTokenizer.from_pretrained(args.tokenizer_ckpt, args.tokenizer_filename, device=env.device).eval()
+    tokenizer.requires_grad_(False)
+    seq_len = tokenizer.config.num_all_queries
+    vocab_size = tokenizer.config.vq_codebook_size
+
+    # -- data ---------------------------------------------------------------------------------
+    transform = TenCrop(args.image_size, TEN_CROP_RATIO) if args.ten_crop else CenterCrop(args.image_size)
+    dataset = ImageFolderDataset(args.data_path, transform)
+    num_images = len(dataset)
+    num_shards = -(-num_images // args.shard_size)
+    settings = settings_of(args, num_images)
+    error = None
+    if env.is_main:
+        try:
+            pin_settings(out, settings)
+        except ValueError as exc:
+            error = str(exc)
+    # A refusal on rank 0 must stop every rank, not leave the others waiting at a barrier.
+    error = broadcast_object(error)
+    if error is not None:
+        raise ValueError(error)
+    done = set(completed_shards(out))
+    stray = sorted(s for s in done if s >= num_shards)
+    if stray:
+        raise ValueError(f"{out} holds shards {stray} beyond the {num_shards} this dataset needs")
+    mine = [k for k in range(env.rank, num_shards, env.world_size) if k not in done]
+    if args.max_shards is not None:
+        mine = mine[: args.max_shards]
+    plan = shard_batches(mine, args.shard_size, num_images, args.batch_size)
+    logger.info(
+        f"{num_images} images in {num_shards} shards of {args.shard_size}; {len(done)} already complete; "
+        f"{settings['views']} views ({num_views(args)} per image), {seq_len} codes each, world size {env.world_size}"
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=[indices for _, indices in plan],
+        num_workers=args.num_workers,
+        collate_fn=collate_skip_bad,
+        pin_memory=env.device.type == "cuda",
+    )
+
+    # -- loop ---------------------------------------------------------------------------------
+    parts: dict[str, list[torch.Tensor]] = {"codes": [], "labels": [], "indices": []}
+    shard_stats = BadFileStats()
+    progress = tqdm(total=sum(len(b) for _, b in plan), unit="img", disable=not env.is_main, desc="encode")
+    for shard_id, last, batch in _iterate(loader, plan):
+        shard_stats.update(batch.stats)
+        if batch.labels.numel():
+            images = batch.images.to(env.device, non_blocking=True)
+            parts["codes"].append(encode_views(tokenizer, images, args.flip, args.precision).cpu())
+            parts["labels"].append(batch.labels)
+            parts["indices"].append(batch.indices)
+        progress.update(batch.stats.seen)
+        if last:
+            codes = torch.cat(parts["codes"]) if parts["codes"] else torch.empty(0, num_views(args), seq_len, dtype=torch.long)
+            labels = torch.cat(parts["labels"]) if parts["labels"] else torch.empty(0, dtype=torch.long)
+            indices = torch.cat(parts["indices"]) if parts["indices"] else torch.empty(0, dtype=torch.long)
+            atomic_write_text(out / _STATS_FILE.format(shard_id), json.dumps(shard_stats.to_dict()) + "\n")
+            write_shard(out, shard_id, codes, labels, indices, vocab_size)
+            parts = {"codes": [], "labels": [], "indices": []}
+            shard_stats = BadFileStats()
+    progress.close()
+
+    # -- manifest -----------------------------------------------------------------------------
+    barrier()
+    manifest = None
+    if env.is_main:
+        complete = completed_shards(out)
+        missing = sorted(set(range(num_shards)) - set(complete))
+        if missing:
+            logger.info(
+                f"{num_shards - len(missing)}/{num_shards} shards complete; rerun the same command to "
+                f"extract the remaining {len(missing)} (no manifest written yet)"
+            )
+        else:
+            stats = _collect_stats(out, complete)
+            meta = {
+                **settings,
+                "classes": list(dataset.classes),
+                "num_classes": dataset.num_classes,
+                "bad_files": stats.to_dict(),
+            }
+            manifest = write_manifest(out, seq_len, vocab_size, num_views(args), meta)
+            expected = num_images - stats.num_skipped
+            if manifest["num_items"] != expected:
+                raise RuntimeError(
+                    f"manifest has {manifest['num_items']} items but {num_images} images minus "
+                    f"{stats.num_skipped} skipped is {expected}: some shard is inconsistent"
+                )
+            logger.info(f"wrote {out / 'manifest.json'}: {manifest['num_items']} items; {stats.summary()}")
+    barrier()
+    cleanup_distributed()
+    return manifest
+
+
+if __name__ == "__main__":
+    main(parse_args())
