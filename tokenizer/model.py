@@ -193,7 +193,7 @@ class DARTokenizer(nn.Module):
             raise ValueError(f"codes must be an integer tensor (B, n), got {codes.dtype} {tuple(codes.shape)}")
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.config.vq_codebook_size):
             raise ValueError(f"codes must lie in 0..{self.config.vq_codebook_size - 1}")
-        return self.cond_from_quantized(self.quantize.lookup(codes.long()))
+        return self.cond_from_quantized(self.quantize.lookup(codes.to(self.device, torch.long)))
 
     # ------------------------------------------------------------------ pixel decoder
     def velocity(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
