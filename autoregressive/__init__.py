@@ -1,7 +1,7 @@
 """Stage 2 of D-AR: a class-conditional Llama GPT over the tokenizer's codes (codes → codes)."""
 
 from autoregressive.config import GPT_PRESETS, GPTConfig
-from autoregressive.generate import GuidanceSchedule, draw_uniforms, generate_codes
+from autoregressive.generate import GuidanceSchedule, draw_uniforms, generate_codes, iter_codes
 from autoregressive.model import GPT, convert_official_state_dict, gpt_config_from_yaml, load_gpt_from_official
 
 __all__ = [
@@ -13,5 +13,6 @@ __all__ = [
     "draw_uniforms",
     "generate_codes",
     "gpt_config_from_yaml",
+    "iter_codes",
     "load_gpt_from_official",
 ]

@@ -1,8 +1,9 @@
 """Sampling codes from the GPT with its static KV cache (SPEC §2 "Sampling", CHECKPOINT_FORMAT §4.5).
 
 Small pure functions in the gpt-fast style: :func:`prefill` (class token and forced prefix),
-:func:`decode_one_token` (the hot step, optionally compiled), :func:`decode_n_tokens` (the loop) and
-:func:`generate_codes` (the whole thing). Randomness enters only through a (B, N) tensor of uniforms,
+:func:`decode_one_token` (the hot step, optionally compiled), :func:`iter_decode` /
+:func:`decode_n_tokens` (the loop), and :func:`iter_codes` / :func:`generate_codes` (the whole
+thing, streamed position by position or collected). Randomness enters only through a (B, N) tensor of uniforms,
 one per sample and position, drawn up front by :func:`draw_uniforms`; each token is chosen by inverse
 CDF. A sample therefore depends only on its own uniforms and label, never on the batch it shares,
 and the loop needs no host-device synchronisation.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
@@ -192,26 +193,30 @@ def decode_one_token(model: "GPT", tokens: torch.Tensor, input_pos: torch.Tensor
 DecodeStep = Callable[..., torch.Tensor]
 
 
-def decode_n_tokens(model: "GPT", first: torch.Tensor, start_pos: int, scales: torch.Tensor,
-                    uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float, guided: bool,
-                    step: DecodeStep = decode_one_token) -> torch.Tensor:
-    """From token first (B,) at position start_pos, decode uniforms.shape[1] more tokens → (B, n).
+def iter_decode(model: "GPT", first: torch.Tensor, start_pos: int, scales: torch.Tensor,
+                uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float, guided: bool,
+                step: DecodeStep = decode_one_token) -> Iterator[torch.Tensor]:
+    """From token first (B,) at position start_pos, yield uniforms.shape[1] more tokens (B,) one by one.
 
     scales (n,) and uniforms (B, n) belong to the tokens being produced.
     """
-    tokens = []
     current = first[:, None]
     input_pos = torch.tensor([start_pos], device=first.device)
     for i in range(uniforms.shape[1]):
         fed = torch.cat([current, current]) if guided else current
         # clone: a CUDA-graph step reuses its output buffer on the next call.
         nxt = step(model, fed, input_pos, scales[i], uniforms[:, i], temperature, top_k, top_p, guided).clone()
-        tokens.append(nxt)
+        yield nxt
         current = nxt[:, None]
         input_pos = input_pos + 1
-    if not tokens:
-        return first.new_empty(first.shape[0], 0)
-    return torch.stack(tokens, dim=1)
+
+
+def decode_n_tokens(model: "GPT", first: torch.Tensor, start_pos: int, scales: torch.Tensor,
+                    uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float, guided: bool,
+                    step: DecodeStep = decode_one_token) -> torch.Tensor:
+    """:func:`iter_decode` collected into (B, n)."""
+    tokens = list(iter_decode(model, first, start_pos, scales, uniforms, temperature, top_k, top_p, guided, step))
+    return torch.stack(tokens, dim=1) if tokens else first.new_empty(first.shape[0], 0)
 
 
 _COMPILED_STEPS: dict[str, DecodeStep] = {}
@@ -249,7 +254,72 @@ def _expand_prefix(prefix_codes: torch.Tensor | None, batch: int, num_tokens: in
     return prefix if prefix.shape[1] > 0 else None
 
 
+def iter_codes(
+    model: "GPT",
+    labels: torch.Tensor,
+    uniforms: torch.Tensor,
+    *,
+    guidance: GuidanceSchedule = GuidanceSchedule(),
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    prefix_codes: torch.Tensor | None = None,
+    compile: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Yield the N codes of each sample position by position, each as (B,) int64; see :func:`generate_codes`.
+
+    Streaming consumers (previews after each group of codes) iterate this; nothing in the loop waits
+    for the device unless the consumer reads the values. Arguments are checked before the first
+    code is produced; the decoding itself runs under no_grad.
+    """
+    if model.training:
+        raise RuntimeError("generate needs model.eval(): dropout would corrupt the samples")
+    _check_sampling_args(temperature, top_k, top_p)
+    model.check_labels(labels)
+    batch, num_tokens = labels.shape[0], uniforms.shape[1]
+    if uniforms.shape[0] != batch:
+        raise ValueError(f"uniforms {tuple(uniforms.shape)} do not match a batch of {batch}")
+    if not 1 <= num_tokens <= model.config.block_size:
+        raise ValueError(f"can generate 1..{model.config.block_size} codes, asked for {num_tokens}")
+    prefix = _expand_prefix(prefix_codes, batch, num_tokens, labels.device)
+    if prefix is not None:
+        model.check_codes(prefix, "prefix_codes")
+    if guidance.enabled and not model.config.has_null_class:
+        raise ValueError("classifier-free guidance needs a null class (class_dropout_prob > 0 in the config)")
+    step = compiled_decode_one_token(labels.device.type) if compile else decode_one_token
+    return _decode_stream(model, labels, uniforms.to(labels.device), guidance, temperature, top_k, top_p,
+                          prefix, step)
+
+
 @torch.no_grad()
+def _decode_stream(model: "GPT", labels: torch.Tensor, uniforms: torch.Tensor, guidance: GuidanceSchedule,
+                   temperature: float, top_k: int, top_p: float, prefix: torch.Tensor | None,
+                   step: DecodeStep) -> Iterator[torch.Tensor]:
+    """The body of :func:`iter_codes` on validated inputs (prefix (B, k) or None)."""
+    num_tokens = uniforms.shape[1]
+    k = 0 if prefix is None else prefix.shape[1]
+    if prefix is not None:
+        yield from prefix.unbind(dim=1)
+    if k == num_tokens:
+        return
+    guided = guidance.enabled
+    labels_in, prefix_in = labels, prefix
+    if guided:
+        labels_in = torch.cat([labels, torch.full_like(labels, model.config.null_class)])
+        prefix_in = None if prefix is None else torch.cat([prefix, prefix])
+    scales = guidance.scales(num_tokens).to(labels.device)
+
+    # The last code is never fed back, so positions 0..N-1 (class + N-1 codes) fill the cache.
+    model.setup_caches(labels_in.shape[0], num_tokens, device=labels.device)
+    logits = prefill(model, labels_in, prefix_in)  # (B', V)
+    if guided:
+        logits = apply_guidance(logits, scales[k])
+    first = sample_token(logits, uniforms[:, k], temperature, top_k, top_p)  # (B,)
+    yield first
+    yield from iter_decode(model, first, k + 1, scales[k + 1:], uniforms[:, k + 1:], temperature, top_k, top_p,
+                           guided, step=step)
+
+
 def generate_codes(
     model: "GPT",
     labels: torch.Tensor,
@@ -269,41 +339,6 @@ def generate_codes(
     ((k,) or (B, k)), returned verbatim and fed through the cache; their uniforms go unused, so a
     prefixed run draws the same randomness for the remaining positions as an unprefixed one.
     """
-    if model.training:
-        raise RuntimeError("generate needs model.eval(): dropout would corrupt the samples")
-    _check_sampling_args(temperature, top_k, top_p)
-    model.check_labels(labels)
-    batch, num_tokens = labels.shape[0], uniforms.shape[1]
-    if uniforms.shape[0] != batch:
-        raise ValueError(f"uniforms {tuple(uniforms.shape)} do not match a batch of {batch}")
-    if not 1 <= num_tokens <= model.config.block_size:
-        raise ValueError(f"can generate 1..{model.config.block_size} codes, asked for {num_tokens}")
-    device = labels.device
-    prefix = _expand_prefix(prefix_codes, batch, num_tokens, device)
-    if prefix is not None:
-        model.check_codes(prefix, "prefix_codes")
-    k = 0 if prefix is None else prefix.shape[1]
-    if k == num_tokens:
-        return prefix.clone()
-
-    guided = guidance.enabled
-    if guided and not model.config.has_null_class:
-        raise ValueError("classifier-free guidance needs a null class (class_dropout_prob > 0 in the config)")
-    labels_in, prefix_in = labels, prefix
-    if guided:
-        labels_in = torch.cat([labels, torch.full_like(labels, model.config.null_class)])
-        prefix_in = None if prefix is None else torch.cat([prefix, prefix])
-    uniforms = uniforms.to(device)
-    scales = guidance.scales(num_tokens).to(device)
-
-    # The last code is never fed back, so positions 0..N-1 (class + N-1 codes) fill the cache.
-    model.setup_caches(labels_in.shape[0], num_tokens, device=device)
-    logits = prefill(model, labels_in, prefix_in)  # (B', V)
-    if guided:
-        logits = apply_guidance(logits, scales[k])
-    first = sample_token(logits, uniforms[:, k], temperature, top_k, top_p)  # (B,)
-    step = compiled_decode_one_token(device.type) if compile else decode_one_token
-    rest = decode_n_tokens(model, first, k + 1, scales[k + 1:], uniforms[:, k + 1:], temperature, top_k,
-                           top_p, guided, step=step)
-    parts = ([prefix] if prefix is not None else []) + [first[:, None], rest]
-    return torch.cat(parts, dim=1)
+    columns = iter_codes(model, labels, uniforms, guidance=guidance, temperature=temperature, top_k=top_k,
+                         top_p=top_p, prefix_codes=prefix_codes, compile=compile)
+    return torch.stack(list(columns), dim=1)

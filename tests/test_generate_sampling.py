@@ -10,9 +10,13 @@ import torch
 from autoregressive.generate import (
     GuidanceSchedule,
     apply_guidance,
+    decode_n_tokens,
+    decode_one_token,
     draw_uniforms,
     filter_logits,
     generate_codes,
+    iter_codes,
+    prefill,
     sample_token,
 )
 from tests.gpt_testing import random_gpt
@@ -245,3 +249,35 @@ def test_single_generator_and_global_rng(model):
     c = model.generate(labels)
     torch.manual_seed(1)
     assert torch.equal(model.generate(labels), c)
+
+
+def test_decode_step_compiles_as_one_graph(model):
+    """fullgraph capture of the hot step (the eager backend keeps this test fast on CPU)."""
+    step = torch.compile(decode_one_token, backend="eager", fullgraph=True)
+    labels = torch.tensor([1, 2])
+    uniforms = draw_uniforms(2, 16, seeds=[3, 4])
+    schedule = GuidanceSchedule(1.2, 4.0)
+    expected = generate_codes(model, labels, uniforms, guidance=schedule)
+    labels_in = torch.cat([labels, torch.full_like(labels, model.config.null_class)])
+    model.setup_caches(4, 16)
+    scales = schedule.scales(16)
+    first = sample_token(apply_guidance(prefill(model, labels_in), scales[0]), uniforms[:, 0])
+    rest = decode_n_tokens(model, first, 1, scales[1:], uniforms[:, 1:], 1.0, 0, 1.0, True, step=step)
+    assert torch.equal(torch.cat([first[:, None], rest], dim=1), expected)
+
+
+def test_streamed_codes_equal_collected(model):
+    labels = torch.tensor([4, 8])
+    uniforms = draw_uniforms(2, 16, seeds=[1, 2])
+    prefix = torch.tensor([3, 1, 4])
+    stream = iter_codes(model, labels, uniforms, guidance=GuidanceSchedule(2.0), prefix_codes=prefix)
+    columns = []
+    for column in stream:
+        # Between yields the caller's own grad mode is back in force.
+        assert torch.is_grad_enabled()
+        columns.append(column)
+    collected = generate_codes(model, labels, uniforms, guidance=GuidanceSchedule(2.0), prefix_codes=prefix)
+    assert torch.equal(torch.stack(columns, dim=1), collected)
+    # Bad arguments fail at the call, before any iteration.
+    with pytest.raises(ValueError, match="top_k"):
+        iter_codes(model, labels, uniforms, top_k=-1)
