@@ -1,0 +1,522 @@
+"""Train the class-conditional GPT on tokenizer codes (SPEC §2).
+
+    torchrun --nproc_per_node=8 -m autoregressive.train --config configs/ar/gpt_l.yaml \
+        --code-path codes/imagenet256 --results-dir results/gpt_l
+
+(``python -m autoregressive.train ...`` runs the same thing in one process.) Codes come either from a
+folder written by ``tokenizer.extract_codes`` (``--code-path``; one stored view per sample, drawn
+from (seed, epoch, index)), or are encoded on the fly by the frozen EMA tokenizer from images
+(``--data-path`` + ``--tokenizer-ckpt``; ``dataset.images.RandomTenCrop`` views, fp32 encoding, the
+same as extraction).
+
+The recipe is one YAML (``configs/ar/*.yaml``): ``model:`` is the :class:`GPTConfig` (``preset:``
+plus overrides allowed) and ``train:`` is :class:`ARTrainSettings`; unknown keys are errors. CLI
+flags override single fields; the fully resolved :class:`ARTrainConfig` is written to
+``RESULTS/config.yaml`` and stored in every checkpoint.
+
+Run folder (``utils.run.RunFolder``): ``config.yaml``; ``metrics.jsonl`` with one line per logged
+step (``step``, ``epoch``, ``loss`` = mean over the steps since the previous line, ``lr``,
+``grad_norm`` of the logged step, ``items_per_s`` summed over ranks); ``checkpoints/step_XXXXXXX.pt``
+(``utils.training`` layout: modules ``model`` and, with EMA, ``ema``; optimizer; data position; RNG
+of every rank); at the end ``final/`` (and ``final_ema/``), written by ``GPT.save_pretrained`` for
+the sampling CLIs. ``--resume auto`` continues from the latest checkpoint, and a run killed at any
+moment and resumed on the same world size logs exactly the losses of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from autoregressive.config import GPTConfig
+from autoregressive.model import GPT, TransformerBlock, gpt_config_from_yaml
+from dataset.codes import CodeDataset
+from dataset.images import ImageBatch, ImageFolderDataset, RandomTenCrop, collate_skip_bad
+from dataset.sampler import ResumableDistributedSampler
+from utils.checkpoint import CheckpointManager
+from utils.config import ConfigError, dataclass_from_dict, dataclass_to_dict, load_yaml
+from utils.distributed import DistEnv, all_reduce_mean, all_reduce_sum, cleanup_distributed, seed_everything, setup_distributed
+from utils.run import RunFolder, create_logger
+from utils.training import (
+    InfiniteLoader,
+    NonFiniteGuard,
+    OptimConfig,
+    Throughput,
+    WandbLogger,
+    add_common_train_args,
+    all_ranks_agree,
+    autocast,
+    build_optimizer,
+    create_ema,
+    default_precision,
+    learning_rate,
+    load_train_checkpoint,
+    resolve_resume,
+    save_train_checkpoint,
+    set_lr,
+    unwrap_model,
+    update_ema,
+)
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+# SPEC §2 paper recipe: AdamW 4e-4, betas (0.9, 0.95), wd 0.05 on matrices, clip 1.0, linear decay to
+# 1e-5 over the last 50 of 300 epochs; EMA optional (0.9999 when on, 0 = off).
+PAPER_OPTIM = OptimConfig(
+    lr=4e-4, betas=(0.9, 0.95), weight_decay=0.05, decay_matrices_only=True, schedule="linear", min_lr=1e-5,
+    grad_clip=1.0, ema_decay=0.0,
+)
+
+
+@dataclass(frozen=True)
+class ARDataConfig:
+    """Where codes come from: ``code_path`` (extracted) or ``data_path`` + ``tokenizer_ckpt`` (on the fly)."""
+
+    code_path: str | None = None
+    data_path: str | None = None
+    tokenizer_ckpt: str | None = None
+    tokenizer_filename: str | None = None
+    image_size: int = 256
+    crop_ratio: float = 1.1  # ten crops of the ADM centre crop at 1.1 x image_size (281 px for 256)
+    num_workers: int = 4
+
+
+@dataclass(frozen=True)
+class ARTrainSettings:
+    """The ``train:`` section of a recipe."""
+
+    global_batch_size: int = 1024
+    epochs: int = 300
+    max_steps: int | None = None  # None: epochs x steps per epoch
+    # With optim.schedule "linear": decay to optim.min_lr over this many final epochs
+    # (optim.decay_start_step is derived from it and must be left at 0 in the YAML).
+    decay_epochs: float = 50.0
+    optim: OptimConfig = PAPER_OPTIM
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    seed: int = 0
+    log_every: int = 100
+    ckpt_every: int = 5000
+    fsdp: bool = False  # FSDP2 (fully_shard per block) instead of DDP, for XL / XXL on CUDA
+    compile: bool = False
+    data: ARDataConfig = field(default_factory=ARDataConfig)
+
+
+@dataclass(frozen=True)
+class ARTrainConfig:
+    model: GPTConfig
+    train: ARTrainSettings
+
+
+def load_ar_config(path: str | Path) -> ARTrainConfig:
+    """Strictly load a recipe: top-level ``model`` (required) and ``train`` (paper defaults if absent)."""
+    data = load_yaml(path)
+    unknown = sorted(set(data) - {"model", "train"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; expected 'model' and 'train'")
+    train = dataclass_from_dict(ARTrainSettings, data.get("train") or {}, _where="train")
+    if train.optim.decay_start_step != 0:
+        raise ConfigError(f"{path}: train.optim.decay_start_step is derived from train.decay_epochs; leave it at 0")
+    return ARTrainConfig(model=gpt_config_from_yaml(path), train=train)
+
+
+def apply_overrides(cfg: ARTrainConfig, args: argparse.Namespace) -> ARTrainConfig:
+    """CLI flags that are set replace the recipe's fields."""
+    t = cfg.train
+    optim_changes = {k: v for k, v in (("lr", args.lr), ("max_bad_steps", args.max_bad_steps),
+                                       ("ema_decay", args.ema_decay)) if v is not None}
+    data_changes = {k: getattr(args, k) for k in ("code_path", "data_path", "tokenizer_ckpt", "tokenizer_filename",
+                                                  "num_workers") if getattr(args, k) is not None}
+    if args.code_path is not None and args.data_path is None:
+        data_changes["data_path"] = None
+    if args.data_path is not None and args.code_path is None:
+        data_changes["code_path"] = None
+    train_changes: dict[str, Any] = {k: v for k, v in (
+        ("max_steps", args.max_steps), ("global_batch_size", args.global_batch_size), ("epochs", args.epochs),
+        ("log_every", args.log_every), ("ckpt_every", args.ckpt_every), ("seed", args.seed),
+    ) if v is not None}
+    if args.precision != "auto":
+        train_changes["precision"] = args.precision
+    if args.compile:
+        train_changes["compile"] = True
+    if args.fsdp:
+        train_changes["fsdp"] = True
+    t = replace(t, optim=replace(t.optim, **optim_changes), data=replace(t.data, **data_changes), **train_changes)
+    return replace(cfg, train=t)
+
+
+def check_settings(t: ARTrainSettings) -> None:
+    d = t.data
+    if (d.code_path is None) == (d.data_path is None):
+        raise ValueError("give exactly one data source: --code-path DIR (extracted codes) or --data-path IMAGES")
+    if d.data_path is not None and d.tokenizer_ckpt is None:
+        raise ValueError("--data-path encodes images on the fly and needs --tokenizer-ckpt")
+    if d.code_path is not None and d.tokenizer_ckpt is not None:
+        raise ValueError("--tokenizer-ckpt is only used with --data-path; extracted codes need no tokenizer")
+    for name in ("global_batch_size", "epochs", "log_every", "ckpt_every"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"train.{name} must be positive, got {getattr(t, name)}")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ValueError(f"train.max_steps must be positive, got {t.max_steps}")
+    if t.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"train.precision {t.precision!r}: use fp32 or bf16 (fp16 would need loss scaling)")
+    if t.decay_epochs < 0:
+        raise ValueError(f"train.decay_epochs must be >= 0, got {t.decay_epochs}")
+
+
+def resolve_schedule(t: ARTrainSettings, steps_per_epoch: int) -> ARTrainSettings:
+    """Fill in max_steps (from epochs) and the linear schedule's decay_start_step (from decay_epochs)."""
+    max_steps = t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
+    optim = t.optim
+    if optim.schedule == "linear":
+        decay_steps = round(t.decay_epochs * steps_per_epoch)
+        optim = replace(optim, decay_start_step=max(0, max_steps - decay_steps))
+    return replace(t, max_steps=max_steps, optim=optim)
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+def next_batch(loader: InfiniteLoader) -> Any:
+    # Each new DataLoader iterator (one per epoch, and one on resume) draws its base seed from the
+    # global RNG; isolating it keeps dropout / label-dropout streams identical across a resume.
+    with torch.random.fork_rng(devices=[]):
+        return next(loader)
+
+
+class CodeSource:
+    """Turns a loader batch into (codes (B, N), labels (B,)) on the device."""
+
+    def __init__(self, device: torch.device, tokenizer: nn.Module | None = None) -> None:
+        self.device = device
+        self.tokenizer = tokenizer
+
+    @torch.no_grad()
+    def __call__(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tokenizer is None:
+            codes, labels = batch
+            return codes.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        assert isinstance(batch, ImageBatch)
+        labels = batch.labels.to(self.device, non_blocking=True)
+        if labels.numel() == 0:  # every file of this rank's batch was bad
+            return torch.empty(0, 0, dtype=torch.long, device=self.device), labels
+        return self.tokenizer.encode(batch.images.to(self.device, non_blocking=True)), labels
+
+
+def build_data(t: ARTrainSettings, cfg_model: GPTConfig, env: DistEnv) -> tuple[Any, CodeSource, Any]:
+    """(dataset, code source, collate_fn) after checking that the data fits the model."""
+    d = t.data
+    if d.code_path is not None:
+        dataset = CodeDataset(d.code_path, seed=t.seed)
+        seq_len, vocab, max_label = dataset.seq_len, dataset.vocab_size, int(dataset.labels.max())
+        source, collate = CodeSource(env.device), None
+        what = f"codes in {d.code_path}"
+    else:
+        from tokenizer.model import DARTokenizer
+
+        tokenizer = DARTokenizer.from_pretrained(d.tokenizer_ckpt, d.tokenizer_filename, device=env.device).eval()
+        tokenizer.requires_grad_(False)
+        dataset = ImageFolderDataset(d.data_path, RandomTenCrop(d.image_size, d.crop_ratio), seed=t.seed)
+        seq_len, vocab = tokenizer.config.num_all_queries, tokenizer.config.vq_codebook_size
+        max_label = max(dataset.labels)
+        source, collate = CodeSource(env.device, tokenizer), collate_skip_bad
+        what = f"tokenizer {d.tokenizer_ckpt}"
+    problems = []
+    if seq_len != cfg_model.block_size:
+        problems.append(f"{seq_len} codes per image but model.block_size is {cfg_model.block_size}")
+    if vocab != cfg_model.vocab_size:
+        problems.append(f"vocabulary {vocab} but model.vocab_size is {cfg_model.vocab_size}")
+    if max_label >= cfg_model.num_classes:
+        problems.append(f"labels up to {max_label} but model.num_classes is {cfg_model.num_classes}")
+    if problems:
+        raise ValueError(f"{what} do not fit the model: " + "; ".join(problems))
+    return dataset, source, collate
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs.extend(config_differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+# -- FSDP2 -----------------------------------------------------------------------------------------
+class _FullStateModule(nn.Module):
+    """Presents an FSDP2-sharded module to the shared checkpoint helpers as one full state dict.
+
+    ``utils.training`` saves on rank 0 only, but gathering a sharded state is collective: the full
+    state is gathered on every rank first (``gather``) and handed over through this stand-in.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self._sharded = [module]  # a list, so it is not registered as a submodule
+        self._full: dict[str, torch.Tensor] | None = None
+
+    def gather(self) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        self._full = get_model_state_dict(self._sharded[0], options=options)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        if self._full is None:
+            raise RuntimeError("call gather() on every rank before saving")
+        full, self._full = self._full, None
+        return full
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        return set_model_state_dict(self._sharded[0], state_dict, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+
+class _FullStateOptimizer:
+    """The optimizer counterpart of :class:`_FullStateModule`."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self._full: dict[str, Any] | None = None
+
+    def gather(self) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        self._full = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._full is None:
+            raise RuntimeError("call gather() on every rank before saving")
+        full, self._full = self._full, None
+        return full
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=StateDictOptions(full_state_dict=True))
+
+
+def shard_model(model: GPT) -> GPT:
+    """FSDP2: each transformer block is one unit, the rest (embeddings, norm, head) the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        if isinstance(module, TransformerBlock):
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunOptions:
+    """Per-launch settings that do not change what is trained."""
+
+    results_dir: str
+    resume: str | None = None
+    device: str = "auto"
+    keep_last: int = 3
+    stop_after_step: int | None = None  # exit (with a checkpoint) here without changing the schedule
+    wandb: bool = False
+    wandb_project: str = "dar"
+
+
+def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
+    """Train; returns ``{"step": last step, "results_dir": ...}``."""
+    check_settings(cfg.train)
+
+    # -- distributed -------------------------------------------------------------------------
+    env = setup_distributed(opts.device)
+    t = cfg.train
+    precision = default_precision(env.device) if t.precision == "auto" else t.precision
+    t = replace(t, precision=precision)
+    if t.global_batch_size % env.world_size:
+        raise ValueError(f"global batch {t.global_batch_size} is not divisible by the world size {env.world_size}")
+    if t.fsdp and not env.distributed:
+        raise ValueError("train.fsdp needs several ranks (torchrun); one process trains unsharded")
+    if t.fsdp and env.device.type != "cuda":
+        raise ValueError("train.fsdp is supported on CUDA only (gloo cannot run the FSDP collectives reliably); "
+                         "drop --fsdp on CPU, DDP is used instead")
+    batch_size = t.global_batch_size // env.world_size
+
+    # -- run folder ----------------------------------------------------------------------------
+    run = RunFolder(opts.results_dir, env.is_main)
+    logger = create_logger("autoregressive.train", run.root if env.is_main else None, env.is_main)
+    manager = CheckpointManager(run.checkpoints, keep_last=opts.keep_last)
+    resume_path = resolve_resume(opts.resume, manager)
+    if resume_path is None and manager.all_steps():
+        raise FileExistsError(f"{run.checkpoints} already holds checkpoints: pass --resume auto or a new --results-dir")
+
+    # -- data (first: the schedule depends on the dataset size) --------------------------------
+    dataset, source, collate = build_data(t, cfg.model, env)
+    sampler = ResumableDistributedSampler(len(dataset), env.world_size, env.rank, seed=t.seed, shuffle=True,
+                                          drop_last=True)
+    steps_per_epoch = sampler.num_samples // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} samples give no full batch of {t.global_batch_size}")
+    loader = InfiniteLoader(dataset, sampler, batch_size, env.world_size, num_workers=t.data.num_workers,
+                            collate_fn=collate, pin_memory=env.device.type == "cuda")
+    t = resolve_schedule(t, steps_per_epoch)
+    cfg = replace(cfg, train=t)
+    run.save_config(cfg)
+    logger.info(f"{len(dataset)} samples, {steps_per_epoch} steps/epoch, {t.max_steps} steps, "
+                f"batch {t.global_batch_size} over {env.world_size} rank(s), {precision} on {env.device}")
+
+    # -- model / EMA ---------------------------------------------------------------------------
+    seed_everything(t.seed)  # identical initialisation on every rank
+    model = GPT(cfg.model).to(env.device)
+    ema = create_ema(model) if t.optim.ema_decay > 0 else None
+    logger.info(f"GPT: {model.num_params() / 1e6:.1f}M parameters; EMA {'%g' % t.optim.ema_decay if ema else 'off'}")
+    if t.compile:
+        model.compile()
+    if t.fsdp:
+        model = shard_model(model)
+        if ema is not None:
+            ema = shard_model(ema)
+        trained: nn.Module = model
+    elif env.distributed:
+        trained = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    else:
+        trained = model
+    model.train()
+
+    # -- optimizer -----------------------------------------------------------------------------
+    optimizer = build_optimizer(model, t.optim, env.device)
+    guard = NonFiniteGuard(t.optim.max_bad_steps)
+    modules: dict[str, Any] = {"model": model} if ema is None else {"model": model, "ema": ema}
+    optimizers: dict[str, Any] = {"optimizer": optimizer}
+    if t.fsdp:
+        modules = {name: _FullStateModule(m) for name, m in modules.items()}
+        optimizers = {"optimizer": _FullStateOptimizer(model, optimizer)}
+
+    # -- resume --------------------------------------------------------------------------------
+    seed_everything(t.seed * env.world_size + env.rank)  # per-rank dropout / label-dropout streams
+    step = 0
+    window = {"loss_sum": 0.0, "count": 0}
+    if resume_path is not None:
+        state = load_train_checkpoint(resume_path, env, modules, optimizers, log=logger.warning)
+        step = state["step"]
+        loader.load_state_dict(state["loader"])
+        guard.load_state_dict(state["guard"])
+        window = dict(state["window"])
+        diffs = config_differences(state["config"], dataclass_to_dict(cfg)) if "config" in state else []
+        for diff in diffs:
+            logger.warning(f"config changed since the checkpoint: {diff}")
+        run.truncate_metrics(step)
+        logger.info(f"resumed from {resume_path} at step {step}")
+    wandb = WandbLogger(opts.wandb, env, opts.wandb_project, run.root.name, cfg)
+
+    def save(at_step: int) -> None:
+        for holder in (*modules.values(), *optimizers.values()):
+            if hasattr(holder, "gather"):
+                holder.gather()
+        extra = {"loader": loader.state_dict(), "guard": guard.state_dict(), "window": dict(window),
+                 "config": dataclass_to_dict(cfg), "steps_per_epoch": steps_per_epoch}
+        save_train_checkpoint(manager, env, at_step, cfg, modules, optimizers, extra=extra)
+        logger.info(f"saved checkpoint at step {at_step}")
+
+    # -- loop ----------------------------------------------------------------------------------
+    last_step = t.max_steps if opts.stop_after_step is None else min(t.max_steps, opts.stop_after_step)
+    throughput = Throughput()
+    grad_norm = torch.zeros((), device=env.device)
+    empty_batches = 0
+    while step < last_step:
+        codes, labels = source(next_batch(loader))  # (B, N), (B,)
+        if not all_ranks_agree(labels.numel() > 0, env.device):
+            empty_batches += 1  # some rank drew only bad files: every rank skips this batch together
+            continue
+        lr = learning_rate(step, t.max_steps, t.optim)
+        set_lr(optimizer, lr)
+        with autocast(env.device, precision):
+            logits = trained(codes, labels)  # (B, N, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.optim.grad_clip if t.optim.grad_clip > 0 else math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
+        mean_loss = all_reduce_mean(loss.detach())
+        if guard.check(mean_loss, grad_norm):
+            optimizer.step()
+            if ema is not None:
+                update_ema(ema, model, t.optim.ema_decay)
+            window["loss_sum"] += mean_loss.item()
+            window["count"] += 1
+        step += 1
+        throughput.add(labels.shape[0])
+
+        if step % t.log_every == 0 or step == last_step:
+            rate = all_reduce_sum(torch.tensor(throughput.rate(), device=env.device)).item()
+            epoch = loader.epoch + loader.consumed_in_epoch / (steps_per_epoch * t.global_batch_size)
+            record = {
+                "step": step,
+                "epoch": round(epoch, 4),
+                "loss": window["loss_sum"] / window["count"] if window["count"] else float("nan"),
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                "items_per_s": rate,
+            }
+            if guard.total or empty_batches:
+                record.update(skipped_steps=guard.total, empty_batches=empty_batches)
+            run.log_metrics(record)
+            wandb.log(record)
+            logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            window = {"loss_sum": 0.0, "count": 0}
+        if step % t.ckpt_every == 0 or step == last_step:
+            save(step)
+
+    # -- save ----------------------------------------------------------------------------------
+    if step >= t.max_steps:
+        final = {"final": model} if ema is None else {"final": model, "final_ema": ema}
+        for name, module in final.items():
+            holder = _FullStateModule(module) if t.fsdp else None
+            if holder is not None:
+                holder.gather()
+            if env.is_main:
+                export = GPT(cfg.model)
+                export.load_state_dict(holder.state_dict() if holder is not None else unwrap_model(module).state_dict())
+                export.save_pretrained(run.root / name)
+        logger.info(f"done: {step} steps; inference weights in {run.root / 'final'}")
+    else:
+        logger.info(f"stopped after step {step} of {t.max_steps}; continue with --resume auto")
+    wandb.finish()
+    cleanup_distributed()
+    return {"step": step, "results_dir": str(run.root)}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ARTrainConfig, RunOptions]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_train_args(parser)
+    parser.add_argument("--code-path", default=None, help="folder written by tokenizer.extract_codes")
+    parser.add_argument("--data-path", default=None, help="image folder, encoded on the fly (needs --tokenizer-ckpt)")
+    parser.add_argument("--tokenizer-ckpt", default=None, help="tokenizer folder, file or hub repo id")
+    parser.add_argument("--tokenizer-filename", default=None, help="file inside a hub repo")
+    parser.add_argument("--epochs", type=int, default=None, help="override train.epochs (when max-steps is unset)")
+    parser.add_argument("--ema-decay", type=float, default=None, help="EMA decay (0 disables; paper option 0.9999)")
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP (CUDA, XL/XXL)")
+    parser.add_argument("--stop-after-step", type=int, default=None,
+                        help="checkpoint and exit after this step without changing the LR schedule (time-limited jobs)")
+    args = parser.parse_args(argv)
+    cfg = apply_overrides(load_ar_config(args.config), args)
+    opts = RunOptions(results_dir=args.results_dir, resume=args.resume, device=args.device, keep_last=args.keep_last,
+                      stop_after_step=args.stop_after_step, wandb=args.wandb, wandb_project=args.wandb_project)
+    return cfg, opts
+
+
+if __name__ == "__main__":
+    main(*parse_args())
