@@ -59,7 +59,7 @@ def open_npz_array(path: str | os.PathLike, name: str = "arr_0") -> np.ndarray:
     each torchrun rank jump straight to its own shard.
     """
     path = os.fspath(path)
-    with zipfile.ZipFile(path) as archive:
+    with _open_npz(path) as archive:
         member = f"{name}.npy"
         if member not in archive.namelist():
             raise KeyError(f"{path} has no array '{name}' (found: {', '.join(archive.namelist())})")
@@ -83,8 +83,17 @@ def open_npz_array(path: str | os.PathLike, name: str = "arr_0") -> np.ndarray:
         return data[name]
 
 
+def _open_npz(path: str) -> zipfile.ZipFile:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such .npz file: {path}")
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path} is not an .npz file (numpy.savez output)") from None
+
+
 def npz_keys(path: str | os.PathLike) -> list[str]:
-    with zipfile.ZipFile(os.fspath(path)) as archive:
+    with _open_npz(os.fspath(path)) as archive:
         return [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
 
 
@@ -154,7 +163,7 @@ def extract_features(
     start, end = bounds[rank], bounds[rank + 1]
     outputs: dict[str, list[torch.Tensor]] = {}
     for lo in tqdm(range(start, end, batch_size), desc=desc, disable=rank != 0, unit="batch"):
-        batch = torch.from_numpy(np.ascontiguousarray(images[lo : min(lo + batch_size, end)]))
+        batch = torch.from_numpy(np.array(images[lo : min(lo + batch_size, end)]))  # copy out of the memmap
         for key, value in model(batch.to(device)).items():
             outputs.setdefault(key, []).append(value)
     keys = ["pool", "spatial"] + (["logits"] if model.has_classifier else [])
@@ -260,7 +269,7 @@ def format_results(results: dict[str, Any]) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m evaluations.evaluator", description=__doc__.split("\n\n")[0])
     parser.add_argument("ref_batch", help="reference .npz (arr_0 images and/or mu, sigma, mu_s, sigma_s)")
     parser.add_argument("sample_batch", help="sample .npz with arr_0 uint8 [N, H, W, 3]")
     parser.add_argument(

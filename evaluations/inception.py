@@ -314,7 +314,10 @@ class FIDInceptionV3(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 255] -> pool (B, 2048), spatial (B, 2023)[, logits (B, 1008)]."""
+        """uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 255] -> features.
+
+        pool (B, 2048), spatial (B, 2023) and, with a classifier, logits (B, 1008).
+        """
         device = self.conv.weight.device
         with exact_fp32():
             x = to_network_input(images.to(device))  # (B, 3, 299, 299)
@@ -493,8 +496,8 @@ def _is_torchscript_archive(path: Path) -> bool:
 
 
 def _torchscript_state(path: Path) -> dict[str, torch.Tensor]:
-    # A TorchScript archive carries TorchScript code and tensors, no Python pickles to execute;
-    # we only read its tensors and never call the scripted module.
+    # torch.jit.load's own unpickler builds only TorchScript types and tensors (no arbitrary
+    # Python objects); we read the tensors and never run the scripted code.
     module = torch.jit.load(str(path), map_location="cpu")
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -544,7 +547,9 @@ def _resolve_weights(weights: str | os.PathLike | None, sha256: str | None) -> P
     return path
 
 
-def inception_state_dict(weights: str | os.PathLike | None = None, sha256: str | None = None) -> dict[str, torch.Tensor]:
+def inception_state_dict(
+    weights: str | os.PathLike | None = None, sha256: str | None = None
+) -> dict[str, torch.Tensor]:
     """Load any supported weight source and return it in FIDInceptionV3 key names (CPU tensors)."""
     path = _resolve_weights(weights, sha256)
     if _is_torchscript_archive(path):
@@ -574,7 +579,9 @@ def load_fid_inception(
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise KeyError(f"FID Inception weights do not fit: missing {_preview(missing)}; unexpected {_preview(unexpected)}")
+        raise KeyError(
+            f"FID Inception weights do not fit: missing {_preview(missing)}; unexpected {_preview(unexpected)}"
+        )
     wrong_shape = sorted(k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape))
     if wrong_shape:
         detail = [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in wrong_shape]

@@ -84,7 +84,8 @@ def make_reference(
     # Crops go to a disk-backed buffer: 50k crops at 256 are 9.8 GB, and the final count (after
     # skipped files) is only known at the end, when the .npz header has to be written.
     scratch = out.with_name(f".{out.name}.arr_0.npy")
-    images = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(len(indices), image_size, image_size, 3))
+    shape = (len(indices), image_size, image_size, 3)
+    images = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=shape)
     try:
         bad = BadFileStats()
         pool, spatial = [], []
@@ -118,7 +119,10 @@ def make_reference(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Build an ADM-style reference batch (arr_0 + FID statistics).")
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluations.make_reference",
+        description="Build an ADM-style reference batch (arr_0 + FID statistics).",
+    )
     parser.add_argument("--data-path", required=True, help="image folder (class folders or flat, recursive)")
     parser.add_argument("--out", required=True, help="output .npz")
     parser.add_argument("--image-size", type=int, default=256, help="ADM centre-crop size")

@@ -41,6 +41,11 @@ def test_npz_arrays_memory_mapped_or_loaded(tmp_path: Path) -> None:
     np.testing.assert_array_equal(deflated, images)
     with pytest.raises(KeyError, match="no array 'mu'"):
         open_npz_array(tmp_path / "stored.npz", "mu")
+    (tmp_path / "images.npy").write_bytes(b"\x93NUMPY")
+    with pytest.raises(ValueError, match="not an .npz file"):
+        open_npz_array(tmp_path / "images.npy")
+    with pytest.raises(FileNotFoundError, match="no such .npz"):
+        open_npz_array(tmp_path / "missing.npz")
     np.savez(tmp_path / "float.npz", arr_0=images.astype(np.float32))
     with pytest.raises(ValueError, match=r"uint8 \[N, H, W, 3\]"):
         load_images(tmp_path / "float.npz")

@@ -81,19 +81,22 @@ def test_matches_fid_helper_torchscript(packaged_model: FIDInceptionV3) -> None:
     """Our module + TF1 resize == fid-helper's TorchScript at pool_3 and at mixed_6/conv."""
     script = torch.jit.load(str(inception.packaged_torchscript_path()), map_location="cpu").eval()
     layers = script.net.layers
+    order = ["conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed"]
+    order += [f"mixed_{i}" for i in range(1, 11)] + ["pool2"]
+    assert [name for name, _ in layers.named_children()] == order
     generator = torch.Generator().manual_seed(0)
     for shape in [(2, 64, 64, 3), (1, 37, 80, 3)]:
         images = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
         ours = packaged_model(images)
-        # The TorchScript starts at the first conv: it expects 299 x 299 input in [-1, 1).
+        # The TorchScript starts at the first conv: it expects 299 x 299 input in [-1, 1). Its
+        # forward chains its children in registration order; we chain them here to tap mixed_6/conv.
         with torch.no_grad():
             x = to_network_input(images)
-            pool = script(x)
-            for name in ["conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1"] + [
-                "mixed" if i == 0 else f"mixed_{i}" for i in range(6)
-            ]:
+            for name in order:
+                if name == "mixed_6":
+                    mixed_6_conv = layers.mixed_6.conv(x)  # (B, 192, 17, 17)
                 x = getattr(layers, name)(x)
-            mixed_6_conv = layers.mixed_6.conv(x)  # (B, 192, 17, 17)
+        pool = x.reshape(shape[0], 2048)
         spatial = mixed_6_conv[:, :7].permute(0, 2, 3, 1).reshape(shape[0], -1)
         assert ours["pool"].shape == (shape[0], 2048) and ours["spatial"].shape == (shape[0], 2023)
         assert "logits" not in ours

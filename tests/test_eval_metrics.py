@@ -69,7 +69,8 @@ def test_frechet_offset_fallback_and_imaginary_error(monkeypatch: pytest.MonkeyP
         got = frechet_distance(np.zeros(3), sigma1, np.zeros(3), sigma2)
     # The retry uses (sigma1 + eps I)(sigma2 + eps I), exactly as ADM.
     np.testing.assert_allclose(calls[1], (sigma1 + 1e-6 * np.eye(3)) @ (sigma2 + 1e-6 * np.eye(3)))
-    expected = np.trace(sigma1) + np.trace(sigma2) - 2 * np.sum(np.sqrt((np.diag(sigma1) + 1e-6) * (np.diag(sigma2) + 1e-6)))
+    cross = np.sum(np.sqrt((np.diag(sigma1) + 1e-6) * (np.diag(sigma2) + 1e-6)))
+    expected = np.trace(sigma1) + np.trace(sigma2) - 2 * cross
     assert got == pytest.approx(expected, rel=1e-12)
     monkeypatch.undo()
 
