@@ -1,0 +1,166 @@
+"""Sample a grid of class-conditional images, optionally with streaming previews and a GIF.
+
+    python -m autoregressive.sample --gpt-ckpt showlab/D-AR --gpt-preset GPT-L \\
+        --tokenizer-ckpt showlab/D-AR --labels 207,360,387,974 --cfg-scale 1.2,8.0 --out grid.png \\
+        --previews previews.png --gif stream.gif
+
+Outputs (all uint8 through :func:`utils.images.to_uint8`):
+
+- ``--out``: one row per label, ``--samples-per-label`` images per row.
+- ``--previews``: one row per sample, one column per code group: the preview after k groups
+  (SPEC §1 "Groups"); the last column is the final image.
+- ``--gif``: one frame per code group, each frame the whole grid at that point of the stream.
+
+Image j of label row r has index r·n + j and seed ``image_seed(--seed, index)``, so a sample does
+not change when other labels are added or the batch size changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autoregressive.generate import GuidanceSchedule
+from autoregressive.config import GPT_PRESETS
+from autoregressive.model import GPT
+from autoregressive.stream import image_seed, sample_images, stream
+from tokenizer.model import DARTokenizer
+from utils.distributed import resolve_device
+from utils.images import make_grid, save_gif, save_grid, to_uint8
+from utils.training import autocast, default_precision
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared by the sampling CLIs (sample, layout, sample_ddp)
+# ------------------------------------------------------------------------------------------------
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Checkpoint, device and precision flags."""
+    group = parser.add_argument_group("models")
+    group.add_argument("--gpt-ckpt", required=True,
+                       help="GPT: save_pretrained folder, .safetensors/.pt file, or hub repo id (showlab/D-AR)")
+    group.add_argument("--gpt-file", default=None, help="file inside --gpt-ckpt when it is a hub repo")
+    group.add_argument("--gpt-preset", default=None, choices=sorted(GPT_PRESETS),
+                       help="architecture for files that carry no config (official .pt files)")
+    group.add_argument("--ema", action="store_true", help="load the 'ema' weights of a training checkpoint")
+    group.add_argument("--tokenizer-ckpt", required=True,
+                       help="tokenizer: save_pretrained folder, .safetensors/.pt file, or hub repo id")
+    group.add_argument("--tokenizer-file", default=None, help="file inside --tokenizer-ckpt when it is a hub repo")
+    group.add_argument("--tokenizer-config", default=None, help="tokenizer preset or YAML overriding the stored one")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
+    group.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                       help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
+    group.add_argument("--compile", action="store_true", help="torch.compile the GPT decode step")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """Guidance, token-selection and pixel-sampler flags (paper defaults: no top-k/top-p, T = 1)."""
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--cfg-scale", default="1.0", type=GuidanceSchedule.parse,
+                       help="guidance scale: 'S' constant or 'START,END' linear over the codes (paper: 1.1,8.0)")
+    group.add_argument("--temperature", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0, help="0 = off")
+    group.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    group.add_argument("--sampler", default="adams2", choices=("adams2", "euler"), help="pixel-decoder ODE solver")
+    group.add_argument("--seed", type=int, default=0, help="global seed; image i uses image_seed(seed, i)")
+
+
+def load_models(args: argparse.Namespace, device: torch.device) -> tuple[GPT, DARTokenizer]:
+    """The eval-mode GPT and tokenizer named by :func:`add_model_args` flags, on ``device``."""
+    gpt = GPT.from_pretrained(args.gpt_ckpt, filename=args.gpt_file, preset=args.gpt_preset, ema=args.ema,
+                              map_location=device)
+    tokenizer = DARTokenizer.from_pretrained(args.tokenizer_ckpt, filename=args.tokenizer_file,
+                                             config=args.tokenizer_config, device=device)
+    return gpt.eval(), tokenizer.eval()
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments of :func:`autoregressive.stream.stream` / ``sample_images`` from the flags."""
+    return dict(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                sampler=args.sampler, compile=args.compile)
+
+
+def precision_of(args: argparse.Namespace, device: torch.device) -> str:
+    return args.precision or default_precision(device)
+
+
+def parse_int_list(text: str) -> list[int]:
+    """"207,360" → [207, 360]."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+# ------------------------------------------------------------------------------------------------
+# This CLI
+# ------------------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(parser)
+    add_sampling_args(parser)
+    parser.add_argument("--labels", required=True, type=parse_int_list, help="class labels, e.g. 207,360,387")
+    parser.add_argument("--samples-per-label", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=32, help="samples per forward pass")
+    parser.add_argument("--out", required=True, help="grid PNG: one row per label")
+    parser.add_argument("--previews", default=None, help="PNG strip: one row per sample, one column per group")
+    parser.add_argument("--gif", default=None, help="animated GIF of the whole grid, one frame per group")
+    args = parser.parse_args(argv)
+    if args.samples_per_label < 1 or args.batch_size < 1:
+        parser.error("--samples-per-label and --batch-size must be positive")
+    return args
+
+
+@torch.no_grad()
+def generate_grid(gpt: GPT, tokenizer: DARTokenizer, labels: torch.Tensor, seeds: list[int], batch_size: int,
+                  streamed: bool, precision: str, **kwargs) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(final images uint8 (B, H, W, 3), previews per group [uint8 (B, H, W, 3)] or [] unless streamed)."""
+    finals, previews = [], []
+    for start in range(0, len(seeds), batch_size):
+        chunk_labels, chunk_seeds = labels[start : start + batch_size], seeds[start : start + batch_size]
+        with autocast(gpt.device, precision):
+            if streamed:
+                steps = [s.preview for s in stream(gpt, tokenizer, chunk_labels, seeds=chunk_seeds, **kwargs)
+                         if s.preview is not None]
+                previews.append(np.stack([to_uint8(p) for p in steps], axis=1))  # (b, groups, H, W, 3)
+                finals.append(to_uint8(steps[-1]))
+            else:
+                _, images = sample_images(gpt, tokenizer, chunk_labels, seeds=chunk_seeds, **kwargs)
+                finals.append(to_uint8(images))
+    per_group = list(np.concatenate(previews).transpose(1, 0, 2, 3, 4)) if previews else []
+    return np.concatenate(finals), per_group
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    torch.set_grad_enabled(False)
+    gpt, tokenizer = load_models(args, device)
+
+    n = args.samples_per_label
+    labels = torch.tensor([label for label in args.labels for _ in range(n)], device=device)
+    seeds = [image_seed(args.seed, i) for i in range(labels.shape[0])]
+    streamed = bool(args.previews or args.gif)
+    finals, per_group = generate_grid(gpt, tokenizer, labels, seeds, args.batch_size, streamed,
+                                      precision_of(args, device), **sampling_kwargs(args))
+
+    rows = lambda images: [images[r * n : (r + 1) * n] for r in range(len(args.labels))]  # noqa: E731
+    written = {"grid": save_grid(rows(finals), args.out)}
+    if args.previews:
+        strip = [np.stack([group[b] for group in per_group]) for b in range(finals.shape[0])]
+        written["previews"] = save_grid(strip, args.previews)
+    if args.gif:
+        written["gif"] = save_gif([make_grid(rows(group)) for group in per_group], args.gif)
+    for name, path in written.items():
+        print(f"wrote {name}: {path}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
