@@ -177,6 +177,13 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels).unsqueeze(1)
 
 
+class StateDictMismatchError(KeyError):
+    """A GPT state dict does not fit the architecture; the message lists every offending key."""
+
+    def __str__(self) -> str:  # KeyError would print the repr, escaping the newlines of the key list
+        return str(self.args[0])
+
+
 # ------------------------------------------------------------------------------------------------
 # Official checkpoint conversion (the one place that knows about official quirks)
 # ------------------------------------------------------------------------------------------------
@@ -361,7 +368,7 @@ class GPT(nn.Module):
     def generate(
         self,
         labels: torch.Tensor,
-        cfg_scale: float | tuple[float, float] | str | Any = 1.0,
+        cfg_scale: float | tuple[float, float] | str | GuidanceSchedule = 1.0,
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
@@ -463,7 +470,7 @@ def build_gpt(config: GPTConfig, state_dict: dict[str, torch.Tensor]) -> GPT:
                 (("missing keys", missing), ("unexpected keys", unexpected), ("non-float entries", not_float),
                  ("shape mismatches", mismatched)) if keys]
     if problems:
-        raise KeyError("GPT state dict does not match the model:\n  " + "\n  ".join(problems))
+        raise StateDictMismatchError("GPT state dict does not match the model:\n  " + "\n  ".join(problems))
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
     return model.eval()
 
