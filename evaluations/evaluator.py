@@ -228,8 +228,10 @@ def _metrics(
     sample_stats: dict[str, np.ndarray] | None,
     device: torch.device,
 ) -> dict[str, Any]:
-    ref_stats = ref_stats or _statistics(ref_feats)
-    sample_stats = sample_stats or _statistics(sample_feats)
+    if ref_stats is None:
+        ref_stats = _statistics(ref_feats)
+    if sample_stats is None:
+        sample_stats = _statistics(sample_feats)
     notes = {}
     if "logits" in sample_feats:
         is_value = inception_score(sample_feats["logits"])
