@@ -210,7 +210,10 @@ class InfiniteLoader:
             drop_last=True,
             persistent_workers=False,
         )
-        self._iterator = iter(loader)
+        # A new DataLoader iterator draws its base seed from the global RNG; isolating that draw keeps
+        # the training RNG streams independent of where epochs start and of resumes.
+        with torch.random.fork_rng(devices=[]):
+            self._iterator = iter(loader)
 
     def __iter__(self) -> "InfiniteLoader":
         return self
@@ -249,8 +252,14 @@ def save_train_checkpoint(
     modules: dict[str, nn.Module],
     optimizers: dict[str, torch.optim.Optimizer],
     extra: dict[str, Any] | None = None,
+    aliases: dict[str, Any] | None = None,
 ) -> None:
-    """Collective: every rank must call it (RNG states are gathered); rank 0 writes."""
+    """Collective: every rank must call it (RNG states are gathered); rank 0 writes.
+
+    ``aliases`` adds top-level entries for other loaders (e.g. ``ema`` + ``tokenizer_config`` so that
+    ``DARTokenizer.from_pretrained`` reads a training checkpoint). Tensors that share storage with
+    ``modules`` (another ``state_dict()`` of the same module) are written only once by ``torch.save``.
+    """
     rng_states = all_gather_object(capture_rng_state())
     if not env.is_main:
         return
@@ -264,6 +273,10 @@ def save_train_checkpoint(
         "rng": rng_states,
         "extra": extra or {},
     }
+    clashes = sorted(set(aliases or {}) & set(state))
+    if clashes:
+        raise KeyError(f"checkpoint aliases {clashes} clash with the training-checkpoint layout")
+    state.update(aliases or {})
     manager.save(state, step)
 
 

@@ -1,0 +1,276 @@
+"""tokenizer.train: recipe loading, the objective's terms, and end-to-end runs (bad files, GAN, exact resume)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from tests.extraction_testing import REPO, free_port, make_image_folder, run_module
+from tokenizer.config import TOKENIZER_PRESETS
+from tokenizer.flow import clean_estimate, flow_loss, interpolate, target_velocity
+from tokenizer.model import DARTokenizer
+from tokenizer.train import (
+    LossConfig,
+    LossNetworks,
+    load_train_config,
+    loss_terms,
+    parse_args,
+    term_weights,
+    total_loss,
+)
+from tokenizer.losses import LPIPS, PatchGANDiscriminator, DISCRIMINATOR_PRESETS
+from utils.checkpoint import safe_torch_load
+from utils.config import ConfigError
+from utils.run import read_metrics
+
+TINY = REPO / "configs" / "tokenizer" / "train_tiny.yaml"
+
+
+def write_recipe(path: Path, **train_overrides: object) -> Path:
+    """train_tiny.yaml with ``train:`` fields replaced (nested dicts merge one level)."""
+    recipe = yaml.safe_load(TINY.read_text())
+    recipe["model"] = "tiny"
+    for key, value in train_overrides.items():
+        if isinstance(value, dict):
+            recipe["train"].setdefault(key, {}).update(value)
+        else:
+            recipe["train"][key] = value
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def train_args(recipe: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", str(recipe), "--data-path", str(data), "--results-dir", str(out), "--device", "cpu", *extra]
+
+
+def losses_by_step(run: Path) -> dict[int, dict[str, float]]:
+    """Every logged term per step (throughput aside, which depends on the machine)."""
+    return {r["step"]: {k: v for k, v in r.items() if k != "images_per_s"}
+            for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+
+
+def test_recipes_load_strictly_and_resolve_the_model_yaml() -> None:
+    v1 = load_train_config(REPO / "configs" / "tokenizer" / "train_v1.yaml")
+    assert v1.model == TOKENIZER_PRESETS["v1"]
+    assert (v1.train.optim.lr, v1.train.optim.betas, v1.train.optim.warmup_steps) == (2e-4, (0.9, 0.95), 500)
+    assert (v1.train.optim.ema_decay, v1.train.optim.grad_clip, v1.train.global_batch_size) == (0.999, 1.0, 512)
+    assert (v1.train.loss.perceptual_weight, v1.train.loss.repa_weight, v1.train.loss.gan_weight) == (0.5, 0.5, 0.0)
+    assert v1.train.loss.perceptual_pretrained and v1.train.loss.repa_pretrained
+    tiny = load_train_config(TINY)
+    assert tiny.model == TOKENIZER_PRESETS["tiny"]
+
+
+def test_unknown_keys_and_bad_model_entries_are_errors(tmp_path: Path) -> None:
+    recipe = yaml.safe_load(TINY.read_text())
+    recipe["model"] = "tiny"
+    recipe["train"]["loss"]["lpips_weight"] = 0.5
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match="lpips_weight"):
+        load_train_config(tmp_path / "typo.yaml")
+    (tmp_path / "extra.yaml").write_text(yaml.safe_dump({"model": "tiny", "optim": {}}))
+    with pytest.raises(ConfigError, match="optim"):
+        load_train_config(tmp_path / "extra.yaml")
+    (tmp_path / "missing.yaml").write_text(yaml.safe_dump({"model": "no_such_model.yaml"}))
+    with pytest.raises(ConfigError, match="no_such_model"):
+        load_train_config(tmp_path / "missing.yaml")
+
+
+def test_model_preset_with_nested_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": {"preset": "tiny", "num_encoder_layers": 3,
+                                              "diff_decoder": {"grad_checkpointing": True}}}))
+    cfg = load_train_config(path)
+    assert cfg.model.num_encoder_layers == 3 and cfg.model.diff_decoder.grad_checkpointing
+    assert cfg.model.diff_decoder.depth == TOKENIZER_PRESETS["tiny"].diff_decoder.depth
+
+
+def test_cli_flags_override_single_fields() -> None:
+    cfg, opts = parse_args(["--config", str(TINY), "--data-path", "imgs", "--results-dir", "out", "--lr", "3e-4",
+                            "--perceptual-weight", "0", "--repa-weight", "0", "--gan-weight", "0.5",
+                            "--max-steps", "7", "--grad-checkpointing", "on", "--dinov2-weights", "d.pth"])
+    t = cfg.train
+    assert (t.optim.lr, t.loss.perceptual_weight, t.loss.repa_weight, t.loss.gan_weight) == (3e-4, 0.0, 0.0, 0.5)
+    assert t.max_steps == 7 and t.data.data_path == "imgs" and opts.weights.dinov2 == "d.pth"
+    assert cfg.model.grad_checkpointing and cfg.model.diff_decoder.grad_checkpointing
+    assert t.optim.warmup_steps == load_train_config(TINY).train.optim.warmup_steps  # untouched fields stay
+
+
+# ------------------------------------------------------------------------------------------------ loss terms
+
+
+def test_flow_loss_is_zero_for_the_true_velocity_and_scaled_mse_otherwise() -> None:
+    torch.manual_seed(0)
+    x1, x0, t = torch.randn(3, 3, 8, 8) * 0.6, torch.randn(3, 3, 8, 8), torch.rand(3)
+    target = target_velocity(x0, x1)
+    assert flow_loss(target, target, 0.6)["flow"].item() == 0.0
+    off = target + 0.3
+    torch.testing.assert_close(flow_loss(off, target, 0.6)["flow"], torch.tensor(0.09 / 0.36))
+    # The true velocity's clean-image estimate is the data point itself (what LPIPS / GAN see).
+    torch.testing.assert_close(clean_estimate(interpolate(x0, x1, t), target, t), x1, atol=1e-5, rtol=0)
+
+
+def test_vq_terms_vanish_when_latents_sit_on_codes() -> None:
+    model = DARTokenizer(TOKENIZER_PRESETS["tiny"])
+    codebook = model.quantize.codebook()
+    z = codebook[torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])]  # (B, n, d) exactly on codes
+    _, z_norm, z_q = model.quantize(z)
+    losses = model.quantize.losses(z_norm, z_q, torch.tensor([4, 2]))
+    assert losses["codebook"].item() == pytest.approx(0.0, abs=1e-12)
+    assert losses["commitment"].item() == pytest.approx(0.0, abs=1e-12)
+
+
+def _tiny_forward(batch: int = 2) -> tuple[DARTokenizer, torch.Tensor, object]:
+    torch.manual_seed(0)
+    model = DARTokenizer(TOKENIZER_PRESETS["tiny"]).train()
+    images = torch.rand(batch, 3, 32, 32) * 2 - 1
+    return model, images, model(images)
+
+
+def test_loss_terms_are_named_and_switched_by_their_weights() -> None:
+    model, images, out = _tiny_forward()
+    weights = term_weights(LossConfig(perceptual_weight=0.0, repa_weight=0.0))
+    terms = loss_terms(out, images, LossNetworks(None, None, None), weights, use_gan=False)
+    assert set(terms) == {"flow", "codebook", "commitment"}
+    disc = PatchGANDiscriminator(DISCRIMINATOR_PRESETS["tiny"])
+    nets = LossNetworks(LPIPS(pretrained=False), None, disc)
+    weights = term_weights(LossConfig(repa_weight=0.0, gan_weight=0.5))
+    terms = loss_terms(out, images, nets, weights, use_gan=True)
+    assert set(terms) == {"flow", "codebook", "commitment", "lpips", "gan"}
+    assert all(v.dim() == 0 and v.dtype == torch.float32 for v in terms.values())
+    # The generator step leaves the discriminator trainable (its own step comes next) and gradient-free.
+    total_loss(terms, weights, adaptive=False, last_layer=None)[0].backward()
+    assert all(p.requires_grad and p.grad is None for p in disc.parameters())
+    assert model.pixel_decoder.conv_out.weight.grad is not None
+
+
+def test_total_loss_weights_each_term() -> None:
+    terms = {k: torch.tensor(v) for k, v in
+             {"flow": 1.0, "codebook": 2.0, "commitment": 3.0, "lpips": 4.0, "repa": 5.0, "gan": 6.0}.items()}
+    weights = {"flow": 1.0, "codebook": 1.0, "commitment": 1.0, "lpips": 0.5, "repa": 0.5, "gan": 0.25}
+    loss, balance = total_loss(terms, weights, adaptive=False, last_layer=None)
+    assert loss.item() == pytest.approx(1 + 2 + 3 + 2 + 2.5 + 1.5) and balance is None
+    no_gan = {k: v for k, v in terms.items() if k != "gan"}
+    assert total_loss(no_gan, weights, adaptive=False, last_layer=None)[0].item() == pytest.approx(10.5)
+
+
+def test_adaptive_gan_weight_balances_gradient_norms_at_the_last_layer() -> None:
+    layer = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    terms = {"flow": (layer * 3.0).sum(), "codebook": torch.tensor(0.0), "commitment": torch.tensor(0.0),
+             "gan": (layer * 0.5).sum()}
+    weights = {"flow": 1.0, "codebook": 1.0, "commitment": 1.0, "lpips": 0.0, "repa": 0.0, "gan": 0.5}
+    loss, balance = total_loss(terms, weights, adaptive=True, last_layer=layer)
+    # ||d flow / d layer|| / ||d gan / d layer|| = 3 / 0.5 = 6 (up to the 1e-4 guard).
+    assert balance.item() == pytest.approx(6.0, rel=1e-3)
+    loss.backward()
+    torch.testing.assert_close(layer.grad, torch.full((2,), 3.0 + 0.5 * balance.item() * 0.5))
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def _bad_files(root: Path) -> None:
+    """Eight good noise images plus one file of each kind the loader converts or skips."""
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(root / f"ok_{i}.png")
+    Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(root / "x_gray.png")
+    Image.new("CMYK", (40, 40), (10, 20, 30, 0)).save(root / "x_cmyk.jpg")
+    Image.fromarray(rng.integers(0, 256, (40, 40, 4), dtype=np.uint8)).save(root / "x_rgba.png")
+    Image.fromarray(np.full((40, 40), 40000, np.uint16)).save(root / "x_16bit.png")
+    Image.fromarray(rng.integers(0, 256, (12, 40, 3), dtype=np.uint8)).save(root / "x_small.png")
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / "x_trunc.jpg")
+    data = (root / "x_trunc.jpg").read_bytes()
+    (root / "x_trunc.jpg").write_bytes(data[: len(data) // 3])
+    (root / "x_text.jpg").write_text("not an image")
+
+
+def test_bad_files_are_skipped_counted_and_reported_and_checkpoints_load(tmp_path: Path) -> None:
+    _bad_files(tmp_path / "images")
+    # Batch 1: every skipped file is an empty batch, which the loop must pass over.
+    recipe = write_recipe(tmp_path / "r.yaml", global_batch_size=1, max_steps=13, ckpt_every=13, sample_every=13,
+                          data={"min_size": 16})
+    out = tmp_path / "run"
+    result = run_module("tokenizer.train", train_args(recipe, tmp_path / "images", out, "--perceptual-weight", "0"))
+    records = read_metrics(out / "metrics.jsonl")
+    (epoch_end,) = [r for r in records if "epoch_end" in r]
+    assert epoch_end["bad_files/seen"] == 15 and epoch_end["bad_files/skipped"] == 3
+    assert (epoch_end["bad_files/skipped/truncated"], epoch_end["bad_files/skipped/not_image"],
+            epoch_end["bad_files/skipped/too_small"]) == (1, 1, 1)
+    assert epoch_end["bad_files/converted/grayscale"] == 2  # the gray PNG and the 16-bit one
+    assert (epoch_end["bad_files/converted/cmyk"], epoch_end["bad_files/converted/rgba"],
+            epoch_end["bad_files/converted/16bit"]) == (1, 1, 1)
+    assert "3 skipped" in result.stderr and "truncated 1" in result.stderr
+    last = records[-1]
+    assert last["step"] == 13 and last["empty_batches"] >= 3 and np.isfinite(last["loss"])
+    assert set(last) >= {"flow", "codebook", "commitment", "repa", "lr", "grad_norm", "images_per_s", "epoch"}
+    # Run folder contract: resolved config, grids, final export, and checkpoints from_pretrained reads.
+    assert load_train_config(out / "config.yaml").model == TOKENIZER_PRESETS["tiny"]
+    assert (out / "samples" / "step_0000013.png").is_file()
+    checkpoint = out / "checkpoints" / "step_0000013.pt"
+    ema_state = safe_torch_load(checkpoint)["modules"]["ema"]
+    for loaded in (DARTokenizer.from_pretrained(checkpoint), DARTokenizer.from_pretrained(out / "final")):
+        for key, value in loaded.state_dict().items():
+            torch.testing.assert_close(value, ema_state[key], rtol=0, atol=0)
+
+
+def test_gan_turns_on_at_its_start_step_with_the_adaptive_weight(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "images", per_class=(4, 4), bad=None)
+    recipe = write_recipe(tmp_path / "r.yaml", global_batch_size=2, max_steps=3, ckpt_every=3,
+                          loss={"gan_weight": 0.5, "gan_start_step": 1, "adaptive_gan_weight": True,
+                                "perceptual_weight": 0.0})
+    out = tmp_path / "run"
+    run_module("tokenizer.train", train_args(recipe, tmp_path / "images", out))
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert "gan" not in records[0] and "disc" not in records[0]
+    assert all({"gan", "disc", "gan_balance", "disc_lr"} <= set(r) for r in records[1:])
+    assert "disc" in safe_torch_load(out / "checkpoints" / "step_0000003.pt")["modules"]
+
+
+def _launch(args: list[str], nproc: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           "-m", "tokenizer.train", *args]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+def test_two_rank_run_learns_and_a_killed_run_resumes_exactly(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "images", per_class=(6, 6), bad="c1/img_003.png")
+    recipe = write_recipe(tmp_path / "r.yaml", global_batch_size=4, max_steps=10, ckpt_every=3, sample_every=100)
+    full = tmp_path / "full"
+    run_module("tokenizer.train", train_args(recipe, tmp_path / "images", full), nproc=2)
+    reference = losses_by_step(full)
+    assert sorted(reference) == list(range(1, 11))
+    loss = {step: record["loss"] for step, record in reference.items()}
+    assert np.mean([loss[s] for s in (8, 9, 10)]) < np.mean([loss[s] for s in (1, 2, 3)])
+
+    # Kill the whole torchrun process group as soon as the first checkpoint exists, then resume.
+    killed = tmp_path / "killed"
+    process = _launch(train_args(recipe, tmp_path / "images", killed), nproc=2)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "latest").is_file():
+        assert process.poll() is None, process.stderr.read().decode()[-4000:]
+        assert time.time() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "final").exists()
+    run_module("tokenizer.train", train_args(recipe, tmp_path / "images", killed, "--resume", "auto"), nproc=2)
+    assert losses_by_step(killed) == reference
+    assert read_metrics(killed / "metrics.jsonl") != [] and (killed / "final").is_dir()

@@ -1,0 +1,198 @@
+"""Reconstruct an image folder through the tokenizer: ADM ``.npz`` pair, PSNR / SSIM and a preview grid.
+
+    torchrun --nproc_per_node=8 -m tokenizer.reconstruct --ckpt showlab/D-AR \
+        --data-path /data/imagenet/val --out results/recon_v1.npz --steps 8 --sampler adams2
+
+(``python -m tokenizer.reconstruct ...`` runs the same thing in one process.)
+
+Output contract
+    ``--out`` (e.g. ``recon.npz``): ``arr_0`` uint8 (N, H, W, 3), the reconstructions of the first
+    ``--num`` images of the sorted file list (all by default) in file order, minus files that cannot
+    be decoded (skipped and counted). ``--ref-out`` (default ``recon_ref.npz``): ``arr_0`` of the
+    matching ADM centre-cropped inputs, row for row, for the ADM evaluator (rFID) or any metric.
+    ``--grid`` (default ``recon.png``): one row per image of the first ``--grid-images``:
+    input | reconstruction | the preview after each of the S streaming steps.
+    PSNR and SSIM (``evaluations.recon``, on the uint8 images) are printed and written to ``recon.json``.
+
+Reproducibility: the decoder noise of image ``i`` is drawn from a generator seeded by (seed, i)
+(``dataset.seeding.sample_seed``), so the arrays do not depend on the batch size or world size.
+Pixels go through ``utils.images.to_uint8``, the official 8-bit conversion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from dataset.images import BadFileStats, CenterCrop, ImageFolderDataset, collate_skip_bad
+from dataset.seeding import sample_generator
+from evaluations.recon import psnr, ssim
+from tokenizer import flow
+from tokenizer.model import DARTokenizer
+from utils.checkpoint import atomic_write, atomic_write_text
+from utils.distributed import barrier, cleanup_distributed, setup_distributed
+from utils.images import save_grid, to_uint8
+from utils.training import autocast
+
+
+def save_reconstruction_grid(
+    inputs: torch.Tensor, reconstructions: torch.Tensor, previews: list[torch.Tensor], path: str | os.PathLike
+) -> Path:
+    """One row per image: input | reconstruction | previews. All (B, 3, H, W) in ~[-1, 1]."""
+    columns = [to_uint8(inputs), to_uint8(reconstructions), *(to_uint8(p) for p in previews)]
+    rows = [np.stack([column[i] for column in columns]) for i in range(inputs.shape[0])]
+    return save_grid(rows, path)
+
+
+def per_image_noise(model: DARTokenizer, indices: torch.Tensor, seed: int, size: int) -> torch.Tensor:
+    """(B, C, size, size) start noise, row b drawn from the generator of (seed, indices[b])."""
+    channels = model.config.diff_decoder.channels
+    rows = [torch.randn(1, channels, size, size, generator=sample_generator(seed, 0, int(i))) for i in indices]
+    return torch.cat(rows).to(model.device)
+
+
+@torch.no_grad()
+def reconstruct(
+    model: DARTokenizer, images: torch.Tensor, noise: torch.Tensor, steps: int, sampler: str, precision: str = "fp32"
+) -> torch.Tensor:
+    """images (B, 3, H, W) in [-1, 1] → reconstructions (B, 3, H, W), encode then decode from ``noise``."""
+    with autocast(model.device, precision):
+        codes = model.encode(images.to(model.device))
+        return model.decode(codes, noise=noise, steps=steps, sampler=sampler).float()
+
+
+def _npz_writer(**arrays: np.ndarray) -> Any:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+            np.savez(f, **arrays)
+
+    return write
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="tokenizer folder, .pt/.safetensors file, training checkpoint or hub id")
+    parser.add_argument("--ckpt-filename", default=None, help="file inside a hub repo (default: the v1 tokenizer)")
+    parser.add_argument("--data-path", required=True, help="image folder (read recursively, sorted)")
+    parser.add_argument("--out", required=True, help="reconstructions .npz (arr_0 uint8 NHWC)")
+    parser.add_argument("--ref-out", default=None, help="inputs .npz (default: <out>_ref.npz)")
+    parser.add_argument("--grid", default=None, help="preview grid PNG (default: <out>.png)")
+    parser.add_argument("--grid-images", type=int, default=8, help="rows of the grid (0: no grid)")
+    parser.add_argument("--steps", type=int, default=None, help="decoder steps (default: all S)")
+    parser.add_argument("--sampler", choices=flow.SAMPLERS, default="adams2")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--num", type=int, default=None, help="first N images of the folder (default: all)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per rank per call")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--num-workers", type=int, default=4)
+    args = parser.parse_args(argv)
+    for name in ("image_size", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.num is not None and args.num < 1:
+        parser.error("--num must be positive")
+    if args.grid_images < 0:
+        parser.error("--grid-images must be >= 0")
+    if not args.out.endswith(".npz"):
+        parser.error("--out must end in .npz")
+    return args
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Write the npz pair (+ grid, metrics JSON); returns the metrics on rank 0 (``{}`` elsewhere)."""
+    # -- distributed / model -------------------------------------------------------------------
+    env = setup_distributed(args.device)
+    model = DARTokenizer.from_pretrained(args.ckpt, args.ckpt_filename, device=env.device).eval()
+    steps = args.steps if args.steps is not None else model.config.num_denoising_steps
+    if not 1 <= steps <= model.config.num_denoising_steps:
+        raise ValueError(f"--steps must be in 1..{model.config.num_denoising_steps}, got {steps}")
+    out = Path(args.out)
+    ref_out = Path(args.ref_out) if args.ref_out else out.with_name(out.stem + "_ref.npz")
+    grid = Path(args.grid) if args.grid else out.with_suffix(".png")
+
+    # -- data: rank r takes the images r, r + R, ... of the first --num ----------------------------
+    dataset = ImageFolderDataset(args.data_path, CenterCrop(args.image_size), with_labels=False)
+    total = len(dataset) if args.num is None else min(args.num, len(dataset))
+    if total == 0:
+        raise ValueError(f"{args.data_path} holds no images")
+    mine = list(range(env.rank, total, env.world_size))
+    loader = DataLoader(Subset(dataset, mine), batch_size=args.batch_size, num_workers=args.num_workers,
+                        collate_fn=collate_skip_bad)
+
+    # -- reconstruct ---------------------------------------------------------------------------
+    stats = BadFileStats()
+    recons, refs, indices = [], [], []
+    for batch in loader:
+        stats.update(batch.stats)
+        if batch.images.shape[0] == 0:
+            continue
+        noise = per_image_noise(model, batch.indices, args.seed, args.image_size)
+        recon = reconstruct(model, batch.images, noise, steps, args.sampler, args.precision)
+        recons.append(to_uint8(recon))
+        refs.append(to_uint8(batch.images))
+        indices.append(batch.indices.numpy())
+    part = out.with_name(f".{out.name}.rank{env.rank}.npz")
+    empty = np.zeros((0, args.image_size, args.image_size, 3), np.uint8)
+    arrays = {
+        "recon": np.concatenate(recons) if recons else empty,
+        "ref": np.concatenate(refs) if refs else empty,
+        "index": np.concatenate(indices) if indices else np.zeros(0, np.int64),
+    }
+    atomic_write(part, _npz_writer(**arrays))
+    stats = stats.all_reduce(env.device)
+    barrier()
+
+    # -- merge, metrics, grid (rank 0) -----------------------------------------------------------
+    metrics: dict[str, Any] = {}
+    if env.is_main:
+        parts = [out.with_name(f".{out.name}.rank{r}.npz") for r in range(env.world_size)]
+        loaded = [dict(np.load(p)) for p in parts]
+        index = np.concatenate([p["index"] for p in loaded])
+        order = np.argsort(index, kind="stable")
+        recon_all = np.concatenate([p["recon"] for p in loaded])[order]
+        ref_all = np.concatenate([p["ref"] for p in loaded])[order]
+        if len(recon_all) == 0:
+            raise RuntimeError(f"no image could be decoded: {stats.summary()}")
+        atomic_write(out, _npz_writer(arr_0=recon_all))
+        atomic_write(ref_out, _npz_writer(arr_0=ref_all))
+        for p in parts:
+            p.unlink()
+        psnr_values, ssim_values = [], []
+        for start in range(0, len(recon_all), 256):
+            a = torch.from_numpy(ref_all[start : start + 256]).permute(0, 3, 1, 2)
+            b = torch.from_numpy(recon_all[start : start + 256]).permute(0, 3, 1, 2)
+            psnr_values.append(psnr(a, b))
+            ssim_values.append(ssim(a, b))
+        metrics = {
+            "psnr": torch.cat(psnr_values).mean().item(), "ssim": torch.cat(ssim_values).mean().item(),
+            "num_images": int(len(recon_all)), "steps": steps, "sampler": args.sampler, "seed": args.seed,
+            "bad_files": stats.to_dict(),
+        }
+        atomic_write_text(out.with_suffix(".json"), json.dumps(metrics, indent=2) + "\n")
+        if args.grid_images:
+            first = np.sort(index)[: args.grid_images]
+            inputs = torch.stack([dataset[int(i)].image for i in first])
+            noise = per_image_noise(model, torch.from_numpy(first), args.seed, args.image_size)
+            with autocast(model.device, args.precision):
+                previews = model.previews(model.encode(inputs.to(model.device)), noise=noise)
+            recon_grid = torch.from_numpy(recon_all[: len(first)]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            save_reconstruction_grid(inputs, recon_grid, [p.float() for p in previews], grid)
+        print(f"{len(recon_all)} images, {steps} {args.sampler} steps: PSNR {metrics['psnr']:.3f} dB, "
+              f"SSIM {metrics['ssim']:.4f} ({stats.summary()})")
+        print(f"wrote {out} and {ref_out}" + (f", grid {grid}" if args.grid_images else ""))
+    barrier()
+    cleanup_distributed()
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,637 @@
+"""Train the sequential diffusion tokenizer with the full D-AR objective (SPEC §1 "Tokenizer training losses").
+
+    torchrun --nproc_per_node=8 -m tokenizer.train --config configs/tokenizer/train_v1.yaml \
+        --data-path /data/imagenet/train --results-dir results/tokenizer_v1
+
+(``python -m tokenizer.train ...`` runs the same thing in one process; gloo on CPU, nccl on CUDA.)
+
+Objective per step, each a named term with its weight in ``train.loss``:
+    flow        flow-matching MSE / data_std² at one random time per image (tokenizer.flow)
+    codebook    VQ codebook loss, masked to the codes up to the trained group
+    commitment  β · commitment loss (β = model.commitment_beta), same mask
+    lpips       LPIPS-VGG16 between the input and the predicted clean image x_t + (1 − t)·v
+    repa        1 − cosine between the pixel decoder's REPA head and frozen DINOv2 ViT-B/14 patch features
+    gan         optional non-saturating PatchGAN generator loss on the predicted clean image, from
+                ``gan_start_step`` (the discriminator has its own optimizer; its loss is logged as ``disc``)
+A term whose weight is 0 is neither computed nor its network built (so ``--perceptual-weight 0`` /
+``--repa-weight 0`` train offline without those weights).
+
+Recipe: one YAML (``configs/tokenizer/train_*.yaml``) with ``model:`` (a preset name, a model YAML
+path relative to the recipe, or a mapping with optional ``preset:`` plus overrides) and ``train:``
+(:class:`TokenizerTrainSettings`); unknown keys are errors, CLI flags override single fields and the
+fully resolved :class:`TokenizerTrainConfig` is written to ``RESULTS/config.yaml``.
+
+Run folder: ``config.yaml``; ``metrics.jsonl`` (per logged step: ``step``, ``epoch``, ``loss`` and every
+term averaged over the steps since the previous line, ``lr``, ``grad_norm``, ``images_per_s`` summed
+over ranks; ``disc``/``disc_lr`` while the GAN is on; a ``bad_files`` record at every epoch end);
+``checkpoints/step_XXXXXXX.pt`` + ``latest`` (``utils.training`` layout, plus top-level ``ema`` and
+``tokenizer_config`` entries so that ``DARTokenizer.from_pretrained(checkpoint)`` loads the EMA
+tokenizer); ``samples/step_XXXXXXX.png`` (EMA reconstructions: input | reconstruction | the
+streaming previews); ``final/`` (EMA weights via ``save_pretrained``) once ``max_steps`` is reached.
+``--resume auto`` continues from the latest checkpoint; a run killed at any moment and resumed on
+the same world size logs exactly the losses of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from dataset.images import BadFileStats, CenterCrop, ImageFolderDataset, RandomCropFlip, collate_skip_bad
+from dataset.sampler import ResumableDistributedSampler
+from tokenizer.config import TOKENIZER_PRESETS, TokenizerConfig, load_tokenizer_config
+from tokenizer.losses import (
+    DISCRIMINATOR_PRESETS,
+    LPIPS,
+    REPA_ENCODER_PRESETS,
+    PatchGANDiscriminator,
+    RepaFeatureExtractor,
+    adaptive_gan_weight,
+    discriminator_loss,
+    gan_active,
+    generator_loss,
+    repa_loss,
+)
+from tokenizer.model import DARTokenizer, TokenizerTrainOutput
+from tokenizer.reconstruct import save_reconstruction_grid
+from utils.checkpoint import CheckpointManager
+from utils.config import ConfigError, dataclass_from_dict, dataclass_to_dict, load_yaml
+from utils.distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier, cleanup_distributed, seed_everything, setup_distributed
+from utils.run import RunFolder, create_logger
+from utils.training import (
+    InfiniteLoader,
+    NonFiniteGuard,
+    OptimConfig,
+    Throughput,
+    WandbLogger,
+    add_common_train_args,
+    all_ranks_agree,
+    autocast,
+    build_optimizer,
+    create_ema,
+    default_precision,
+    learning_rate,
+    load_train_checkpoint,
+    resolve_resume,
+    save_train_checkpoint,
+    set_lr,
+    unwrap_model,
+    update_ema,
+)
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+# SPEC §1 official recipe: AdamW 2e-4, wd 0, betas (0.9, 0.95), 500 warmup steps then constant,
+# clip 1.0, EMA 0.999.
+OFFICIAL_OPTIM = OptimConfig(
+    lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, decay_matrices_only=False, warmup_steps=500,
+    schedule="constant", grad_clip=1.0, ema_decay=0.999,
+)
+# taming / LlamaGen discriminator optimizer: same LR, no warmup of its own (it starts at gan_start_step).
+DISC_OPTIM = OptimConfig(lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, decay_matrices_only=False, grad_clip=1.0)
+
+# Order of the logged terms (and of the per-step all-reduce).
+TERMS = ("flow", "codebook", "commitment", "lpips", "repa", "gan")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    flow_weight: float = 1.0
+    codebook_weight: float = 1.0
+    commitment_weight: float = 1.0  # β itself is model.commitment_beta; this multiplies β·commitment
+    perceptual_weight: float = 0.5
+    # false: random-init LPIPS network (tests / offline smoke runs only; loudly warned about)
+    perceptual_pretrained: bool = True
+    repa_weight: float = 0.5
+    repa_encoder: str = "dinov2_vitb14"  # key of tokenizer.losses.REPA_ENCODER_PRESETS
+    repa_pretrained: bool = True  # false: random-init encoder, same caveat as above
+    # The paper's tokenizer recipe trains without a GAN; SPEC §1 documents 0.5 from step 20k as the option.
+    gan_weight: float = 0.0
+    gan_start_step: int = 20000
+    gan_loss: Literal["non_saturating", "hinge"] = "non_saturating"
+    adaptive_gan_weight: bool = False  # VQGAN balance at the pixel decoder's last layer
+    discriminator: str = "patchgan"  # key of tokenizer.losses.DISCRIMINATOR_PRESETS
+    disc_optim: OptimConfig = DISC_OPTIM
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_path: str | None = None  # image folder (class folders or flat, read recursively; labels unused)
+    min_crop_frac: float = 0.8  # ADM random-resized crop: 80-100 % of the short side
+    max_crop_frac: float = 1.0
+    flip: bool = True
+    # Files with a shorter side below this are skipped (counted); 0 upsamples them as ADM does.
+    min_size: int = 0
+    num_workers: int = 4
+
+
+@dataclass(frozen=True)
+class TokenizerTrainSettings:
+    """The ``train:`` section of a recipe."""
+
+    image_size: int = 256
+    global_batch_size: int = 512
+    max_steps: int = 400_000
+    optim: OptimConfig = OFFICIAL_OPTIM
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    seed: int = 0
+    log_every: int = 100
+    ckpt_every: int = 10000
+    sample_every: int = 5000
+    num_sample_images: int = 8
+    compile: bool = False
+    init_from: str | None = None  # fine-tune: tokenizer weights (official file, our checkpoint/folder, hub id)
+
+
+@dataclass(frozen=True)
+class TokenizerTrainConfig:
+    model: TokenizerConfig
+    train: TokenizerTrainSettings
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def resolve_model_section(value: Any, recipe_dir: Path) -> TokenizerConfig:
+    """``model:`` of a recipe → :class:`TokenizerConfig` (preset, YAML path relative to the recipe, or mapping)."""
+    if isinstance(value, str):
+        if value in TOKENIZER_PRESETS:
+            return TOKENIZER_PRESETS[value]
+        path = Path(value) if Path(value).is_absolute() else recipe_dir / value
+        return load_tokenizer_config(path)
+    if isinstance(value, dict):
+        section = dict(value)
+        preset = section.pop("preset", None)
+        if preset is not None:
+            section = _merge(dataclass_to_dict(resolve_model_section(preset, recipe_dir)), section)
+        return dataclass_from_dict(TokenizerConfig, section, _where="model")
+    raise ConfigError(f"model: expected a preset name, a YAML path or a mapping, got {value!r}")
+
+
+def load_train_config(path: str | Path) -> TokenizerTrainConfig:
+    """Strictly load a recipe: top-level ``model`` (required) and ``train`` (official defaults if absent)."""
+    data = load_yaml(path)
+    unknown = sorted(set(data) - {"model", "train"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; expected 'model' and 'train'")
+    if "model" not in data:
+        raise ConfigError(f"{path}: a tokenizer training recipe needs a 'model' entry")
+    model = resolve_model_section(data["model"], Path(path).parent)
+    train = dataclass_from_dict(TokenizerTrainSettings, data.get("train") or {}, _where="train")
+    return TokenizerTrainConfig(model=model, train=train)
+
+
+def check_settings(cfg: TokenizerTrainConfig) -> None:
+    t, w = cfg.train, cfg.train.loss
+    if t.data.data_path is None:
+        raise ValueError("no training images: pass --data-path (or set train.data.data_path)")
+    for name in ("image_size", "global_batch_size", "max_steps", "log_every", "ckpt_every", "sample_every"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"train.{name} must be positive, got {getattr(t, name)}")
+    if t.num_sample_images < 0:
+        raise ValueError("train.num_sample_images must be >= 0")
+    if t.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"train.precision {t.precision!r}: use fp32 or bf16 (fp16 would need loss scaling)")
+    for name in ("flow_weight", "codebook_weight", "commitment_weight", "perceptual_weight", "repa_weight", "gan_weight"):
+        if getattr(w, name) < 0:
+            raise ValueError(f"train.loss.{name} must be >= 0, got {getattr(w, name)}")
+    if w.repa_weight > 0 and not cfg.model.diff_decoder.has_repa_head:
+        raise ValueError("train.loss.repa_weight > 0 but the model has no REPA head (diff_decoder.depth <= repa_layer)")
+    if w.repa_encoder not in REPA_ENCODER_PRESETS:
+        raise ValueError(f"unknown REPA encoder {w.repa_encoder!r}; choose from {', '.join(REPA_ENCODER_PRESETS)}")
+    if w.discriminator not in DISCRIMINATOR_PRESETS:
+        raise ValueError(f"unknown discriminator {w.discriminator!r}; choose from {', '.join(DISCRIMINATOR_PRESETS)}")
+    if not 0 < t.data.min_crop_frac <= t.data.max_crop_frac <= 1:
+        raise ValueError("train.data crop fractions must satisfy 0 < min_crop_frac <= max_crop_frac <= 1")
+    if t.image_size % cfg.model.encoder_patch_size or t.image_size % cfg.model.diff_decoder.patch_size:
+        raise ValueError(f"image_size {t.image_size} must be a multiple of both patch sizes")
+
+
+def term_weights(w: LossConfig) -> dict[str, float]:
+    return {"flow": w.flow_weight, "codebook": w.codebook_weight, "commitment": w.commitment_weight,
+            "lpips": w.perceptual_weight, "repa": w.repa_weight, "gan": w.gan_weight}
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss networks and the objective
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WeightFiles:
+    """Local weight files for the frozen loss networks (None: the usual caches / downloads)."""
+
+    lpips: str | None = None  # LPIPS v0.1 linear heads (vgg.pth)
+    vgg: str | None = None  # torchvision vgg16-397923af.pth
+    dinov2: str | None = None  # timm model.safetensors or dinov2_vitb14_pretrain.pth
+
+
+@dataclass
+class LossNetworks:
+    lpips: nn.Module | None
+    repa: nn.Module | None
+    disc: nn.Module | None
+
+
+def build_loss_networks(w: LossConfig, files: WeightFiles, env: DistEnv, log: Any) -> LossNetworks:
+    """Frozen LPIPS / REPA encoder and the discriminator for the terms with a non-zero weight.
+
+    Rank 0 builds first (it may download into the shared cache), the others after a barrier.
+    """
+    nets = LossNetworks(None, None, None)
+    for turn in (0, 1):
+        if (turn == 0) == env.is_main:
+            if w.perceptual_weight > 0:
+                if not w.perceptual_pretrained:
+                    log.warning("!!! LPIPS uses RANDOM weights (perceptual_pretrained: false): the perceptual term "
+                                "is NOT LPIPS. Only for tests and offline smoke runs. !!!")
+                    nets.lpips = LPIPS(pretrained=False)
+                else:
+                    nets.lpips = LPIPS(pretrained=True, backbone_weights=files.vgg, head_weights=files.lpips)
+            if w.repa_weight > 0:
+                preset = REPA_ENCODER_PRESETS[w.repa_encoder]
+                if not w.repa_pretrained:
+                    log.warning("!!! the REPA encoder uses RANDOM weights (repa_pretrained: false): REPA does NOT "
+                                "align with DINOv2. Only for tests and offline smoke runs. !!!")
+                    nets.repa = RepaFeatureExtractor(preset, pretrained=False)
+                else:
+                    nets.repa = RepaFeatureExtractor(preset, pretrained=True, weights=files.dinov2)
+        barrier()
+    if w.gan_weight > 0:
+        nets.disc = PatchGANDiscriminator(DISCRIMINATOR_PRESETS[w.discriminator])
+    for net in (nets.lpips, nets.repa, nets.disc):
+        if net is not None:
+            net.to(env.device)
+    return nets
+
+
+def last_decoder_layer(model: DARTokenizer) -> torch.Tensor:
+    """The pixel decoder's output weight, where the adaptive GAN weight compares gradient norms."""
+    decoder = model.pixel_decoder
+    return decoder.linear_out.linear.weight if decoder.cfg.mlp_head else decoder.conv_out.weight
+
+
+def loss_terms(
+    out: TokenizerTrainOutput, images: torch.Tensor, nets: LossNetworks, weights: dict[str, float], use_gan: bool
+) -> dict[str, torch.Tensor]:
+    """Unweighted scalar terms of the generator objective (only those that are switched on)."""
+    terms = dict(out.losses)  # flow, codebook, commitment
+    if nets.lpips is not None:
+        terms["lpips"] = nets.lpips(images, out.clean_image).mean()
+    if nets.repa is not None:
+        terms["repa"] = repa_loss(out.repa, nets.repa(images))  # (B, g², D) vs (B, N, D)
+    if use_gan:
+        disc = unwrap_model(nets.disc)
+        disc.requires_grad_(False)  # the generator step must not touch the discriminator's gradients
+        terms["gan"] = generator_loss(disc(out.clean_image))
+        disc.requires_grad_(True)
+    return {k: v.float() for k, v in terms.items() if weights[k] > 0 or k in out.losses}
+
+
+def total_loss(
+    terms: dict[str, torch.Tensor], weights: dict[str, float], adaptive: bool, last_layer: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weighted sum; with ``adaptive`` the GAN weight is scaled by the VQGAN gradient-norm balance."""
+    loss = sum(weights[k] * v for k, v in terms.items() if k != "gan")
+    balance = None
+    if "gan" in terms:
+        gan_weight = weights["gan"]
+        if adaptive:
+            reconstruction = terms["flow"] * weights["flow"] + terms.get("lpips", 0.0) * weights["lpips"]
+            balance = adaptive_gan_weight(reconstruction, terms["gan"], last_layer)
+            gan_weight = gan_weight * balance
+        loss = loss + gan_weight * terms["gan"]
+    return loss, balance
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunOptions:
+    """Per-launch settings that do not change what is trained."""
+
+    results_dir: str
+    resume: str | None = None
+    device: str = "auto"
+    keep_last: int = 3
+    stop_after_step: int | None = None  # checkpoint and exit here without changing the schedule
+    weights: WeightFiles = field(default_factory=WeightFiles)
+    wandb: bool = False
+    wandb_project: str = "dar"
+
+
+def sample_images(data_path: str, image_size: int, count: int) -> torch.Tensor:
+    """The first ``count`` decodable images of the folder, ADM centre-cropped: (n, 3, H, W) in [-1, 1]."""
+    dataset = ImageFolderDataset(data_path, CenterCrop(image_size), with_labels=False)
+    images = []
+    for index in range(len(dataset)):
+        if len(images) == count:
+            break
+        item = dataset[index]
+        if item.image is not None:
+            images.append(item.image)
+    return torch.stack(images) if images else torch.empty(0, 3, image_size, image_size)
+
+
+@torch.no_grad()
+def write_samples(model: DARTokenizer, images: torch.Tensor, seed: int, path: Path) -> None:
+    """input | reconstruction | previews grid from ``model`` (eval mode), fixed noise across steps."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    codes = model.encode(images.to(model.device))
+    noise = model.make_noise(images.shape[0], generator)
+    previews = model.previews(codes, noise=noise)
+    save_reconstruction_grid(images, previews[-1], previews, path)
+    model.train(was_training)
+
+
+def main(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
+    """Train; returns ``{"step": last step, "results_dir": ...}``."""
+    check_settings(cfg)
+
+    # -- distributed -------------------------------------------------------------------------
+    env = setup_distributed(opts.device)
+    t = cfg.train
+    precision = default_precision(env.device) if t.precision == "auto" else t.precision
+    t = replace(t, precision=precision)
+    cfg = replace(cfg, train=t)
+    if t.global_batch_size % env.world_size:
+        raise ValueError(f"global batch {t.global_batch_size} is not divisible by the world size {env.world_size}")
+    batch_size = t.global_batch_size // env.world_size
+    weights = term_weights(t.loss)
+
+    # -- run folder ----------------------------------------------------------------------------
+    run = RunFolder(opts.results_dir, env.is_main)
+    logger = create_logger("tokenizer.train", run.root if env.is_main else None, env.is_main)
+    manager = CheckpointManager(run.checkpoints, keep_last=opts.keep_last)
+    resume_path = resolve_resume(opts.resume, manager)
+    if resume_path is None and manager.all_steps():
+        raise FileExistsError(f"{run.checkpoints} already holds checkpoints: pass --resume auto or a new --results-dir")
+    run.save_config(cfg)
+
+    # -- model / EMA / loss networks -----------------------------------------------------------
+    seed_everything(t.seed)  # identical initialisation on every rank
+    model = DARTokenizer(cfg.model)
+    if t.init_from is not None and resume_path is None:
+        # Fine-tuning starts from the source's EMA weights (from_pretrained prefers them), strictly.
+        model.load_state_dict(DARTokenizer.from_pretrained(t.init_from, config=cfg.model).state_dict(), strict=True)
+        logger.info(f"initialised from {t.init_from}")
+    model.to(env.device).train()
+    if t.loss.repa_weight == 0 and cfg.model.diff_decoder.has_repa_head:
+        # Unused parameters would stall DDP's gradient reduction; a frozen head is simply not trained.
+        model.pixel_decoder.repa_out.requires_grad_(False)
+    ema = create_ema(model) if t.optim.ema_decay > 0 else None
+    nets = build_loss_networks(t.loss, opts.weights, env, logger)
+    num_params = sum(p.numel() for p in model.parameters())
+    logger.info(f"tokenizer: {num_params / 1e6:.1f}M parameters; EMA {t.optim.ema_decay or 'off'}; terms "
+                + ", ".join(f"{k}×{v:g}" for k, v in weights.items() if v > 0))
+    if t.compile:
+        model.compile()
+    ddp_args = {"device_ids": [env.device.index]} if env.device.type == "cuda" else {}
+    trained = DistributedDataParallel(model, **ddp_args) if env.distributed else model
+    disc = nets.disc
+    if disc is not None and env.distributed:
+        nets.disc = DistributedDataParallel(disc, **ddp_args)
+
+    # -- optimizer -----------------------------------------------------------------------------
+    optimizer = build_optimizer(model, t.optim, env.device)
+    guard = NonFiniteGuard(t.optim.max_bad_steps)
+    modules: dict[str, nn.Module] = {"model": model}
+    optimizers: dict[str, torch.optim.Optimizer] = {"optimizer": optimizer}
+    if ema is not None:
+        modules["ema"] = ema
+    if disc is not None:
+        modules["disc"] = disc
+        optimizers["disc_optimizer"] = build_optimizer(disc, t.loss.disc_optim, env.device)
+
+    # -- data ----------------------------------------------------------------------------------
+    d = t.data
+    transform = RandomCropFlip(t.image_size, d.min_crop_frac, d.max_crop_frac, d.flip)
+    dataset = ImageFolderDataset(d.data_path, transform, with_labels=False, seed=t.seed, min_size=d.min_size)
+    sampler = ResumableDistributedSampler(len(dataset), env.world_size, env.rank, seed=t.seed, drop_last=True)
+    steps_per_epoch = sampler.num_samples // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} images give no full batch of {t.global_batch_size}")
+    # Bad-file counts: this rank's since the last sync, and the epoch's global total up to that sync
+    # (synced at checkpoints too, so a resumed run still reports whole epochs).
+    bad = {"local": BadFileStats(), "synced": BadFileStats()}
+    state: dict[str, Any] = {"step": 0}
+
+    def sync_bad_files() -> None:
+        bad["synced"].update(bad["local"].all_reduce(env.device))
+        bad["local"] = BadFileStats()
+
+    def on_epoch_end(epoch: int) -> None:
+        sync_bad_files()
+        total = bad["synced"]
+        logger.info(f"epoch {epoch} done: {total.summary()}")
+        # Logged with the step being fetched, so a resume's metrics truncation treats it like that step.
+        run.log_metrics({"step": state["step"] + 1, "epoch_end": epoch,
+                         **{f"bad_files/{k}": v for k, v in total.to_dict().items()}})
+        if total.seen > 0 and total.num_skipped == total.seen:
+            raise RuntimeError(f"epoch {epoch}: every one of the {total.seen} files was skipped ({total.summary()})")
+        bad["synced"] = BadFileStats()
+
+    loader = InfiniteLoader(dataset, sampler, batch_size, env.world_size, num_workers=d.num_workers,
+                            collate_fn=collate_skip_bad, pin_memory=env.device.type == "cuda", on_epoch_end=on_epoch_end)
+    logger.info(f"{len(dataset)} images, {steps_per_epoch} steps/epoch, {t.max_steps} steps, batch "
+                f"{t.global_batch_size} over {env.world_size} rank(s), {precision} on {env.device}")
+
+    # -- resume --------------------------------------------------------------------------------
+    seed_everything(t.seed * env.world_size + env.rank)  # per-rank time / noise streams
+    window: dict[str, float] = {}
+    empty_batches = 0
+    if resume_path is not None:
+        extra = load_train_checkpoint(resume_path, env, modules, optimizers, log=logger.warning)
+        state["step"] = extra["step"]
+        loader.load_state_dict(extra["loader"])
+        guard.load_state_dict(extra["guard"])
+        window = dict(extra["window"])
+        empty_batches = int(extra["empty_batches"])
+        bad["synced"] = BadFileStats(**extra["bad_files"])
+        run.truncate_metrics(state["step"])
+        logger.info(f"resumed from {resume_path} at step {state['step']}")
+    wandb = WandbLogger(opts.wandb, env, opts.wandb_project, run.root.name, cfg)
+
+    def save(at_step: int) -> None:
+        sync_bad_files()
+        extra = {"loader": loader.state_dict(), "guard": guard.state_dict(), "window": dict(window),
+                 "empty_batches": empty_batches, "bad_files": dataclasses.asdict(bad["synced"])}
+        # from_pretrained reads `ema` (else `model`) and `tokenizer_config`; the tensors are shared
+        # with `modules`, so the file does not grow.
+        weights_key = "ema" if ema is not None else "model"
+        aliases = {weights_key: modules[weights_key].state_dict(), "tokenizer_config": dataclass_to_dict(cfg.model)}
+        save_train_checkpoint(manager, env, at_step, cfg, modules, optimizers, extra=extra, aliases=aliases)
+        logger.info(f"saved checkpoint at step {at_step}")
+
+    # -- loop ----------------------------------------------------------------------------------
+    last_step = t.max_steps if opts.stop_after_step is None else min(t.max_steps, opts.stop_after_step)
+    sample_batch = sample_images(d.data_path, t.image_size, t.num_sample_images) if env.is_main else None
+    throughput = Throughput()
+    last_layer = last_decoder_layer(model) if t.loss.adaptive_gan_weight and disc is not None else None
+    disc_lr: float | None = None
+    while state["step"] < last_step:
+        step = state["step"]
+        batch = next(loader)
+        bad["local"].update(batch.stats)
+        if not all_ranks_agree(batch.images.shape[0] > 0, env.device):
+            empty_batches += 1  # some rank drew only bad files: every rank skips this batch together
+            logger.warning(f"step {step + 1}: skipped a batch without decodable images on some rank")
+            continue
+        images = batch.images.to(env.device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
+        lr = learning_rate(step, t.max_steps, t.optim)
+        set_lr(optimizer, lr)
+        use_gan = disc is not None and gan_active(step, t.loss.gan_start_step)
+        with autocast(env.device, precision):
+            out = trained(images)
+            terms = loss_terms(out, images, nets, weights, use_gan)
+        loss, balance = total_loss(terms, weights, t.loss.adaptive_gan_weight, last_layer)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = t.optim.grad_clip if t.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        names = list(terms)
+        reduced = all_reduce_mean(torch.stack([loss.detach(), *(terms[k].detach() for k in names)]))
+        record_terms = {"loss": reduced[0], **dict(zip(names, reduced[1:]))}
+        if use_gan:
+            disc_optimizer = optimizers["disc_optimizer"]
+            disc_lr = learning_rate(step - t.loss.gan_start_step, t.max_steps - t.loss.gan_start_step, t.loss.disc_optim)
+            set_lr(disc_optimizer, disc_lr)
+            with autocast(env.device, precision):
+                # Real and fake in one forward: one DDP reduction, and per-sample GroupNorm keeps them independent.
+                logits = nets.disc(torch.cat([images, out.clean_image.detach()]))
+                disc_loss = discriminator_loss(*logits.float().chunk(2), kind=t.loss.gan_loss)
+            disc_optimizer.zero_grad(set_to_none=True)
+            disc_loss.backward()
+            disc_clip = t.loss.disc_optim.grad_clip if t.loss.disc_optim.grad_clip > 0 else math.inf
+            disc_norm = torch.nn.utils.clip_grad_norm_(disc.parameters(), disc_clip)
+            record_terms["disc"] = all_reduce_mean(disc_loss.detach())
+            if balance is not None:
+                record_terms["gan_balance"] = all_reduce_mean(balance)
+        if guard.check(reduced, grad_norm, *([record_terms["disc"], disc_norm] if use_gan else [])):
+            optimizer.step()
+            if use_gan:
+                optimizers["disc_optimizer"].step()
+            if ema is not None:
+                update_ema(ema, model, t.optim.ema_decay)
+            for key, value in record_terms.items():
+                window[key] = window.get(key, 0.0) + float(value)
+            window["count"] = window.get("count", 0.0) + 1
+        else:
+            logger.warning(f"step {step + 1}: non-finite loss or gradient, update skipped ({guard.consecutive} in a row)")
+        state["step"] = step = step + 1
+        throughput.add(images.shape[0])
+
+        if step % t.log_every == 0 or step == last_step:
+            rate = all_reduce_sum(torch.tensor(throughput.rate(), device=env.device)).item()
+            count = window.pop("count", 0.0)
+            record: dict[str, Any] = {"step": step, "epoch": loader.epoch + loader.consumed_in_epoch / (
+                steps_per_epoch * t.global_batch_size)}
+            record.update({k: v / count for k, v in window.items()} if count else {"loss": float("nan")})
+            record.update(lr=lr, grad_norm=grad_norm.item(), images_per_s=rate)
+            if disc_lr is not None:
+                record["disc_lr"] = disc_lr
+            if env.device.type == "cuda":
+                record["max_mem_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+            if guard.total or empty_batches:
+                record.update(skipped_steps=guard.total, empty_batches=empty_batches)
+            run.log_metrics(record)
+            wandb.log(record)
+            logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            window = {}
+        if sample_batch is not None and len(sample_batch) and (step % t.sample_every == 0 or step == last_step):
+            write_samples(ema if ema is not None else model, sample_batch, t.seed, run.samples / f"step_{step:07d}.png")
+        if step % t.ckpt_every == 0 or step == last_step:
+            save(step)
+
+    # -- save ----------------------------------------------------------------------------------
+    if state["step"] >= t.max_steps:
+        if env.is_main:
+            export = DARTokenizer(cfg.model)
+            export.load_state_dict(unwrap_model(ema if ema is not None else model).state_dict())
+            export.save_pretrained(run.root / "final")
+        logger.info(f"done: {state['step']} steps; bad files this epoch so far: {bad['synced'].summary()}; "
+                    f"inference weights in {run.root / 'final'}")
+    else:
+        logger.info(f"stopped after step {state['step']} of {t.max_steps}; continue with --resume auto")
+    wandb.finish()
+    barrier()
+    cleanup_distributed()
+    return {"step": state["step"], "results_dir": str(run.root)}
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+def apply_overrides(cfg: TokenizerTrainConfig, args: argparse.Namespace) -> TokenizerTrainConfig:
+    """CLI flags that are set replace the recipe's fields."""
+    t = cfg.train
+    pick = lambda pairs: {k: v for k, v in pairs if v is not None}  # noqa: E731
+    optim = replace(t.optim, **pick([("lr", args.lr), ("max_bad_steps", args.max_bad_steps),
+                                     ("ema_decay", args.ema_decay)]))
+    loss = replace(t.loss, **pick([("perceptual_weight", args.perceptual_weight), ("repa_weight", args.repa_weight),
+                                   ("gan_weight", args.gan_weight), ("gan_start_step", args.gan_start_step)]))
+    data = replace(t.data, **pick([("data_path", args.data_path), ("num_workers", args.num_workers)]))
+    changes: dict[str, Any] = pick([
+        ("max_steps", args.max_steps), ("global_batch_size", args.global_batch_size), ("log_every", args.log_every),
+        ("ckpt_every", args.ckpt_every), ("sample_every", args.sample_every), ("seed", args.seed),
+        ("init_from", args.init_from), ("image_size", args.image_size),
+    ])
+    if args.precision != "auto":
+        changes["precision"] = args.precision
+    if args.compile:
+        changes["compile"] = True
+    model = cfg.model
+    if args.grad_checkpointing is not None:
+        flag = args.grad_checkpointing == "on"
+        model = replace(model, grad_checkpointing=flag, diff_decoder=replace(model.diff_decoder, grad_checkpointing=flag))
+    return TokenizerTrainConfig(model=model, train=replace(t, optim=optim, loss=loss, data=data, **changes))
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TokenizerTrainConfig, RunOptions]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_train_args(parser)
+    parser.add_argument("--data-path", default=None, help="training images (class folders or a flat tree)")
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--perceptual-weight", type=float, default=None, help="LPIPS weight (0 turns LPIPS off)")
+    parser.add_argument("--repa-weight", type=float, default=None, help="REPA weight (0 turns DINOv2 off)")
+    parser.add_argument("--gan-weight", type=float, default=None, help="PatchGAN generator weight (0 = no GAN)")
+    parser.add_argument("--gan-start-step", type=int, default=None)
+    parser.add_argument("--ema-decay", type=float, default=None, help="EMA decay (0 disables EMA)")
+    parser.add_argument("--sample-every", type=int, default=None, help="reconstruction grids every N steps")
+    parser.add_argument("--grad-checkpointing", choices=["on", "off"], default=None,
+                        help="override the model config's gradient checkpointing (encoder, code decoder, pixel decoder)")
+    parser.add_argument("--init-from", default=None,
+                        help="fine-tune: start from these tokenizer weights (official .pt, our checkpoint or folder, hub id)")
+    parser.add_argument("--lpips-weights", default=None, help="LPIPS v0.1 head file (vgg.pth)")
+    parser.add_argument("--vgg-weights", default=None, help="torchvision vgg16-397923af.pth")
+    parser.add_argument("--dinov2-weights", default=None, help="DINOv2 ViT-B/14 weights (timm safetensors or .pth)")
+    parser.add_argument("--stop-after-step", type=int, default=None,
+                        help="checkpoint and exit after this step without changing the schedule (time-limited jobs)")
+    args = parser.parse_args(argv)
+    cfg = apply_overrides(load_train_config(args.config), args)
+    opts = RunOptions(
+        results_dir=args.results_dir, resume=args.resume, device=args.device, keep_last=args.keep_last,
+        stop_after_step=args.stop_after_step, wandb=args.wandb, wandb_project=args.wandb_project,
+        weights=WeightFiles(lpips=args.lpips_weights, vgg=args.vgg_weights, dinov2=args.dinov2_weights),
+    )
+    return cfg, opts
+
+
+if __name__ == "__main__":
+    main(*parse_args())
