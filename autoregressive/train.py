@@ -105,7 +105,9 @@ class ARTrainSettings:
     seed: int = 0
     log_every: int = 100
     ckpt_every: int = 5000
-    fsdp: bool = False  # FSDP2 (fully_shard per block) instead of DDP, for XL / XXL on CUDA
+    # FSDP2 (fully_shard per transformer block) instead of DDP, for XL / XXL. Checkpoints hold the
+    # full (gathered) state either way, but resume with the same setting: optimizer states differ in layout.
+    fsdp: bool = False
     compile: bool = False
     data: ARDataConfig = field(default_factory=ARDataConfig)
 
@@ -185,13 +187,6 @@ def resolve_schedule(t: ARTrainSettings, steps_per_epoch: int) -> ARTrainSetting
 # ------------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------------
-def next_batch(loader: InfiniteLoader) -> Any:
-    # Each new DataLoader iterator (one per epoch, and one on resume) draws its base seed from the
-    # global RNG; isolating it keeps dropout / label-dropout streams identical across a resume.
-    with torch.random.fork_rng(devices=[]):
-        return next(loader)
-
-
 class CodeSource:
     """Turns a loader batch into (codes (B, N), labels (B,)) on the device."""
 
@@ -284,11 +279,17 @@ class _FullStateModule(nn.Module):
 
 
 class _FullStateOptimizer:
-    """The optimizer counterpart of :class:`_FullStateModule`."""
+    """The optimizer counterpart of :class:`_FullStateModule`.
+
+    The gathered state is keyed by parameter name; it is stored with the plain optimizer's integer
+    keys instead, so DDP and FSDP checkpoints share one layout and either can resume the other.
+    """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model = model
         self.optimizer = optimizer
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
         self._full: dict[str, Any] | None = None
 
     def gather(self) -> None:
@@ -301,12 +302,24 @@ class _FullStateOptimizer:
         if self._full is None:
             raise RuntimeError("call gather() on every rank before saving")
         full, self._full = self._full, None
-        return full
+        return _rekey_optimizer_state(full, {name: i for i, name in enumerate(self.order)})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=StateDictOptions(full_state_dict=True))
+        by_name = _rekey_optimizer_state(state_dict, dict(enumerate(self.order)))
+        set_optimizer_state_dict(self.model, self.optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+def _rekey_optimizer_state(state: dict[str, Any], key_map: dict[Any, Any]) -> dict[str, Any]:
+    """Rename the parameter keys of an optimizer state dict (names <-> integer positions)."""
+    unknown = sorted(map(str, {k for g in state["param_groups"] for k in g["params"]} - set(key_map)))
+    if unknown:
+        raise KeyError(f"optimizer state names parameters this model does not have: {', '.join(unknown[:10])}")
+    return {
+        "state": {key_map[k]: v for k, v in state["state"].items()},
+        "param_groups": [{**g, "params": [key_map[k] for k in g["params"]]} for g in state["param_groups"]],
+    }
 
 
 def shard_model(model: GPT) -> GPT:
@@ -349,9 +362,6 @@ def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
         raise ValueError(f"global batch {t.global_batch_size} is not divisible by the world size {env.world_size}")
     if t.fsdp and not env.distributed:
         raise ValueError("train.fsdp needs several ranks (torchrun); one process trains unsharded")
-    if t.fsdp and env.device.type != "cuda":
-        raise ValueError("train.fsdp is supported on CUDA only (gloo cannot run the FSDP collectives reliably); "
-                         "drop --fsdp on CPU, DDP is used instead")
     batch_size = t.global_batch_size // env.world_size
 
     # -- run folder ----------------------------------------------------------------------------
@@ -436,7 +446,7 @@ def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
     grad_norm = torch.zeros((), device=env.device)
     empty_batches = 0
     while step < last_step:
-        codes, labels = source(next_batch(loader))  # (B, N), (B,)
+        codes, labels = source(next(loader))  # (B, N), (B,)
         if not all_ranks_agree(labels.numel() > 0, env.device):
             empty_batches += 1  # some rank drew only bad files: every rank skips this batch together
             continue
@@ -508,7 +518,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ARTrainConfig, RunOptions
     parser.add_argument("--tokenizer-filename", default=None, help="file inside a hub repo")
     parser.add_argument("--epochs", type=int, default=None, help="override train.epochs (when max-steps is unset)")
     parser.add_argument("--ema-decay", type=float, default=None, help="EMA decay (0 disables; paper option 0.9999)")
-    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP (CUDA, XL/XXL)")
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP (XL/XXL)")
     parser.add_argument("--stop-after-step", type=int, default=None,
                         help="checkpoint and exit after this step without changing the LR schedule (time-limited jobs)")
     args = parser.parse_args(argv)

@@ -1,0 +1,192 @@
+"""autoregressive.train: recipes load strictly, training from extracted codes learns, resume is exact."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from autoregressive import GPT
+from autoregressive.train import ARTrainConfig, load_ar_config, main, parse_args, resolve_schedule
+from tests.extraction_testing import IMAGE_SIZE, REPO, make_image_folder, make_tokenizer, run_module
+from tokenizer.extract_codes import main as extract_main
+from tokenizer.extract_codes import parse_args as extract_args
+from utils.checkpoint import safe_torch_load
+from utils.config import ConfigError, load_yaml
+from utils.run import read_metrics
+from utils.training import learning_rate
+
+TINY = str(REPO / "configs" / "ar" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """30 images (one bad) → 29 rows of flip-augmented codes from a random tiny tokenizer."""
+    root = tmp_path_factory.mktemp("ar")
+    images = make_image_folder(root / "images", per_class=(10, 10, 10), bad="c2/img_004.png")
+    tokenizer = make_tokenizer(root / "tokenizer")
+    codes = root / "codes"
+    extract_main(extract_args(["--tokenizer-ckpt", str(tokenizer), "--data-path", str(images), "--out", str(codes),
+                               "--image-size", str(IMAGE_SIZE), "--flip", "--shard-size", "16", "--num-workers", "0",
+                               "--device", "cpu"]))
+    return {"images": images, "tokenizer": tokenizer, "codes": codes}
+
+
+def train_args(codes: Path, results: Path, *extra: str) -> list[str]:
+    return ["--config", TINY, "--code-path", str(codes), "--results-dir", str(results), "--device", "cpu", *extra]
+
+
+def losses(results: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(results / "metrics.jsonl")]
+
+
+def test_paper_recipes_load_and_resolve_the_schedule() -> None:
+    cfg = load_ar_config(REPO / "configs" / "ar" / "gpt_l.yaml")
+    t = cfg.train
+    assert (t.global_batch_size, t.epochs, t.decay_epochs) == (1024, 300, 50)
+    assert (t.optim.lr, t.optim.betas, t.optim.weight_decay, t.optim.grad_clip) == (4e-4, (0.9, 0.95), 0.05, 1.0)
+    assert cfg.model.dim == 1024 and cfg.model.n_layer == 24
+    # ImageNet train (1,281,167 images) at batch 1024: 1251 steps per epoch.
+    resolved = resolve_schedule(t, steps_per_epoch=1251)
+    assert resolved.max_steps == 300 * 1251 and resolved.optim.decay_start_step == 250 * 1251
+    lr = [learning_rate(s, resolved.max_steps, resolved.optim) for s in (0, 250 * 1251 - 1, resolved.max_steps - 1)]
+    assert lr[0] == lr[1] == 4e-4 and lr[2] == pytest.approx(1e-5, rel=1e-3)
+    for name in ("gpt_b", "gpt_xl", "gpt_xxl", "tiny"):
+        assert isinstance(load_ar_config(REPO / "configs" / "ar" / f"{name}.yaml"), ARTrainConfig)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"train": {"global_batch_size": 8, "learning_rate": 1e-4}}, "learning_rate"),
+    ({"optimizer": {}}, "optimizer"),
+    ({"train": {"optim": {"decay_start_step": 5}}}, "decay_start_step"),
+    ({"train": {"data": {"codes": "x"}}}, "codes"),
+])
+def test_unknown_or_derived_config_keys_are_errors(tmp_path: Path, change: dict, match: str) -> None:
+    data = load_yaml(TINY)
+    for key, value in change.items():
+        data[key] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=match):
+        load_ar_config(path)
+
+
+def test_cli_overrides_and_source_checks(assets: dict[str, Path], tmp_path: Path) -> None:
+    cfg, opts = parse_args(train_args(assets["codes"], tmp_path, "--lr", "3e-4", "--global-batch-size", "4",
+                                      "--ema-decay", "0", "--stop-after-step", "2"))
+    assert cfg.train.optim.lr == 3e-4 and cfg.train.global_batch_size == 4 and cfg.train.optim.ema_decay == 0
+    assert cfg.train.data.code_path == str(assets["codes"]) and opts.stop_after_step == 2
+    with pytest.raises(ValueError, match="exactly one data source"):
+        main(dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, data=dataclasses.replace(cfg.train.data, code_path=None))), opts)
+    with pytest.raises(ValueError, match="needs --tokenizer-ckpt"):
+        main(*parse_args(["--config", TINY, "--data-path", str(assets["images"]), "--results-dir", str(tmp_path)]))
+
+
+def test_single_process_training_exports_loadable_weights(assets: dict[str, Path], tmp_path: Path) -> None:
+    results = tmp_path / "run"
+    run_module("autoregressive.train", train_args(assets["codes"], results, "--max-steps", "6", "--ckpt-every", "4"))
+    saved = load_yaml(results / "config.yaml")
+    # 29 rows at batch 8: 3 steps per epoch; max_steps 6 and 10 decay epochs → decay from step 0.
+    assert saved["train"]["max_steps"] == 6 and saved["train"]["optim"]["decay_start_step"] == 0
+    assert saved["train"]["precision"] == "fp32" and saved["model"]["vocab_size"] == 64
+    assert [s for s, _ in losses(results)] == list(range(1, 7))
+    checkpoint = safe_torch_load(results / "checkpoints" / "step_0000006.pt")
+    for folder, module in (("final", "model"), ("final_ema", "ema")):
+        model = GPT.from_pretrained(results / folder)
+        assert model.config == load_ar_config(TINY).model
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, checkpoint["modules"][module][key], rtol=0, atol=0)
+    # A fresh start must not overwrite an existing run.
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        main(*parse_args(train_args(assets["codes"], results, "--max-steps", "6")))
+
+
+def test_on_the_fly_encoding_trains_and_skips_bad_files(assets: dict[str, Path], tmp_path: Path) -> None:
+    results = tmp_path / "run"
+    out = main(*parse_args(["--config", TINY, "--data-path", str(assets["images"]), "--tokenizer-ckpt",
+                            str(assets["tokenizer"]), "--results-dir", str(results), "--device", "cpu",
+                            "--max-steps", "4", "--global-batch-size", "6"]))
+    assert out["step"] == 4
+    records = read_metrics(results / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(0 < r["loss"] < 10 and r["grad_norm"] > 0 for r in records)
+
+
+# 29 rows over 2 ranks at global batch 8: 14 per rank, 3 steps per epoch. The resume point, step 5,
+# is mid-epoch and mid-schedule (the linear decay spans all 24 steps).
+TWO_RANK = ["--max-steps", "24", "--ckpt-every", "5", "--keep-last", "10"]
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 2-rank gloo DDP run of 24 steps."""
+    whole = tmp_path_factory.mktemp("ddp") / "whole"
+    run_module("autoregressive.train", train_args(assets["codes"], whole, *TWO_RANK), nproc=2)
+    return whole
+
+
+def killed_copy(whole: Path, cut: Path) -> Path:
+    """What a run killed during step 8 leaves: the step-5 checkpoint and metrics up to a torn step-8 line."""
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copy(whole / "checkpoints" / "step_0000005.pt", cut / "checkpoints")
+    (cut / "checkpoints" / "latest").write_text("step_0000005.pt\n")
+    lines = (whole / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (cut / "metrics.jsonl").write_text("".join(lines[:7]) + '{"step": 8, "lo')
+    return cut
+
+
+def assert_same_weights(a: Path, b: Path, exact: bool = True) -> None:
+    sa, sb = GPT.from_pretrained(a).state_dict(), GPT.from_pretrained(b).state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], **({"rtol": 0, "atol": 0} if exact else {}))
+
+
+@pytest.mark.slow
+def test_two_rank_training_learns_and_resumes_exactly(assets: dict[str, Path], ddp_reference: Path,
+                                                      tmp_path: Path) -> None:
+    reference = losses(ddp_reference)
+    assert [s for s, _ in reference] == list(range(1, 25))
+    first, last = reference[0][1], sum(loss for _, loss in reference[-3:]) / 3
+    assert last < first - 0.5, f"loss did not decrease: {first:.3f} -> {last:.3f}"
+    cut = killed_copy(ddp_reference, tmp_path / "cut")
+    run_module("autoregressive.train", train_args(assets["codes"], cut, *TWO_RANK, "--resume", "auto"), nproc=2)
+    assert losses(cut) == reference
+    assert_same_weights(ddp_reference / "final", cut / "final")
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_a_ddp_checkpoint_and_trains_like_ddp(assets: dict[str, Path], ddp_reference: Path,
+                                                           tmp_path: Path) -> None:
+    cut = killed_copy(ddp_reference, tmp_path / "cut")
+    run_module("autoregressive.train", train_args(assets["codes"], cut, *TWO_RANK, "--resume", "auto", "--fsdp"),
+               nproc=2)
+    reference = losses(ddp_reference)
+    ours = losses(cut)
+    assert [s for s, _ in ours] == [s for s, _ in reference]
+    assert [loss for _, loss in ours] == pytest.approx([loss for _, loss in reference], rel=1e-5)
+    assert_same_weights(ddp_reference / "final_ema", cut / "final_ema", exact=False)
+    # FSDP checkpoints are gathered into the plain layout: the same keys and values as DDP's.
+    a = safe_torch_load(ddp_reference / "checkpoints" / "step_0000020.pt")
+    b = safe_torch_load(cut / "checkpoints" / "step_0000020.pt")
+    assert b["config"]["train"]["fsdp"] is True
+    # (betas come back from a weights_only load as a list)
+    groups = [[{**g, "betas": tuple(g["betas"])} for g in c["optimizers"]["optimizer"]["param_groups"]] for c in (a, b)]
+    assert groups[0] == groups[1]
+    torch.testing.assert_close(a["optimizers"]["optimizer"]["state"], b["optimizers"]["optimizer"]["state"])
+    torch.testing.assert_close(a["modules"], b["modules"])
+
+
+def test_stop_after_step_then_resume_matches_an_uninterrupted_run(assets: dict[str, Path], tmp_path: Path) -> None:
+    common = ["--max-steps", "8", "--ckpt-every", "100", "--global-batch-size", "4"]
+    main(*parse_args(train_args(assets["codes"], tmp_path / "whole", *common)))
+    out = main(*parse_args(train_args(assets["codes"], tmp_path / "cut", *common, "--stop-after-step", "3")))
+    assert out["step"] == 3 and not (tmp_path / "cut" / "final").exists()
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("*.pt")) == ["step_0000003.pt"]
+    main(*parse_args(train_args(assets["codes"], tmp_path / "cut", *common, "--resume", "auto")))
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
