@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,8 @@ import yaml
 
 from autoregressive import GPT
 from autoregressive.train import ARTrainConfig, load_ar_config, main, parse_args, resolve_schedule
-from tests.extraction_testing import IMAGE_SIZE, REPO, make_image_folder, make_tokenizer, run_module
+from dataset.codes import read_manifest
+from tests.extraction_testing import IMAGE_SIZE, REPO, free_port, make_image_folder, make_tokenizer, run_module
 from tokenizer.extract_codes import main as extract_main
 from tokenizer.extract_codes import parse_args as extract_args
 from utils.checkpoint import safe_torch_load
@@ -190,3 +193,19 @@ def test_stop_after_step_then_resume_matches_an_uninterrupted_run(assets: dict[s
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("*.pt")) == ["step_0000003.pt"]
     main(*parse_args(train_args(assets["codes"], tmp_path / "cut", *common, "--resume", "auto")))
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_launch_scripts_run_the_entry_points(assets: dict[str, Path], tmp_path: Path) -> None:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "NPROC_PER_NODE": "1",
+           "DATA_PATH": str(assets["images"]), "TOKENIZER_CKPT": str(assets["tokenizer"]),
+           "CODE_PATH": str(tmp_path / "codes"), "IMAGE_SIZE": str(IMAGE_SIZE), "BATCH_SIZE": "8",
+           "CONFIG": "configs/ar/tiny.yaml", "RESULTS_DIR": str(tmp_path / "run")}
+    env.pop("PYTHONPATH", None)  # the launchers must not need it
+    for script, extra in (("extract_codes.sh", ["--num-workers", "0"]), ("train_c2i.sh", ["--max-steps", "2"])):
+        env["MASTER_PORT"] = str(free_port())
+        result = subprocess.run(["bash", str(REPO / "scripts" / script), "--device", "cpu", *extra], env=env,
+                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+    assert read_manifest(tmp_path / "codes")["num_augs"] == 10  # the paper recipe's ten crops
+    assert [s for s, _ in losses(tmp_path / "run")] == [1, 2]
