@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# 50,000 class-balanced samples with the paper's settings, then the ADM metrics (SPEC §3).
+#
+#   REF_BATCH=VIRTUAL_imagenet256_labeled.npz scripts/sample_c2i_fid.sh L
+#   REF_BATCH=... NPROC_PER_NODE=8 BATCH=64 scripts/sample_c2i_fid.sh XL
+#
+# D-AR-L: linear guidance 1.1 -> 8.0 (paper; the official script uses CFG=1.2,8.0), D-AR-XL:
+# 1.1 -> 10.0; temperature 1.0, no top-k / top-p. Sampling is resumable: rerunning with the same
+# OUT skips finished shards. Environment (optional unless noted): REF_BATCH (required, an ADM
+# reference .npz), GPT_CKPT, GPT_PRESET (empty for checkpoints with a stored config),
+# TOKENIZER_CKPT, CFG, SEED, NUM_SAMPLES, BATCH (per process), OUT (folder), and the torchrun
+# settings NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT. Runs from the repository
+# root; extra arguments go to `autoregressive.sample_ddp`.
+set -euo pipefail
+
+MODEL="${1:-L}"
+shift || true
+case "$MODEL" in
+  L)  DEFAULT_PRESET=GPT-L;  DEFAULT_CFG=1.1,8.0 ;;
+  XL) DEFAULT_PRESET=GPT-XL; DEFAULT_CFG=1.1,10.0 ;;
+  *)  echo "usage: $0 [L|XL] [extra autoregressive.sample_ddp flags]" >&2; exit 2 ;;
+esac
+: "${REF_BATCH:?set REF_BATCH to an ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz}"
+
+GPT_CKPT="${GPT_CKPT:-showlab/D-AR}"
+GPT_PRESET="${GPT_PRESET-$DEFAULT_PRESET}"
+TOKENIZER_CKPT="${TOKENIZER_CKPT:-showlab/D-AR}"
+CFG="${CFG:-$DEFAULT_CFG}"
+SEED="${SEED:-0}"
+NUM_SAMPLES="${NUM_SAMPLES:-50000}"
+BATCH="${BATCH:-64}"
+OUT="${OUT:-samples/D-AR-$MODEL-cfg$CFG-seed$SEED}"
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+  NPROC_PER_NODE="$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')"
+fi
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+
+PRESET_ARGS=()
+if [[ -n "$GPT_PRESET" ]]; then PRESET_ARGS=(--gpt-preset "$GPT_PRESET"); fi
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC_PER_NODE" \
+  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" -m autoregressive.sample_ddp \
+  --gpt-ckpt "$GPT_CKPT" "${PRESET_ARGS[@]}" --tokenizer-ckpt "$TOKENIZER_CKPT" \
+  --cfg-scale "$CFG" --temperature 1.0 --top-k 0 --top-p 1.0 --seed "$SEED" \
+  --num-samples "$NUM_SAMPLES" --per-proc-batch-size "$BATCH" --out "$OUT" "$@"
+
+if [[ "$NODE_RANK" == 0 ]]; then
+  python -m evaluations.evaluator "$REF_BATCH" "$OUT/samples.npz" --json "$OUT/metrics.json"
+fi
