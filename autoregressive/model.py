@@ -19,7 +19,7 @@ from timm.layers import DropPath
 
 from autoregressive.config import GPT_PRESETS, GPTConfig, find_multiple
 from autoregressive.generate import GuidanceSchedule, draw_uniforms, generate_codes
-from utils.checkpoint import atomic_write, load_state_file
+from utils.checkpoint import StateDictMismatchError, atomic_write, check_state_dict, load_state_file
 from utils.config import dataclass_from_dict, dataclass_to_dict, load_yaml, save_yaml
 from utils.hub import OFFICIAL_REPO_ID, resolve_file
 
@@ -175,13 +175,6 @@ class LabelEmbedder(nn.Module):
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels).unsqueeze(1)
-
-
-class StateDictMismatchError(KeyError):
-    """A GPT state dict does not fit the architecture; the message lists every offending key."""
-
-    def __str__(self) -> str:  # KeyError would print the repr, escaping the newlines of the key list
-        return str(self.args[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -460,17 +453,7 @@ def build_gpt(config: GPTConfig, state_dict: dict[str, torch.Tensor]) -> GPT:
     with torch.device("meta"):
         model = GPT(config)
     state = convert_official_state_dict(state_dict)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    not_float = sorted(k for k, v in state.items() if not (isinstance(v, torch.Tensor) and v.is_floating_point()))
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in state and k not in not_float and state[k].shape != own[k].shape]
-    problems = [f"{what}: {', '.join(keys)}" for what, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("non-float entries", not_float),
-                 ("shape mismatches", mismatched)) if keys]
-    if problems:
-        raise StateDictMismatchError("GPT state dict does not match the model:\n  " + "\n  ".join(problems))
+    check_state_dict(state, model.state_dict(), "GPT state dict", require_float=True)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
     return model.eval()
 

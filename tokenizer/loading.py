@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from tokenizer.config import TOKENIZER_PRESETS, TokenizerConfig, from_official, load_tokenizer_config
 from tokenizer.model import DARTokenizer
 from tokenizer.pixel_decoder import build_repa_head
-from utils.checkpoint import atomic_write, load_state_file
+from utils.checkpoint import StateDictMismatchError, names_list, atomic_write, check_state_dict, load_state_file
 from utils.config import dataclass_from_dict, dataclass_to_dict, save_yaml
 from utils.hub import OFFICIAL_REPO_ID, resolve_file
 
@@ -27,13 +27,6 @@ CONFIG_NAME = "tokenizer_config.yaml"
 
 _USAGE_KEY = "quantize.codebook_used"  # training statistic; inference never reads it
 _REPA_PREFIX = "diff_decoder.net.repa_out."  # training-only REPA head
-
-
-class StateDictMismatchError(KeyError):
-    """Missing, unexpected or wrongly shaped checkpoint entries; the message names every one."""
-
-    def __str__(self) -> str:  # KeyError would quote the whole message
-        return str(self.args[0])
 
 
 def convert_official_state_dict(state_dict: dict[str, Any], model: DARTokenizer) -> tuple[dict[str, Tensor], set[str]]:
@@ -55,34 +48,6 @@ def convert_official_state_dict(state_dict: dict[str, Any], model: DARTokenizer)
     return converted, optional
 
 
-def _names(keys: list[str], limit: int = 20) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown if len(keys) <= limit else f"{shown}, ... and {len(keys) - limit} more"
-
-
-def _check_keys(model: nn.Module, state_dict: dict[str, Any], optional: set[str]) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict) - optional)
-    unexpected = sorted(set(state_dict) - set(expected))
-    not_tensor = sorted(k for k, v in state_dict.items() if not isinstance(v, Tensor))
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state_dict.items()
-        if k in expected and isinstance(v, Tensor) and v.shape != expected[k].shape
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_names(unexpected)}")
-    if not_tensor:
-        problems.append(f"non-tensor entries: {_names(not_tensor)}")
-    if shapes:
-        problems.append(f"shape mismatches: {'; '.join(shapes[:20])}")
-    if problems:
-        raise StateDictMismatchError("tokenizer checkpoint does not match the config — " + " | ".join(problems))
-
-
 def build_from_state_dict(
     config: TokenizerConfig, state_dict: dict[str, Any], device: str | torch.device | None = None
 ) -> DARTokenizer:
@@ -95,11 +60,11 @@ def build_from_state_dict(
     with torch.device("meta"):
         model = DARTokenizer(config)
     converted, optional = convert_official_state_dict(state_dict, model)
-    _check_keys(model, converted, optional)
+    check_state_dict(converted, model.state_dict(), "tokenizer checkpoint", optional=optional)
     repa_expected = {k for k in optional if k.startswith(_REPA_PREFIX)}
     repa_given = {k for k in converted if k.startswith(_REPA_PREFIX)}
     if repa_given and repa_given != repa_expected:
-        absent = _names(sorted(repa_expected - repa_given))
+        absent = names_list(sorted(repa_expected - repa_given))
         raise StateDictMismatchError(f"incomplete REPA head, missing keys: {absent}")
     target = torch.device(device) if device is not None else None
     tensors = {}
@@ -117,7 +82,7 @@ def build_from_state_dict(
             model.pixel_decoder.repa_out = build_repa_head(config.diff_decoder)
     uninitialised = [name for name, t in model.state_dict().items() if t.is_meta]
     if uninitialised and device_of_rest.type != "meta":  # a guard against silently unloaded weights
-        raise StateDictMismatchError(f"entries left uninitialised: {_names(uninitialised)}")
+        raise StateDictMismatchError(f"entries left uninitialised: {names_list(uninitialised)}")
     return model.eval()
 
 

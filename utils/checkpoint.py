@@ -176,3 +176,56 @@ class CheckpointManager:
         if target is None:
             return None
         return safe_torch_load(target, map_location=map_location)
+
+
+class StateDictMismatchError(KeyError):
+    """Missing, unexpected, non-tensor or wrongly shaped checkpoint entries; the message names each one."""
+
+    def __str__(self) -> str:  # KeyError would print the repr, quoting the message and escaping newlines
+        return str(self.args[0])
+
+
+def names_list(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown if len(keys) <= limit else f"{shown}, ... and {len(keys) - limit} more"
+
+
+def check_state_dict(
+    state_dict: dict[str, Any],
+    expected: dict[str, Any],
+    what: str,
+    optional: set[str] | frozenset[str] = frozenset(),
+    require_float: bool = False,
+) -> None:
+    """Strict comparison of a checkpoint with a model's ``state_dict()`` (values: tensors or shapes).
+
+    Raises :class:`StateDictMismatchError` naming every missing key (except ``optional`` ones), every
+    unexpected key, every entry that is not a (floating-point, if asked) tensor and every shape mismatch.
+    """
+
+    def shape(value: Any) -> tuple[int, ...]:
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
+
+    missing = sorted(set(expected) - set(state_dict) - set(optional))
+    unexpected = sorted(set(state_dict) - set(expected))
+    bad = sorted(
+        k for k, v in state_dict.items()
+        if not isinstance(v, torch.Tensor) or (require_float and not v.is_floating_point())
+    )
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(v.shape)} vs model {shape(expected[k])}"
+        for k, v in state_dict.items()
+        if k in expected and k not in bad and tuple(v.shape) != shape(expected[k])
+    )
+    problems = [
+        f"{label}: {names_list(keys)}"
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("non-float entries" if require_float else "non-tensor entries", bad),
+            ("shape mismatches", mismatched),
+        )
+        if keys
+    ]
+    if problems:
+        raise StateDictMismatchError(f"{what} does not match the model:\n  " + "\n  ".join(problems))
