@@ -37,13 +37,23 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from autoregressive.config import GPTConfig
-from autoregressive.model import GPT, TransformerBlock, gpt_config_from_yaml
+from autoregressive.model import GPT, TransformerBlock, build_gpt, gpt_config_from_yaml
+from autoregressive.stream import image_seed, sample_images
 from dataset.codes import CodeDataset
 from dataset.images import ImageBatch, ImageFolderDataset, RandomTenCrop, collate_skip_bad
 from dataset.sampler import ResumableDistributedSampler
+from tokenizer.model import DARTokenizer
 from utils.checkpoint import CheckpointManager
 from utils.config import ConfigError, dataclass_from_dict, dataclass_to_dict, load_yaml
-from utils.distributed import DistEnv, all_reduce_mean, all_reduce_sum, cleanup_distributed, seed_everything, setup_distributed
+from utils.distributed import (
+    DistEnv,
+    all_reduce_mean,
+    all_reduce_sum,
+    cleanup_distributed,
+    seed_everything,
+    setup_distributed,
+)
+from utils.images import save_grid, to_uint8
 from utils.run import RunFolder, create_logger
 from utils.training import (
     InfiniteLoader,
@@ -91,6 +101,20 @@ class ARDataConfig:
 
 
 @dataclass(frozen=True)
+class ARSampleConfig:
+    """Sample grids written to ``RESULTS/samples/step_XXXXXXX.png`` during training (0 = never).
+
+    Needs ``data.tokenizer_ckpt`` to decode; uses the EMA weights when EMA is on. Image i has seed
+    ``image_seed(seed, i)`` as in the sampling CLIs, so grids of different steps are comparable.
+    """
+
+    every: int = 0
+    labels: tuple[int, ...] = (207, 360, 387, 974, 88, 979, 417, 279)
+    cfg_scale: tuple[float, float] = (1.1, 8.0)  # linear over the codes (SPEC §2, GPT-L setting)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class ARTrainSettings:
     """The ``train:`` section of a recipe."""
 
@@ -110,6 +134,7 @@ class ARTrainSettings:
     fsdp: bool = False
     compile: bool = False
     data: ARDataConfig = field(default_factory=ARDataConfig)
+    sample: ARSampleConfig = field(default_factory=ARSampleConfig)
 
 
 @dataclass(frozen=True)
@@ -151,6 +176,8 @@ def apply_overrides(cfg: ARTrainConfig, args: argparse.Namespace) -> ARTrainConf
         train_changes["compile"] = True
     if args.fsdp:
         train_changes["fsdp"] = True
+    if args.sample_every is not None:
+        train_changes["sample"] = replace(t.sample, every=args.sample_every)
     t = replace(t, optim=replace(t.optim, **optim_changes), data=replace(t.data, **data_changes), **train_changes)
     return replace(cfg, train=t)
 
@@ -161,8 +188,12 @@ def check_settings(t: ARTrainSettings) -> None:
         raise ValueError("give exactly one data source: --code-path DIR (extracted codes) or --data-path IMAGES")
     if d.data_path is not None and d.tokenizer_ckpt is None:
         raise ValueError("--data-path encodes images on the fly and needs --tokenizer-ckpt")
-    if d.code_path is not None and d.tokenizer_ckpt is not None:
-        raise ValueError("--tokenizer-ckpt is only used with --data-path; extracted codes need no tokenizer")
+    if d.code_path is not None and d.tokenizer_ckpt is not None and t.sample.every == 0:
+        raise ValueError("--tokenizer-ckpt with --code-path only decodes sample grids: set --sample-every too")
+    if t.sample.every > 0 and d.tokenizer_ckpt is None:
+        raise ValueError("--sample-every needs --tokenizer-ckpt to decode the sampled codes")
+    if t.sample.every < 0 or (t.sample.every > 0 and not t.sample.labels):
+        raise ValueError("train.sample.every must be >= 0 and, when on, train.sample.labels non-empty")
     for name in ("global_batch_size", "epochs", "log_every", "ckpt_every"):
         if getattr(t, name) < 1:
             raise ValueError(f"train.{name} must be positive, got {getattr(t, name)}")
@@ -206,19 +237,21 @@ class CodeSource:
         return self.tokenizer.encode(batch.images.to(self.device, non_blocking=True)), labels
 
 
-def build_data(t: ARTrainSettings, cfg_model: GPTConfig, env: DistEnv) -> tuple[Any, CodeSource, Any]:
-    """(dataset, code source, collate_fn) after checking that the data fits the model."""
+def build_data(
+    t: ARTrainSettings, cfg_model: GPTConfig, env: DistEnv
+) -> tuple[Any, CodeSource, Any, DARTokenizer | None]:
+    """(dataset, code source, collate_fn, tokenizer or None) after checking that they fit the model."""
     d = t.data
+    tokenizer = None
+    if d.tokenizer_ckpt is not None:
+        tokenizer = DARTokenizer.from_pretrained(d.tokenizer_ckpt, d.tokenizer_filename, device=env.device).eval()
+        tokenizer.requires_grad_(False)
     if d.code_path is not None:
         dataset = CodeDataset(d.code_path, seed=t.seed)
         seq_len, vocab, max_label = dataset.seq_len, dataset.vocab_size, int(dataset.labels.max())
         source, collate = CodeSource(env.device), None
         what = f"codes in {d.code_path}"
     else:
-        from tokenizer.model import DARTokenizer
-
-        tokenizer = DARTokenizer.from_pretrained(d.tokenizer_ckpt, d.tokenizer_filename, device=env.device).eval()
-        tokenizer.requires_grad_(False)
         dataset = ImageFolderDataset(d.data_path, RandomTenCrop(d.image_size, d.crop_ratio), seed=t.seed)
         seq_len, vocab = tokenizer.config.num_all_queries, tokenizer.config.vq_codebook_size
         max_label = max(dataset.labels)
@@ -231,9 +264,31 @@ def build_data(t: ARTrainSettings, cfg_model: GPTConfig, env: DistEnv) -> tuple[
         problems.append(f"vocabulary {vocab} but model.vocab_size is {cfg_model.vocab_size}")
     if max_label >= cfg_model.num_classes:
         problems.append(f"labels up to {max_label} but model.num_classes is {cfg_model.num_classes}")
+    if t.sample.every and max(t.sample.labels) >= cfg_model.num_classes:
+        problems.append(f"train.sample.labels go up to {max(t.sample.labels)}")
+    if tokenizer is not None and d.code_path is not None and (
+            tokenizer.config.num_all_queries, tokenizer.config.vq_codebook_size) != (seq_len, vocab):
+        problems.append(f"the sampling tokenizer {d.tokenizer_ckpt} does not match the codes")
     if problems:
         raise ValueError(f"{what} do not fit the model: " + "; ".join(problems))
-    return dataset, source, collate
+    return dataset, source, collate, tokenizer
+
+
+@torch.no_grad()
+def save_samples(cfg: ARTrainConfig, state: dict[str, torch.Tensor], tokenizer: DARTokenizer, path: Path,
+                 device: torch.device, precision: str) -> None:
+    """Rank 0: sample one row of ``cfg.train.sample.labels`` from a copy of the weights and save the grid."""
+    sample = cfg.train.sample
+    labels = torch.tensor(sample.labels, device=device)
+    seeds = [image_seed(sample.seed, i) for i in range(len(sample.labels))]
+    # Sampling must leave the training RNG streams (and so exact resume) untouched; build_gpt
+    # (meta-device build, no random init) and the per-image generators draw nothing, and the fork
+    # guarantees it.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        gpt = build_gpt(cfg.model, state).to(device)
+        with autocast(device, precision):
+            _, images = sample_images(gpt, tokenizer, labels, seeds=seeds, cfg_scale=sample.cfg_scale)
+    save_grid([to_uint8(images)], path)
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -275,7 +330,8 @@ class _FullStateModule(nn.Module):
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        return set_model_state_dict(self._sharded[0], state_dict, options=StateDictOptions(full_state_dict=True, strict=strict))
+        options = StateDictOptions(full_state_dict=True, strict=strict)
+        return set_model_state_dict(self._sharded[0], state_dict, options=options)
 
 
 class _FullStateOptimizer:
@@ -320,6 +376,15 @@ def _rekey_optimizer_state(state: dict[str, Any], key_map: dict[Any, Any]) -> di
         "state": {key_map[k]: v for k, v in state["state"].items()},
         "param_groups": [{**g, "params": [key_map[k] for k in g["params"]]} for g in state["param_groups"]],
     }
+
+
+def full_state_dict(module: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
+    """The unsharded weights; collective under FSDP (every rank calls, rank 0 gets them)."""
+    if not fsdp:
+        return unwrap_model(module).state_dict()
+    holder = _FullStateModule(module)
+    holder.gather()
+    return holder.state_dict()
 
 
 def shard_model(model: GPT) -> GPT:
@@ -373,7 +438,7 @@ def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
         raise FileExistsError(f"{run.checkpoints} already holds checkpoints: pass --resume auto or a new --results-dir")
 
     # -- data (first: the schedule depends on the dataset size) --------------------------------
-    dataset, source, collate = build_data(t, cfg.model, env)
+    dataset, source, collate, tokenizer = build_data(t, cfg.model, env)
     sampler = ResumableDistributedSampler(len(dataset), env.world_size, env.rank, seed=t.seed, shuffle=True,
                                           drop_last=True)
     steps_per_epoch = sampler.num_samples // batch_size
@@ -392,17 +457,16 @@ def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
     model = GPT(cfg.model).to(env.device)
     ema = create_ema(model) if t.optim.ema_decay > 0 else None
     logger.info(f"GPT: {model.num_params() / 1e6:.1f}M parameters; EMA {'%g' % t.optim.ema_decay if ema else 'off'}")
-    if t.compile:
-        model.compile()
     if t.fsdp:
         model = shard_model(model)
         if ema is not None:
             ema = shard_model(ema)
-        trained: nn.Module = model
-    elif env.distributed:
+    if t.compile:
+        # In place (state-dict keys keep their names); after sharding, as FSDP2 expects.
+        model.compile()
+    trained: nn.Module = model
+    if env.distributed and not t.fsdp:
         trained = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    else:
-        trained = model
     model.train()
 
     # -- optimizer -----------------------------------------------------------------------------
@@ -417,6 +481,7 @@ def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
     # -- resume --------------------------------------------------------------------------------
     seed_everything(t.seed * env.world_size + env.rank)  # per-rank dropout / label-dropout streams
     step = 0
+    empty_batches = 0
     window = {"loss_sum": 0.0, "count": 0}
     if resume_path is not None:
         state = load_train_checkpoint(resume_path, env, modules, optimizers, log=logger.warning)
@@ -424,6 +489,7 @@ def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
         loader.load_state_dict(state["loader"])
         guard.load_state_dict(state["guard"])
         window = dict(state["window"])
+        empty_batches = int(state["empty_batches"])
         diffs = config_differences(state["config"], dataclass_to_dict(cfg)) if "config" in state else []
         for diff in diffs:
             logger.warning(f"config changed since the checkpoint: {diff}")
@@ -436,7 +502,7 @@ def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
             if hasattr(holder, "gather"):
                 holder.gather()
         extra = {"loader": loader.state_dict(), "guard": guard.state_dict(), "window": dict(window),
-                 "config": dataclass_to_dict(cfg), "steps_per_epoch": steps_per_epoch}
+                 "empty_batches": empty_batches, "config": dataclass_to_dict(cfg), "steps_per_epoch": steps_per_epoch}
         save_train_checkpoint(manager, env, at_step, cfg, modules, optimizers, extra=extra)
         logger.info(f"saved checkpoint at step {at_step}")
 
@@ -444,7 +510,7 @@ def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
     last_step = t.max_steps if opts.stop_after_step is None else min(t.max_steps, opts.stop_after_step)
     throughput = Throughput()
     grad_norm = torch.zeros((), device=env.device)
-    empty_batches = 0
+    clip = t.optim.grad_clip if t.optim.grad_clip > 0 else math.inf  # inf: measure the norm, never clip
     while step < last_step:
         codes, labels = source(next(loader))  # (B, N), (B,)
         if not all_ranks_agree(labels.numel() > 0, env.device):
@@ -457,7 +523,7 @@ def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
         loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.optim.grad_clip if t.optim.grad_clip > 0 else math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
             grad_norm = grad_norm.full_tensor()
         mean_loss = all_reduce_mean(loss.detach())
@@ -489,18 +555,20 @@ def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
             window = {"loss_sum": 0.0, "count": 0}
         if step % t.ckpt_every == 0 or step == last_step:
             save(step)
+        if t.sample.every and step % t.sample.every == 0:
+            state = full_state_dict(ema if ema is not None else model, t.fsdp)
+            if env.is_main:
+                path = run.samples / f"step_{step:07d}.png"
+                save_samples(cfg, state, tokenizer, path, env.device, precision)
+                logger.info(f"saved samples {path}")
 
     # -- save ----------------------------------------------------------------------------------
     if step >= t.max_steps:
         final = {"final": model} if ema is None else {"final": model, "final_ema": ema}
         for name, module in final.items():
-            holder = _FullStateModule(module) if t.fsdp else None
-            if holder is not None:
-                holder.gather()
+            state = full_state_dict(module, t.fsdp)
             if env.is_main:
-                export = GPT(cfg.model)
-                export.load_state_dict(holder.state_dict() if holder is not None else unwrap_model(module).state_dict())
-                export.save_pretrained(run.root / name)
+                build_gpt(cfg.model, state).save_pretrained(run.root / name)
         logger.info(f"done: {step} steps; inference weights in {run.root / 'final'}")
     else:
         logger.info(f"stopped after step {step} of {t.max_steps}; continue with --resume auto")
@@ -519,6 +587,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ARTrainConfig, RunOptions
     parser.add_argument("--epochs", type=int, default=None, help="override train.epochs (when max-steps is unset)")
     parser.add_argument("--ema-decay", type=float, default=None, help="EMA decay (0 disables; paper option 0.9999)")
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP (XL/XXL)")
+    parser.add_argument("--sample-every", type=int, default=None,
+                        help="write a sample grid every N steps (needs --tokenizer-ckpt; 0 = never)")
     parser.add_argument("--stop-after-step", type=int, default=None,
                         help="checkpoint and exit after this step without changing the LR schedule (time-limited jobs)")
     args = parser.parse_args(argv)

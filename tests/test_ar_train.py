@@ -8,9 +8,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from autoregressive import GPT
 from autoregressive.train import ARTrainConfig, load_ar_config, main, parse_args, resolve_schedule
@@ -185,14 +187,27 @@ def test_fsdp_resumes_a_ddp_checkpoint_and_trains_like_ddp(assets: dict[str, Pat
     torch.testing.assert_close(a["modules"], b["modules"])
 
 
+@pytest.mark.slow
 def test_stop_after_step_then_resume_matches_an_uninterrupted_run(assets: dict[str, Path], tmp_path: Path) -> None:
     common = ["--max-steps", "8", "--ckpt-every", "100", "--global-batch-size", "4"]
     main(*parse_args(train_args(assets["codes"], tmp_path / "whole", *common)))
-    out = main(*parse_args(train_args(assets["codes"], tmp_path / "cut", *common, "--stop-after-step", "3")))
-    assert out["step"] == 3 and not (tmp_path / "cut" / "final").exists()
-    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("*.pt")) == ["step_0000003.pt"]
-    main(*parse_args(train_args(assets["codes"], tmp_path / "cut", *common, "--resume", "auto")))
+    # The interrupted run also writes sample grids: they must not disturb the training RNG streams.
+    sampling = ["--tokenizer-ckpt", str(assets["tokenizer"]), "--sample-every", "3"]
+    out = main(*parse_args(train_args(assets["codes"], tmp_path / "cut", *common, *sampling, "--stop-after-step", "4")))
+    assert out["step"] == 4 and not (tmp_path / "cut" / "final").exists()
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("*.pt")) == ["step_0000004.pt"]
+    main(*parse_args(train_args(assets["codes"], tmp_path / "cut", *common, *sampling, "--resume", "auto")))
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+    grids = sorted((tmp_path / "cut" / "samples").glob("*.png"))
+    assert [p.name for p in grids] == ["step_0000003.png", "step_0000006.png"]
+    assert np.asarray(Image.open(grids[0])).shape == (2 + 34, 2 + 4 * 34, 3)  # one row of 4 labels, 32 px
+
+
+def test_sampling_needs_a_tokenizer(assets: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs --tokenizer-ckpt"):
+        main(*parse_args(train_args(assets["codes"], tmp_path, "--sample-every", "2")))
+    with pytest.raises(ValueError, match="only decodes sample grids"):
+        main(*parse_args(train_args(assets["codes"], tmp_path, "--tokenizer-ckpt", str(assets["tokenizer"]))))
 
 
 @pytest.mark.slow

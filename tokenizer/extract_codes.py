@@ -117,7 +117,9 @@ def shard_range(shard_id: int, shard_size: int, num_images: int) -> range:
     return range(shard_id * shard_size, min((shard_id + 1) * shard_size, num_images))
 
 
-def shard_batches(shard_ids: list[int], shard_size: int, num_images: int, batch_size: int) -> list[tuple[int, list[int]]]:
+def shard_batches(
+    shard_ids: list[int], shard_size: int, num_images: int, batch_size: int
+) -> list[tuple[int, list[int]]]:
     """(shard id, source indices) per batch; batches never straddle shards, so a shard ends on a batch."""
     batches = []
     for shard_id in shard_ids:
@@ -226,9 +228,10 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
             parts["indices"].append(batch.indices)
         progress.update(batch.stats.seen)
         if last:
-            codes = torch.cat(parts["codes"]) if parts["codes"] else torch.empty(0, num_views(args), seq_len, dtype=torch.long)
-            labels = torch.cat(parts["labels"]) if parts["labels"] else torch.empty(0, dtype=torch.long)
-            indices = torch.cat(parts["indices"]) if parts["indices"] else torch.empty(0, dtype=torch.long)
+            empty = not parts["codes"]  # every image of the shard was bad: an empty, complete shard
+            codes = torch.empty(0, num_views(args), seq_len, dtype=torch.long) if empty else torch.cat(parts["codes"])
+            labels = torch.empty(0, dtype=torch.long) if empty else torch.cat(parts["labels"])
+            indices = torch.empty(0, dtype=torch.long) if empty else torch.cat(parts["indices"])
             atomic_write_text(out / _STATS_FILE.format(shard_id), json.dumps(shard_stats.to_dict()) + "\n")
             write_shard(out, shard_id, codes, labels, indices, vocab_size)
             parts = {"codes": [], "labels": [], "indices": []}
