@@ -61,12 +61,12 @@ def test_writes_the_npz_pair_grid_and_metrics(assets: dict[str, Path], tmp_path:
 
 
 def test_batch_size_steps_and_sampler_options(assets: dict[str, Path], tmp_path: Path) -> None:
-    reconstruct(assets, tmp_path / "a.npz", "--batch-size", "1", "--num", "4", "--grid-images", "0")
-    reconstruct(assets, tmp_path / "b.npz", "--batch-size", "3", "--num", "4", "--grid-images", "0")
+    reconstruct(assets, tmp_path / "a.npz", "--batch-size", "1", "--num-images", "4", "--grid-images", "0")
+    reconstruct(assets, tmp_path / "b.npz", "--batch-size", "3", "--num-images", "4", "--grid-images", "0")
     a, b = np.load(tmp_path / "a.npz")["arr_0"], np.load(tmp_path / "b.npz")["arr_0"]
     assert len(a) == 4 and not (tmp_path / "a.png").exists()
     np.testing.assert_array_equal(a, b)
-    reconstruct(assets, tmp_path / "c.npz", "--num", "4", "--steps", "2", "--sampler", "euler", "--grid-images", "0")
+    reconstruct(assets, tmp_path / "c.npz", "--num-images", "4", "--steps", "2", "--sampler", "euler", "--grid-images", "0")
     assert not np.array_equal(np.load(tmp_path / "c.npz")["arr_0"], a)
     with pytest.raises(ValueError, match="--steps"):
         reconstruct(assets, tmp_path / "d.npz", "--steps", "9")

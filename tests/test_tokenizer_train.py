@@ -15,9 +15,10 @@ import torch
 import yaml
 from PIL import Image
 
-from tests.extraction_testing import REPO, free_port, make_image_folder, run_module
+from tests.extraction_testing import REPO, free_port, make_image_folder, make_tokenizer, run_module
 from tokenizer.config import TOKENIZER_PRESETS
 from tokenizer.flow import clean_estimate, flow_loss, interpolate, target_velocity
+from tokenizer.losses import DISCRIMINATOR_PRESETS, LPIPS, PatchGANDiscriminator
 from tokenizer.model import DARTokenizer
 from tokenizer.train import (
     LossConfig,
@@ -28,10 +29,11 @@ from tokenizer.train import (
     term_weights,
     total_loss,
 )
-from tokenizer.losses import LPIPS, PatchGANDiscriminator, DISCRIMINATOR_PRESETS
-from utils.checkpoint import safe_torch_load
+from utils.checkpoint import CheckpointManager, safe_torch_load
 from utils.config import ConfigError
+from utils.distributed import DistEnv
 from utils.run import read_metrics
+from utils.training import save_train_checkpoint
 
 TINY = REPO / "configs" / "tokenizer" / "train_tiny.yaml"
 
@@ -274,3 +276,42 @@ def test_two_rank_run_learns_and_a_killed_run_resumes_exactly(tmp_path: Path) ->
     run_module("tokenizer.train", train_args(recipe, tmp_path / "images", killed, "--resume", "auto"), nproc=2)
     assert losses_by_step(killed) == reference
     assert read_metrics(killed / "metrics.jsonl") != [] and (killed / "final").is_dir()
+
+
+def test_init_from_starts_fine_tuning_from_the_given_weights(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "images", per_class=(2, 2), bad=None)
+    source = make_tokenizer(tmp_path / "source")
+    recipe = write_recipe(tmp_path / "r.yaml", global_batch_size=2, max_steps=1, loss={"perceptual_weight": 0.0})
+    out = tmp_path / "run"
+    # lr 0: AdamW leaves the weights (and so the EMA) exactly where --init-from put them.
+    run_module("tokenizer.train", train_args(recipe, tmp_path / "images", out, "--init-from", str(source), "--lr", "0"))
+    expected = DARTokenizer.from_pretrained(source).state_dict()
+    for key, value in DARTokenizer.from_pretrained(out / "final").state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+
+
+def test_checkpoint_aliases_may_not_replace_training_entries(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path)
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    with pytest.raises(KeyError, match="step"):
+        save_train_checkpoint(manager, env, 1, {}, {}, {}, aliases={"step": 0})
+    assert manager.latest() is None
+
+
+@pytest.mark.slow
+def test_launch_scripts_train_and_reconstruct(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "images", per_class=(2, 2), bad=None)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "NPROC_PER_NODE": "1",
+           "DATA_PATH": str(tmp_path / "images"), "CONFIG": "configs/tokenizer/train_tiny.yaml",
+           "RESULTS_DIR": str(tmp_path / "run"), "CKPT": str(tmp_path / "run" / "final"),
+           "OUT": str(tmp_path / "recon.npz")}
+    env.pop("PYTHONPATH", None)  # the launchers must not need it
+    for script, extra in (("train_tokenizer.sh", ["--max-steps", "2", "--global-batch-size", "2", "--perceptual-weight", "0"]),
+                          ("reconstruct.sh", ["--image-size", "32", "--steps", "4", "--num-workers", "0"])):
+        env["MASTER_PORT"] = str(free_port())
+        result = subprocess.run(["bash", str(REPO / "scripts" / script), "--device", "cpu", *extra], env=env,
+                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+    assert sorted(losses_by_step(tmp_path / "run")) == [1, 2]
+    assert np.load(tmp_path / "recon.npz")["arr_0"].shape == (4, 32, 32, 3)
+    assert "PSNR" in result.stdout

@@ -7,8 +7,8 @@
 
 Output contract
     ``--out`` (e.g. ``recon.npz``): ``arr_0`` uint8 (N, H, W, 3), the reconstructions of the first
-    ``--num`` images of the sorted file list (all by default) in file order, minus files that cannot
-    be decoded (skipped and counted). ``--ref-out`` (default ``recon_ref.npz``): ``arr_0`` of the
+    ``--num-images`` images of the sorted file list (all by default) in file order, minus files
+    that cannot be decoded (skipped and counted). ``--ref-out`` (default ``recon_ref.npz``): ``arr_0`` of the
     matching ADM centre-cropped inputs, row for row, for the ADM evaluator (rFID) or any metric.
     ``--grid`` (default ``recon.png``): one row per image of the first ``--grid-images``:
     input | reconstruction | the preview after each of the S streaming steps.
@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="decoder steps (default: all S)")
     parser.add_argument("--sampler", choices=flow.SAMPLERS, default="adams2")
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--num", type=int, default=None, help="first N images of the folder (default: all)")
+    parser.add_argument("--num-images", type=int, default=None, help="first N images of the folder (default: all)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per rank per call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -98,8 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("image_size", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.num is not None and args.num < 1:
-        parser.error("--num must be positive")
+    if args.num_images is not None and args.num_images < 1:
+        parser.error("--num-images must be positive")
     if args.grid_images < 0:
         parser.error("--grid-images must be >= 0")
     if not args.out.endswith(".npz"):
@@ -119,9 +119,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     ref_out = Path(args.ref_out) if args.ref_out else out.with_name(out.stem + "_ref.npz")
     grid = Path(args.grid) if args.grid else out.with_suffix(".png")
 
-    # -- data: rank r takes the images r, r + R, ... of the first --num ----------------------------
+    # -- data: rank r takes the images r, r + R, ... of the first --num-images ---------------------
     dataset = ImageFolderDataset(args.data_path, CenterCrop(args.image_size), with_labels=False)
-    total = len(dataset) if args.num is None else min(args.num, len(dataset))
+    total = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
     if total == 0:
         raise ValueError(f"{args.data_path} holds no images")
     mine = list(range(env.rank, total, env.world_size))

@@ -99,9 +99,6 @@ OFFICIAL_OPTIM = OptimConfig(
 # taming / LlamaGen discriminator optimizer: same LR, no warmup of its own (it starts at gan_start_step).
 DISC_OPTIM = OptimConfig(lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, decay_matrices_only=False, grad_clip=1.0)
 
-# Order of the logged terms (and of the per-step all-reduce).
-TERMS = ("flow", "codebook", "commitment", "lpips", "repa", "gan")
-
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -249,29 +246,28 @@ class LossNetworks:
 def build_loss_networks(w: LossConfig, files: WeightFiles, env: DistEnv, log: Any) -> LossNetworks:
     """Frozen LPIPS / REPA encoder and the discriminator for the terms with a non-zero weight.
 
-    Rank 0 builds first (it may download into the shared cache), the others after a barrier.
+    Rank 0 builds first (it may download into the shared cache), the others after it.
     """
-    nets = LossNetworks(None, None, None)
-    for turn in (0, 1):
-        if (turn == 0) == env.is_main:
-            if w.perceptual_weight > 0:
-                if not w.perceptual_pretrained:
-                    log.warning("!!! LPIPS uses RANDOM weights (perceptual_pretrained: false): the perceptual term "
-                                "is NOT LPIPS. Only for tests and offline smoke runs. !!!")
-                    nets.lpips = LPIPS(pretrained=False)
-                else:
-                    nets.lpips = LPIPS(pretrained=True, backbone_weights=files.vgg, head_weights=files.lpips)
-            if w.repa_weight > 0:
-                preset = REPA_ENCODER_PRESETS[w.repa_encoder]
-                if not w.repa_pretrained:
-                    log.warning("!!! the REPA encoder uses RANDOM weights (repa_pretrained: false): REPA does NOT "
-                                "align with DINOv2. Only for tests and offline smoke runs. !!!")
-                    nets.repa = RepaFeatureExtractor(preset, pretrained=False)
-                else:
-                    nets.repa = RepaFeatureExtractor(preset, pretrained=True, weights=files.dinov2)
+    if not env.is_main:
         barrier()
+    nets = LossNetworks(None, None, None)
+    if w.perceptual_weight > 0 and not w.perceptual_pretrained:
+        log.warning("!!! LPIPS uses RANDOM weights (perceptual_pretrained: false): the perceptual term is NOT "
+                    "LPIPS. Only for tests and offline smoke runs. !!!")
+        nets.lpips = LPIPS(pretrained=False)
+    elif w.perceptual_weight > 0:
+        nets.lpips = LPIPS(pretrained=True, backbone_weights=files.vgg, head_weights=files.lpips)
+    preset = REPA_ENCODER_PRESETS[w.repa_encoder]
+    if w.repa_weight > 0 and not w.repa_pretrained:
+        log.warning("!!! the REPA encoder uses RANDOM weights (repa_pretrained: false): REPA does NOT align with "
+                    "DINOv2. Only for tests and offline smoke runs. !!!")
+        nets.repa = RepaFeatureExtractor(preset, pretrained=False)
+    elif w.repa_weight > 0:
+        nets.repa = RepaFeatureExtractor(preset, pretrained=True, weights=files.dinov2)
     if w.gan_weight > 0:
         nets.disc = PatchGANDiscriminator(DISCRIMINATOR_PRESETS[w.discriminator])
+    if env.is_main:
+        barrier()
     for net in (nets.lpips, nets.repa, nets.disc):
         if net is not None:
             net.to(env.device)
