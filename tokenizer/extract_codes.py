@@ -7,10 +7,12 @@
 
 Output contract
     Shard ``k`` holds the source images ``[k * shard_size, (k + 1) * shard_size)`` of the sorted file
-    list, minus the files that could not be decoded (skipped and counted, never encoded). Rank ``r``
-    encodes the shards ``k`` with ``k % world_size == r``. Views per image (``num_augs``): 1 (ADM centre
-    crop), 2 with ``--flip`` (centre crop, then its mirror, as LlamaGen's extractor) or 10 with
-    ``--ten-crop`` (``dataset.images.TenCrop``: the crops of the 281-px centre crop and of its mirror).
+    list, minus the files that could not be decoded (skipped and counted, never encoded). The shards
+    not yet complete are dealt out round-robin over the ranks; each rank writes its own. Views per
+    image (``num_augs``): 1 (ADM centre crop), 2 with ``--flip`` (centre crop, then its mirror, as
+    LlamaGen's extractor) or 10 with ``--ten-crop`` (``dataset.images.TenCrop``: the crops of the
+    281-px centre crop and of its mirror; ``--flip`` would only duplicate them, so the two exclude
+    each other).
     When every shard is complete rank 0 writes ``manifest.json``; its ``meta`` records the settings,
     the class names and the bad-file counts.
 
@@ -30,16 +32,27 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset.codes import completed_shards, write_manifest, write_shard
-from dataset.images import BadFileStats, CenterCrop, ImageBatch, ImageFolderDataset, TenCrop, collate_skip_bad
+from dataset.codes import MANIFEST, completed_shards, shard_files, write_manifest, write_shard
+from dataset.images import (
+    CONVERSIONS,
+    SKIP_REASONS,
+    BadFileStats,
+    CenterCrop,
+    ImageBatch,
+    ImageFolderDataset,
+    TenCrop,
+    collate_skip_bad,
+)
 from tokenizer.model import DARTokenizer
 from utils.checkpoint import atomic_write_text
 from utils.distributed import DistEnv, barrier, broadcast_object, cleanup_distributed, setup_distributed
@@ -50,6 +63,7 @@ SETTINGS_FILE = "extraction.json"
 # Per-shard bad-file counts, written just before the shard itself, so a resumed run can still
 # report the totals of shards it did not redo.
 _STATS_FILE = "badfiles_{:05d}.json"
+BARRIER_TIMEOUT_MINUTES = 24 * 60
 # Crop settings fixed by the paper recipe (SPEC §2: centre crop to 281 px for 256 px codes).
 TEN_CROP_RATIO = 1.1
 
@@ -145,15 +159,55 @@ def _collect_stats(out: Path, shard_ids: list[int]) -> BadFileStats:
     total = BadFileStats()
     for shard_id in shard_ids:
         path = out / _STATS_FILE.format(shard_id)
-        stats = BadFileStats()
-        if path.is_file():
-            counts = json.loads(path.read_text(encoding="utf-8"))
-            stats.seen = counts["seen"]
-            stats.converted_items = counts["converted"]
-            stats.conversions = {k: counts[f"converted/{k}"] for k in stats.conversions}
-            stats.skipped = {k: counts[f"skipped/{k}"] for k in stats.skipped}
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing although shard {shard_id} is complete; delete "
+                                    f"{shard_files(shard_id)['file']} and rerun to redo that shard")
+        counts = json.loads(path.read_text(encoding="utf-8"))
+        stats = BadFileStats(
+            seen=counts["seen"],
+            converted_items=counts["converted"],
+            conversions={k: counts[f"converted/{k}"] for k in CONVERSIONS},
+            skipped={k: counts[f"skipped/{k}"] for k in SKIP_REASONS},
+        )
         total.update(stats)
     return total
+
+
+def on_rank0(env: DistEnv, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 only; if it raises, every rank raises instead of waiting at a barrier."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except Exception as exc:
+            error = exc
+    message = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 failed: {message}")
+    return result
+
+
+def finish(out: Path, settings: dict[str, Any], dataset: ImageFolderDataset, num_shards: int, seq_len: int,
+           vocab_size: int, views: int, logger: logging.Logger) -> dict[str, Any] | None:
+    """Rank 0, after every rank is done: the manifest when all shards are complete, else None."""
+    complete = completed_shards(out)
+    missing = sorted(set(range(num_shards)) - set(complete))
+    if missing:
+        logger.info(f"{num_shards - len(missing)}/{num_shards} shards complete; rerun the same command to "
+                    f"extract the remaining {len(missing)} (no manifest written yet)")
+        return None
+    stats = _collect_stats(out, complete)
+    rows = sum(np.load(out / shard_files(k)["labels"], mmap_mode="r").shape[0] for k in complete)
+    if rows != len(dataset) - stats.num_skipped:
+        raise RuntimeError(f"the shards hold {rows} rows but {len(dataset)} images minus {stats.num_skipped} "
+                           f"skipped is {len(dataset) - stats.num_skipped}: some shard is inconsistent")
+    meta = {**settings, "classes": list(dataset.classes), "num_classes": dataset.num_classes,
+            "bad_files": stats.to_dict()}
+    manifest = write_manifest(out, seq_len, vocab_size, views, meta)
+    logger.info(f"wrote {out / MANIFEST}: {manifest['num_items']} items; {stats.summary()}")
+    return manifest
 
 
 def _iterate(loader: DataLoader, plan: list[tuple[int, list[int]]]) -> Iterator[tuple[int, bool, ImageBatch]]:
@@ -166,7 +220,9 @@ def _iterate(loader: DataLoader, plan: list[tuple[int, list[int]]]) -> Iterator[
 def main(args: argparse.Namespace) -> dict[str, Any] | None:
     """Extract this rank's missing shards; returns the manifest when all shards are complete."""
     # -- distributed -------------------------------------------------------------------------
-    env: DistEnv = setup_distributed(args.device)
+    # Ranks only meet at the start and the end; a resumed run can leave some with far more shards
+    # to do than others, so the final barrier may legitimately wait for hours.
+    env: DistEnv = setup_distributed(args.device, timeout_minutes=BARRIER_TIMEOUT_MINUTES)
     out = Path(args.out)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -185,21 +241,14 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     num_images = len(dataset)
     num_shards = -(-num_images // args.shard_size)
     settings = settings_of(args, num_images)
-    error = None
-    if env.is_main:
-        try:
-            pin_settings(out, settings)
-        except ValueError as exc:
-            error = str(exc)
-    # A refusal on rank 0 must stop every rank, not leave the others waiting at a barrier.
-    error = broadcast_object(error)
-    if error is not None:
-        raise ValueError(error)
-    done = set(completed_shards(out))
+    on_rank0(env, lambda: pin_settings(out, settings))
+    # One view of what is done, taken before anyone writes, so the split below is the same on every
+    # rank; the pending shards (not k % world_size) are dealt out, which keeps a resume balanced.
+    done = set(broadcast_object(completed_shards(out) if env.is_main else None))
     stray = sorted(s for s in done if s >= num_shards)
     if stray:
         raise ValueError(f"{out} holds shards {stray} beyond the {num_shards} this dataset needs")
-    mine = [k for k in range(env.rank, num_shards, env.world_size) if k not in done]
+    mine = [k for k in range(num_shards) if k not in done][env.rank :: env.world_size]
     if args.max_shards is not None:
         mine = mine[: args.max_shards]
     plan = shard_batches(mine, args.shard_size, num_images, args.batch_size)
@@ -240,32 +289,8 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
 
     # -- manifest -----------------------------------------------------------------------------
     barrier()
-    manifest = None
-    if env.is_main:
-        complete = completed_shards(out)
-        missing = sorted(set(range(num_shards)) - set(complete))
-        if missing:
-            logger.info(
-                f"{num_shards - len(missing)}/{num_shards} shards complete; rerun the same command to "
-                f"extract the remaining {len(missing)} (no manifest written yet)"
-            )
-        else:
-            stats = _collect_stats(out, complete)
-            meta = {
-                **settings,
-                "classes": list(dataset.classes),
-                "num_classes": dataset.num_classes,
-                "bad_files": stats.to_dict(),
-            }
-            manifest = write_manifest(out, seq_len, vocab_size, num_views(args), meta)
-            expected = num_images - stats.num_skipped
-            if manifest["num_items"] != expected:
-                raise RuntimeError(
-                    f"manifest has {manifest['num_items']} items but {num_images} images minus "
-                    f"{stats.num_skipped} skipped is {expected}: some shard is inconsistent"
-                )
-            logger.info(f"wrote {out / 'manifest.json'}: {manifest['num_items']} items; {stats.summary()}")
-    barrier()
+    manifest = on_rank0(env, lambda: finish(out, settings, dataset, num_shards, seq_len, vocab_size,
+                                            num_views(args), logger))
     cleanup_distributed()
     return manifest
 
