@@ -315,3 +315,33 @@ def test_launch_scripts_train_and_reconstruct(tmp_path: Path) -> None:
     assert sorted(losses_by_step(tmp_path / "run")) == [1, 2]
     assert np.load(tmp_path / "recon.npz")["arr_0"].shape == (4, 32, 32, 3)
     assert "PSNR" in result.stdout
+
+
+def _nan_on_calls(monkeypatch: pytest.MonkeyPatch, calls: set[int] | None) -> None:
+    """Make the trainer's total loss NaN on the given 1-based calls (None: on every call)."""
+    import tokenizer.train as trainer
+
+    original, count = trainer.total_loss, [0]
+
+    def poisoned(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+        count[0] += 1
+        loss, balance = original(*args, **kwargs)
+        return (loss * float("nan") if calls is None or count[0] in calls else loss), balance
+
+    monkeypatch.setattr(trainer, "total_loss", poisoned)
+
+
+def test_non_finite_steps_are_skipped_then_the_run_aborts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenizer.train import main
+
+    make_image_folder(tmp_path / "images", per_class=(2, 2), bad=None)
+    recipe = write_recipe(tmp_path / "r.yaml", global_batch_size=2, max_steps=3, loss={"perceptual_weight": 0.0})
+    _nan_on_calls(monkeypatch, {2})
+    main(*parse_args(train_args(recipe, tmp_path / "images", tmp_path / "once", "--max-bad-steps", "2")))
+    records = [r for r in read_metrics(tmp_path / "once" / "metrics.jsonl") if "loss" in r]
+    assert [r["loss"] == "nan" for r in records] == [False, True, False]
+    assert records[-1]["skipped_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in DARTokenizer.from_pretrained(tmp_path / "once" / "final").state_dict().values())
+    _nan_on_calls(monkeypatch, None)
+    with pytest.raises(FloatingPointError, match="max-bad-steps=2"):
+        main(*parse_args(train_args(recipe, tmp_path / "images", tmp_path / "always", "--max-bad-steps", "2")))

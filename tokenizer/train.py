@@ -63,7 +63,7 @@ from tokenizer.losses import (
 from tokenizer.model import DARTokenizer, TokenizerTrainOutput
 from tokenizer.reconstruct import save_reconstruction_grid
 from utils.checkpoint import CheckpointManager
-from utils.config import ConfigError, dataclass_from_dict, dataclass_to_dict, load_yaml
+from utils.config import ConfigError, config_differences, dataclass_from_dict, dataclass_to_dict, load_yaml
 from utils.distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier, cleanup_distributed, seed_everything, setup_distributed
 from utils.run import RunFolder, create_logger
 from utils.training import (
@@ -460,6 +460,8 @@ def main(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
         window = dict(extra["window"])
         empty_batches = int(extra["empty_batches"])
         bad["synced"] = BadFileStats(**extra["bad_files"])
+        for diff in config_differences(extra["config"], dataclass_to_dict(cfg)):
+            logger.warning(f"config changed since the checkpoint: {diff}")
         run.truncate_metrics(state["step"])
         logger.info(f"resumed from {resume_path} at step {state['step']}")
     wandb = WandbLogger(opts.wandb, env, opts.wandb_project, run.root.name, cfg)
@@ -467,7 +469,8 @@ def main(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
     def save(at_step: int) -> None:
         sync_bad_files()
         extra = {"loader": loader.state_dict(), "guard": guard.state_dict(), "window": dict(window),
-                 "empty_batches": empty_batches, "bad_files": dataclasses.asdict(bad["synced"])}
+                 "empty_batches": empty_batches, "bad_files": dataclasses.asdict(bad["synced"]),
+                 "config": dataclass_to_dict(cfg)}
         # from_pretrained reads `ema` (else `model`) and `tokenizer_config`; the tensors are shared
         # with `modules`, so the file does not grow.
         weights_key = "ema" if ema is not None else "model"

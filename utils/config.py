@@ -138,3 +138,15 @@ def save_yaml(data: Any, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """``"a.b: old -> new"`` for every leaf that differs between two nested config mappings."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            diffs.extend(config_differences(old, new, f"{prefix}{key}."))
+        elif old != new:
+            diffs.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return diffs
