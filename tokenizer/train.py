@@ -45,7 +45,15 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dataset.images import BadFileStats, CenterCrop, ImageFolderDataset, RandomCropFlip, collate_skip_bad
+from dataset.images import (
+    BadFileStats,
+    CenterCrop,
+    ImageFolderDataset,
+    RandomCropFlip,
+    SkipImage,
+    collate_skip_bad,
+    decode_rgb,
+)
 from dataset.sampler import ResumableDistributedSampler
 from tokenizer.config import TOKENIZER_PRESETS, TokenizerConfig, load_tokenizer_config
 from tokenizer.losses import (
@@ -330,16 +338,17 @@ class RunOptions:
     wandb_project: str = "dar"
 
 
-def sample_images(data_path: str, image_size: int, count: int) -> torch.Tensor:
-    """The first ``count`` decodable images of the folder, ADM centre-cropped: (n, 3, H, W) in [-1, 1]."""
-    dataset = ImageFolderDataset(data_path, CenterCrop(image_size), with_labels=False)
-    images = []
-    for index in range(len(dataset)):
+def sample_images(dataset: ImageFolderDataset, image_size: int, count: int) -> torch.Tensor:
+    """The first ``count`` decodable training files, ADM centre-cropped: (n, 3, H, W) in [-1, 1]."""
+    crop, images = CenterCrop(image_size), []
+    for path in dataset.files:
         if len(images) == count:
             break
-        item = dataset[index]
-        if item.image is not None:
-            images.append(item.image)
+        try:
+            image, _ = decode_rgb(path, dataset.min_size)
+        except SkipImage:
+            continue
+        images.append(crop(image, torch.Generator()))
     return torch.stack(images) if images else torch.empty(0, 3, image_size, image_size)
 
 
@@ -480,7 +489,7 @@ def main(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
 
     # -- loop ----------------------------------------------------------------------------------
     last_step = t.max_steps if opts.stop_after_step is None else min(t.max_steps, opts.stop_after_step)
-    sample_batch = sample_images(d.data_path, t.image_size, t.num_sample_images) if env.is_main else None
+    sample_batch = sample_images(dataset, t.image_size, t.num_sample_images) if env.is_main else None
     throughput = Throughput()
     last_layer = last_decoder_layer(model) if t.loss.adaptive_gan_weight and disc is not None else None
     disc_lr: float | None = None
