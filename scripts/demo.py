@@ -1,0 +1,297 @@
+"""The whole D-AR pipeline on the embedded Fashion-MNIST subset, offline, in one command.
+
+    python -m scripts.demo --out demo_out            # full demo (about 15 minutes on 2 CPU cores)
+    python -m scripts.demo --out /tmp/q --quick      # minutes: a smoke run of every stage (what CI runs)
+
+Stages, each one a real entry point of this codebase run as a subprocess (exactly what a user would
+type), each skipped when its output already exists — so re-running with the same ``--out`` resumes
+(the trainers themselves resume from their latest checkpoint with ``--resume auto``):
+
+ 1. data         the shipped Fashion-MNIST subset → class folders of PNGs (train 6000, test 1000);
+                 from here on everything goes through the normal image-folder dataset code
+ 2. tokenizer    ``tokenizer.train`` — sequential diffusion tokenizer, 32×32, 32 codes in 4 groups
+ 3. reconstruct  ``tokenizer.reconstruct`` on held-out images — PSNR/SSIM, input | recon | previews
+ 4. rfid         ``evaluations.evaluator`` — FID of reconstructions against their inputs
+ 5. codes        ``tokenizer.extract_codes`` — codes of every training image and its mirror
+ 6. gpt          ``autoregressive.train`` — class-conditional Llama GPT on those codes
+ 7. samples      ``autoregressive.sample`` — grid (one row per class), streaming previews, GIF
+ 8. layout       ``autoregressive.layout`` — first groups forced from a test image, other classes
+ 9. fid          ``autoregressive.sample_ddp`` + ``evaluations.make_reference`` + ``evaluations.evaluator``
+                 — generation FID against the held-out test images
+10. classes      ``evaluations.class_consistency`` — a small classifier trained on the real training
+                 images judges whether each sample shows the class it was generated for
+
+Outputs in ``--out``: reconstructions.png, samples.png, previews.png, stream.gif, layout.png,
+report.json, plus every run folder (configs, metrics.jsonl, checkpoints, logs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Budgets of one demo run; ``quick`` shrinks every stage to a smoke test of the same commands."""
+
+    tokenizer_config: str
+    gpt_config: str
+    tokenizer_steps: int | None
+    gpt_steps: int | None
+    recon_images: int
+    fid_samples: int
+    fid_reference_images: int
+    samples_per_label: int
+    classifier_epochs: int
+    cfg_scale: str
+    image_size: int = 32
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+
+
+FULL = DemoSettings(
+    tokenizer_config="configs/tokenizer/train_demo.yaml",
+    gpt_config="configs/ar/demo.yaml",
+    tokenizer_steps=None,
+    gpt_steps=None,
+    recon_images=500,
+    fid_samples=500,
+    fid_reference_images=500,
+    samples_per_label=8,
+    classifier_epochs=2,
+    cfg_scale="3.0",
+)
+QUICK = DemoSettings(
+    tokenizer_config="configs/tokenizer/train_demo.yaml",
+    gpt_config="configs/ar/demo.yaml",
+    tokenizer_steps=4,
+    gpt_steps=4,
+    recon_images=16,
+    fid_samples=20,
+    fid_reference_images=20,
+    samples_per_label=1,
+    classifier_epochs=1,
+    cfg_scale="3.0",
+    train_per_class=20,
+    test_per_class=4,
+)
+
+
+def run(stage: str, args: list[str], log: Callable[[str], None]) -> None:
+    """Run ``python -m <args>`` from the repo root; its progress bars go straight to the terminal."""
+    command = [sys.executable, "-m", *args]
+    log(f"[{stage}] $ {' '.join(command[1:])}")
+    start = time.perf_counter()
+    completed = subprocess.run(command, cwd=REPO_ROOT)
+    if completed.returncode != 0:
+        raise SystemExit(f"[{stage}] failed with exit code {completed.returncode}; re-run the same command to resume")
+    log(f"[{stage}] done in {time.perf_counter() - start:.0f} s")
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        raise FileNotFoundError(f"{run_dir} has no finished checkpoint")
+    return run_dir / "checkpoints" / pointer.read_text().strip()
+
+
+def _finished(run_dir: Path, name: str) -> bool:
+    return (run_dir / name).exists()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="demo_out", help="output folder (re-running resumes)")
+    parser.add_argument("--quick", action="store_true", help="smoke run of every stage in a few minutes")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    def stage(name: str, done: Callable[[], bool], body: Callable[[], None]) -> None:
+        if done():
+            log(f"[{name}] already done, skipping")
+            return
+        t0 = time.perf_counter()
+        body()
+        timings[name] = round(time.perf_counter() - t0, 1)
+
+    # 1. data -----------------------------------------------------------------------------------
+    from dataset.fashion_mnist import materialize_fashion_mnist
+
+    data_dir = out / "data"
+    train_dir = materialize_fashion_mnist(data_dir / "train", "train", limit_per_class=settings.train_per_class)
+    test_dir = materialize_fashion_mnist(data_dir / "test", "test", limit_per_class=settings.test_per_class)
+    device = ["--device", args.device]
+
+    # 2. tokenizer ------------------------------------------------------------------------------
+    tok_dir = out / "tokenizer"
+    tok_final = tok_dir / "final"
+    tok_steps = ["--max-steps", str(settings.tokenizer_steps)] if settings.tokenizer_steps else []
+    stage("tokenizer", lambda: (tok_final / "model.safetensors").is_file(), lambda: run("tokenizer", [
+        "tokenizer.train", "--config", settings.tokenizer_config, "--data-path", str(train_dir),
+        "--results-dir", str(tok_dir), "--resume", "auto", "--seed", str(args.seed), *tok_steps, *device,
+    ], log))
+
+    # 3. reconstruct ----------------------------------------------------------------------------
+    recon = out / "recon" / "recon.npz"
+    stage("reconstruct", lambda: (out / "recon" / "metrics.json").is_file(), lambda: run("reconstruct", [
+        "tokenizer.reconstruct", "--ckpt", str(tok_final), "--data-path", str(test_dir), "--out", str(recon),
+        "--image-size", str(settings.image_size), "--num-images", str(settings.recon_images),
+        "--grid", str(out / "reconstructions.png"), "--grid-images", "8", "--num-workers", "0",
+        "--json", str(out / "recon" / "metrics.json"), "--seed", str(args.seed), *device,
+    ], log))
+
+    # 4. rFID -----------------------------------------------------------------------------------
+    rfid_json = out / "recon" / "rfid.json"
+    stage("rfid", rfid_json.is_file, lambda: run("rfid", [
+        "evaluations.evaluator", str(recon.with_name("recon_ref.npz")), str(recon), "--json", str(rfid_json),
+        *device,
+    ], log))
+
+    # 5. codes ----------------------------------------------------------------------------------
+    codes_dir = out / "codes"
+    stage("codes", lambda: (codes_dir / "manifest.json").is_file(), lambda: run("codes", [
+        "tokenizer.extract_codes", "--tokenizer-ckpt", str(tok_final), "--data-path", str(train_dir),
+        "--out", str(codes_dir), "--flip", "--image-size", str(settings.image_size), "--batch-size", "250",
+        "--shard-size", "2000", "--num-workers", "0", *device,
+    ], log))
+
+    # 6. gpt ------------------------------------------------------------------------------------
+    gpt_dir = out / "gpt"
+    gpt_final = gpt_dir / "final"
+    gpt_steps = ["--max-steps", str(settings.gpt_steps)] if settings.gpt_steps else []
+    stage("gpt", lambda: (gpt_final / "model.safetensors").is_file(), lambda: run("gpt", [
+        "autoregressive.train", "--config", settings.gpt_config, "--code-path", str(codes_dir),
+        "--results-dir", str(gpt_dir), "--resume", "auto", "--seed", str(args.seed), *gpt_steps, *device,
+    ], log))
+
+    models = ["--gpt-ckpt", str(gpt_final), "--tokenizer-ckpt", str(tok_final), "--ema"]
+
+    # 7. samples --------------------------------------------------------------------------------
+    labels = ",".join(str(c) for c in range(NUM_CLASSES))
+    stage("samples", lambda: (out / "stream.gif").is_file(), lambda: run("samples", [
+        "autoregressive.sample", *models, "--labels", labels, "--samples-per-label", str(settings.samples_per_label),
+        "--cfg-scale", settings.cfg_scale, "--seed", str(args.seed), "--out", str(out / "samples.png"),
+        "--previews", str(out / "previews.png"), "--gif", str(out / "stream.gif"), *device,
+    ], log))
+
+    # 8. layout ---------------------------------------------------------------------------------
+    reference = sorted(sorted(test_dir.iterdir())[0].iterdir())[0]
+    stage("layout", lambda: (out / "layout.png").is_file(), lambda: run("layout", [
+        "autoregressive.layout", *models, "--reference", str(reference), "--labels", "0,2,3,4,6",
+        "--prefix-groups", "1", "--samples-per-label", "4", "--seed", str(args.seed), "--out", str(out / "layout.png"),
+        *device,
+    ], log))
+
+    # 9. generation FID -------------------------------------------------------------------------
+    fid_dir = out / "fid"
+    samples_npz = fid_dir / "samples" / "samples.npz"
+    reference_npz = fid_dir / "reference.npz"
+    fid_json = fid_dir / "fid.json"
+    stage("fid_samples", samples_npz.is_file, lambda: run("fid_samples", [
+        "autoregressive.sample_ddp", *models, "--num-samples", str(settings.fid_samples),
+        "--per-proc-batch-size", "100", "--cfg-scale", settings.cfg_scale, "--seed", str(args.seed),
+        "--out", str(fid_dir / "samples"), *device,
+    ], log))
+    stage("fid_reference", reference_npz.is_file, lambda: run("fid_reference", [
+        "evaluations.make_reference", "--data-path", str(test_dir), "--out", str(reference_npz),
+        "--image-size", str(settings.image_size), "--num", str(settings.fid_reference_images), *device,
+    ], log))
+    stage("fid", fid_json.is_file, lambda: run("fid", [
+        "evaluations.evaluator", str(reference_npz), str(samples_npz), "--json", str(fid_json), *device,
+    ], log))
+
+    # 10. class consistency ---------------------------------------------------------------------
+    classes_json = out / "class_consistency.json"
+    stage("classes", classes_json.is_file, lambda: run("classes", [
+        "evaluations.class_consistency", "--train-data", str(train_dir), "--test-data", str(test_dir),
+        "--samples", str(samples_npz), "--image-size", str(settings.image_size),
+        "--epochs", str(settings.classifier_epochs), "--json", str(classes_json),
+    ], log))
+
+    report = build_report(out, settings, timings, time.perf_counter() - started)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print_summary(report, out)
+    return report
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def build_report(out: Path, settings: DemoSettings, timings: dict[str, float], seconds: float) -> dict[str, Any]:
+    recon = _read_json(out / "recon" / "metrics.json")
+    rfid = _read_json(out / "recon" / "rfid.json")
+    fid = _read_json(out / "fid" / "fid.json")
+    classes = _read_json(out / "class_consistency.json")
+    return {
+        "mode": "quick" if settings is QUICK else "full",
+        "tokenizer": {
+            "psnr": recon.get("psnr"),
+            "ssim": recon.get("ssim"),
+            "rfid": rfid.get("fid"),
+            "num_images": recon.get("num_images"),
+        },
+        "generation": {
+            "fid": fid.get("fid"),
+            "sfid": fid.get("sfid"),
+            "precision": fid.get("precision"),
+            "recall": fid.get("recall"),
+            "num_samples": fid.get("num_samples"),
+            "num_reference": fid.get("num_reference"),
+            "cfg_scale": settings.cfg_scale,
+        },
+        "class_consistency": classes.get("class_consistency"),
+        "classifier_heldout_accuracy": classes.get("classifier_heldout_accuracy"),
+        "class_consistency_per_class": classes.get("class_consistency_per_class"),
+        "notes": [
+            "FID uses the TF-converted ADM Inception on 32x32 images upsampled to 299 and a few hundred images; "
+            "it is only comparable between runs of this demo, not with ImageNet numbers.",
+            "class_consistency: share of samples that a small CNN trained on the real training images assigns to "
+            "the class they were generated for; classifier_heldout_accuracy is the same CNN on real held-out "
+            "images, i.e. the best a perfect generator could score with this judge.",
+            "No LPIPS/DINOv2 weights exist offline, so the demo tokenizer trains with the flow-matching and VQ "
+            "losses only (perceptual and REPA weights 0).",
+        ],
+        "stage_seconds": timings,
+        "total_seconds_this_invocation": round(seconds, 1),
+    }
+
+
+def print_summary(report: dict[str, Any], out: Path) -> None:
+    def fmt(value: Any, digits: int = 3) -> str:
+        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+    tok, gen = report["tokenizer"], report["generation"]
+    print("\n=== D-AR demo summary ===")
+    print(f"tokenizer      PSNR {fmt(tok['psnr'], 2)} dB   SSIM {fmt(tok['ssim'])}   rFID {fmt(tok['rfid'], 2)}")
+    print(f"generation     FID {fmt(gen['fid'], 2)}   precision {fmt(gen['precision'])}   recall {fmt(gen['recall'])}"
+          f"   ({gen['num_samples']} samples vs {gen['num_reference']} held-out images)")
+    print(f"classes        consistency {fmt(report['class_consistency'])}"
+          f"   (judge's accuracy on real held-out images: {fmt(report['classifier_heldout_accuracy'])})")
+    print(f"took           {report['total_seconds_this_invocation']:.0f} s this invocation")
+    print(f"outputs        {out}/{{reconstructions,samples,previews,layout}}.png, stream.gif, report.json")
+
+
+if __name__ == "__main__":
+    main()
