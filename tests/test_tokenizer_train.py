@@ -345,3 +345,14 @@ def test_non_finite_steps_are_skipped_then_the_run_aborts(tmp_path: Path, monkey
     _nan_on_calls(monkeypatch, None)
     with pytest.raises(FloatingPointError, match="max-bad-steps=2"):
         main(*parse_args(train_args(recipe, tmp_path / "images", tmp_path / "always", "--max-bad-steps", "2")))
+
+
+def test_missing_loss_network_weights_name_the_flags(tmp_path: Path) -> None:
+    from tokenizer.train import main
+    from utils.hub import WeightsNotFoundError
+
+    make_image_folder(tmp_path / "images", per_class=(2,), bad=None)
+    recipe = write_recipe(tmp_path / "r.yaml", loss={"perceptual_pretrained": True})
+    argv = train_args(recipe, tmp_path / "images", tmp_path / "run", "--vgg-weights", str(tmp_path / "missing.pth"))
+    with pytest.raises(WeightsNotFoundError, match=r"--perceptual-weight 0(.|\n)*--vgg-weights"):
+        main(*parse_args(argv))

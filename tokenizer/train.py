@@ -62,6 +62,7 @@ from tokenizer.losses import (
     REPA_ENCODER_PRESETS,
     PatchGANDiscriminator,
     RepaFeatureExtractor,
+    WeightsNotFoundError,
     adaptive_gan_weight,
     discriminator_loss,
     gan_active,
@@ -258,6 +259,20 @@ def build_loss_networks(w: LossConfig, files: WeightFiles, env: DistEnv, log: An
     """
     if not env.is_main:
         barrier()
+    try:
+        nets = _build_loss_networks(w, files, log)
+    except WeightsNotFoundError as error:
+        raise WeightsNotFoundError(f"{error}\n(tokenizer.train takes local files with --vgg-weights, --lpips-weights "
+                                   "and --dinov2-weights)") from error
+    if env.is_main:
+        barrier()
+    for net in (nets.lpips, nets.repa, nets.disc):
+        if net is not None:
+            net.to(env.device)
+    return nets
+
+
+def _build_loss_networks(w: LossConfig, files: WeightFiles, log: Any) -> LossNetworks:
     nets = LossNetworks(None, None, None)
     if w.perceptual_weight > 0 and not w.perceptual_pretrained:
         log.warning("!!! LPIPS uses RANDOM weights (perceptual_pretrained: false): the perceptual term is NOT "
@@ -274,11 +289,6 @@ def build_loss_networks(w: LossConfig, files: WeightFiles, env: DistEnv, log: An
         nets.repa = RepaFeatureExtractor(preset, pretrained=True, weights=files.dinov2)
     if w.gan_weight > 0:
         nets.disc = PatchGANDiscriminator(DISCRIMINATOR_PRESETS[w.discriminator])
-    if env.is_main:
-        barrier()
-    for net in (nets.lpips, nets.repa, nets.disc):
-        if net is not None:
-            net.to(env.device)
     return nets
 
 
@@ -391,6 +401,7 @@ def main(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
 
     # -- model / EMA / loss networks -----------------------------------------------------------
     seed_everything(t.seed)  # identical initialisation on every rank
+    nets = build_loss_networks(t.loss, opts.weights, env, logger)  # first: missing weight files fail fast
     model = DARTokenizer(cfg.model)
     if t.init_from is not None and resume_path is None:
         # Fine-tuning starts from the source's EMA weights (from_pretrained prefers them), strictly.
@@ -401,7 +412,6 @@ def main(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
         # Unused parameters would stall DDP's gradient reduction; a frozen head is simply not trained.
         model.pixel_decoder.repa_out.requires_grad_(False)
     ema = create_ema(model) if t.optim.ema_decay > 0 else None
-    nets = build_loss_networks(t.loss, opts.weights, env, logger)
     num_params = sum(p.numel() for p in model.parameters())
     logger.info(f"tokenizer: {num_params / 1e6:.1f}M parameters; EMA {t.optim.ema_decay or 'off'}; terms "
                 + ", ".join(f"{k}×{v:g}" for k, v in weights.items() if v > 0))
