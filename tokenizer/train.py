@@ -580,9 +580,7 @@ def main(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
     # -- save ----------------------------------------------------------------------------------
     if state["step"] >= t.max_steps:
         if env.is_main:
-            export = DARTokenizer(cfg.model)
-            export.load_state_dict(unwrap_model(ema if ema is not None else model).state_dict())
-            export.save_pretrained(run.root / "final")
+            unwrap_model(ema if ema is not None else model).save_pretrained(run.root / "final")
         logger.info(f"done: {state['step']} steps; bad files this epoch so far: {bad['synced'].summary()}; "
                     f"inference weights in {run.root / 'final'}")
     else:
