@@ -26,6 +26,7 @@ moment and resumed on the same world size logs exactly the losses of an uninterr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -119,6 +120,9 @@ class ARTrainSettings:
     """The ``train:`` section of a recipe."""
 
     global_batch_size: int = 1024
+    # Micro-batches per optimizer step (gradient accumulation): per-rank forward batch is
+    # global_batch_size / (world size x grad_accum_steps). The recipe does not depend on it.
+    grad_accum_steps: int = 1
     epochs: int = 300
     max_steps: int | None = None  # None: epochs x steps per epoch
     # With optim.schedule "linear": decay to optim.min_lr over this many final epochs
@@ -168,6 +172,7 @@ def apply_overrides(cfg: ARTrainConfig, args: argparse.Namespace) -> ARTrainConf
         data_changes["code_path"] = None
     train_changes: dict[str, Any] = {k: v for k, v in (
         ("max_steps", args.max_steps), ("global_batch_size", args.global_batch_size), ("epochs", args.epochs),
+        ("grad_accum_steps", args.grad_accum_steps),
         ("log_every", args.log_every), ("ckpt_every", args.ckpt_every), ("seed", args.seed),
     ) if v is not None}
     if args.precision != "auto":
@@ -194,7 +199,7 @@ def check_settings(t: ARTrainSettings) -> None:
         raise ValueError("--sample-every needs --tokenizer-ckpt to decode the sampled codes")
     if t.sample.every < 0 or (t.sample.every > 0 and not t.sample.labels):
         raise ValueError("train.sample.every must be >= 0 and, when on, train.sample.labels non-empty")
-    for name in ("global_batch_size", "epochs", "log_every", "ckpt_every"):
+    for name in ("global_batch_size", "grad_accum_steps", "epochs", "log_every", "ckpt_every"):
         if getattr(t, name) < 1:
             raise ValueError(f"train.{name} must be positive, got {getattr(t, name)}")
     if t.max_steps is not None and t.max_steps < 1:
@@ -387,6 +392,15 @@ def full_state_dict(module: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
     return holder.state_dict()
 
 
+def gradient_sync(trained: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+    """Reduce gradients over ranks only on the last micro-batch of an accumulated step."""
+    if isinstance(trained, DistributedDataParallel):
+        return contextlib.nullcontext() if enabled else trained.no_sync()
+    if hasattr(trained, "set_requires_gradient_sync"):  # FSDP2
+        trained.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
 def shard_model(model: GPT) -> GPT:
     """FSDP2: each transformer block is one unit, the rest (embeddings, norm, head) the root unit."""
     from torch.distributed.fsdp import fully_shard
@@ -423,11 +437,12 @@ def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
     t = cfg.train
     precision = default_precision(env.device) if t.precision == "auto" else t.precision
     t = replace(t, precision=precision)
-    if t.global_batch_size % env.world_size:
-        raise ValueError(f"global batch {t.global_batch_size} is not divisible by the world size {env.world_size}")
+    if t.global_batch_size % (env.world_size * t.grad_accum_steps):
+        raise ValueError(f"global batch {t.global_batch_size} is not divisible by world size {env.world_size} "
+                         f"x grad_accum_steps {t.grad_accum_steps}")
     if t.fsdp and not env.distributed:
         raise ValueError("train.fsdp needs several ranks (torchrun); one process trains unsharded")
-    batch_size = t.global_batch_size // env.world_size
+    batch_size = t.global_batch_size // (env.world_size * t.grad_accum_steps)  # per rank, per micro-batch
 
     # -- run folder ----------------------------------------------------------------------------
     run = RunFolder(opts.results_dir, env.is_main)
@@ -441,7 +456,7 @@ def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
     dataset, source, collate, tokenizer = build_data(t, cfg.model, env)
     sampler = ResumableDistributedSampler(len(dataset), env.world_size, env.rank, seed=t.seed, shuffle=True,
                                           drop_last=True)
-    steps_per_epoch = sampler.num_samples // batch_size
+    steps_per_epoch = sampler.num_samples // (batch_size * t.grad_accum_steps)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} samples give no full batch of {t.global_batch_size}")
     loader = InfiniteLoader(dataset, sampler, batch_size, env.world_size, num_workers=t.data.num_workers,
@@ -512,17 +527,23 @@ def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
     grad_norm = torch.zeros((), device=env.device)
     clip = t.optim.grad_clip if t.optim.grad_clip > 0 else math.inf  # inf: measure the norm, never clip
     while step < last_step:
-        codes, labels = source(next(loader))  # (B, N), (B,)
-        if not all_ranks_agree(labels.numel() > 0, env.device):
-            empty_batches += 1  # some rank drew only bad files: every rank skips this batch together
-            continue
         lr = learning_rate(step, t.max_steps, t.optim)
         set_lr(optimizer, lr)
-        with autocast(env.device, precision):
-            logits = trained(codes, labels)  # (B, N, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        micro_losses: list[torch.Tensor] = []
+        while len(micro_losses) < t.grad_accum_steps:
+            codes, labels = source(next(loader))  # (B, N), (B,)
+            if not all_ranks_agree(labels.numel() > 0, env.device):
+                empty_batches += 1  # some rank drew only bad files: every rank skips this batch together
+                continue
+            with gradient_sync(trained, len(micro_losses) == t.grad_accum_steps - 1):
+                with autocast(env.device, precision):
+                    logits = trained(codes, labels)  # (B, N, V)
+                micro_loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+                (micro_loss / t.grad_accum_steps).backward()
+            micro_losses.append(micro_loss.detach())
+            throughput.add(labels.shape[0])
+        loss = torch.stack(micro_losses).mean()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
             grad_norm = grad_norm.full_tensor()
@@ -534,7 +555,6 @@ def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
             window["loss_sum"] += mean_loss.item()
             window["count"] += 1
         step += 1
-        throughput.add(labels.shape[0])
 
         if step % t.log_every == 0 or step == last_step:
             rate = all_reduce_sum(torch.tensor(throughput.rate(), device=env.device)).item()
@@ -584,6 +604,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ARTrainConfig, RunOptions
     parser.add_argument("--data-path", default=None, help="image folder, encoded on the fly (needs --tokenizer-ckpt)")
     parser.add_argument("--tokenizer-ckpt", default=None, help="tokenizer folder, file or hub repo id")
     parser.add_argument("--tokenizer-filename", default=None, help="file inside a hub repo")
+    parser.add_argument("--grad-accum-steps", type=int, default=None, help="micro-batches per optimizer step")
     parser.add_argument("--epochs", type=int, default=None, help="override train.epochs (when max-steps is unset)")
     parser.add_argument("--ema-decay", type=float, default=None, help="EMA decay (0 disables; paper option 0.9999)")
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP (XL/XXL)")

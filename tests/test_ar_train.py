@@ -224,3 +224,22 @@ def test_launch_scripts_run_the_entry_points(assets: dict[str, Path], tmp_path: 
         assert result.returncode == 0, result.stderr[-4000:]
     assert read_manifest(tmp_path / "codes")["num_augs"] == 10  # the paper recipe's ten crops
     assert [s for s, _ in losses(tmp_path / "run")] == [1, 2]
+
+
+def test_gradient_accumulation_matches_one_big_batch(assets: dict[str, Path], tmp_path: Path) -> None:
+    # Without dropout the two runs see the same samples per step and must take the same steps.
+    # 29 rows: 7 steps of 4 = 14 micro-batches of 2 per epoch, so epochs end at the same step.
+    data = load_yaml(TINY)
+    data["model"].update(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, class_dropout_prob=0.0)
+    config = tmp_path / "no_dropout.yaml"
+    config.write_text(yaml.safe_dump(data))
+    runs = {}
+    for accum in (1, 2):
+        results = tmp_path / f"accum{accum}"
+        main(*parse_args(["--config", str(config), "--code-path", str(assets["codes"]), "--results-dir", str(results),
+                          "--device", "cpu", "--max-steps", "9", "--global-batch-size", "4",
+                          "--grad-accum-steps", str(accum)]))
+        runs[accum] = losses(results)
+    assert [s for s, _ in runs[2]] == list(range(1, 10))
+    assert [x for _, x in runs[2]] == pytest.approx([x for _, x in runs[1]], rel=1e-5)
+    assert runs[2][-1][1] < runs[2][0][1]
