@@ -254,13 +254,13 @@ def _launch(args: list[str], nproc: int) -> subprocess.Popen:
 @pytest.mark.slow
 def test_two_rank_run_learns_and_a_killed_run_resumes_exactly(tmp_path: Path) -> None:
     make_image_folder(tmp_path / "images", per_class=(6, 6), bad="c1/img_003.png")
-    recipe = write_recipe(tmp_path / "r.yaml", global_batch_size=4, max_steps=10, ckpt_every=3, sample_every=100)
+    recipe = write_recipe(tmp_path / "r.yaml", global_batch_size=4, max_steps=8, ckpt_every=3, sample_every=100)
     full = tmp_path / "full"
     run_module("tokenizer.train", train_args(recipe, tmp_path / "images", full), nproc=2)
     reference = losses_by_step(full)
-    assert sorted(reference) == list(range(1, 11))
+    assert sorted(reference) == list(range(1, 9))
     loss = {step: record["loss"] for step, record in reference.items()}
-    assert np.mean([loss[s] for s in (8, 9, 10)]) < np.mean([loss[s] for s in (1, 2, 3)])
+    assert np.mean([loss[s] for s in (6, 7, 8)]) < np.mean([loss[s] for s in (1, 2, 3)])
 
     # Kill the whole torchrun process group as soon as the first checkpoint exists, then resume.
     killed = tmp_path / "killed"
