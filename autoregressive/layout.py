@@ -62,7 +62,9 @@ def layout_samples(gpt: GPT, tokenizer: DARTokenizer, reference: torch.Tensor, l
     num_groups = tokenizer.config.num_query_groups
     if not 0 <= prefix_groups <= num_groups:
         raise ValueError(f"prefix_groups must be in 0..{num_groups}, got {prefix_groups}")
-    reference_codes = tokenizer.encode(reference.to(tokenizer.device))  # (1, N)
+    # Nearest-codebook search in fp32 even under autocast: bf16 distances can pick a different code.
+    with torch.autocast(tokenizer.device.type, enabled=False):
+        reference_codes = tokenizer.encode(reference.to(tokenizer.device))  # (1, N)
     noise = seeded_noise(tokenizer, [image_seed(seed, RECONSTRUCTION_INDEX)])
     reconstruction = tokenizer.decode(reference_codes, noise=noise, sampler=kwargs.get("sampler", "adams2"))
     prefix = reference_codes[0, : prefix_groups * per_group].to(gpt.device)

@@ -20,6 +20,8 @@ Image i has label i mod C (C = ``--num-classes``: 50 per class for 50,000 images
 classes) and seed ``image_seed(--seed, i)`` for both its codes and its pixel noise
 (:mod:`autoregressive.stream`), so no image depends on the number of processes or on a restart;
 a shard is always generated as one batch, so even float rounding is the same across reruns.
+Rank 0 decides which shards are missing, so with several nodes ``--out`` must be on a shared
+filesystem.
 """
 
 from __future__ import annotations

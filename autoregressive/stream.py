@@ -32,6 +32,7 @@ from autoregressive.generate import GuidanceSchedule, draw_uniforms, generate_co
 
 if TYPE_CHECKING:
     from autoregressive.model import GPT
+    from tokenizer.flow import SequentialSampler
     from tokenizer.model import DARTokenizer
 
 # Mixed into a sample's seed to get its pixel-noise seed, so that the noise is not drawn from the
@@ -122,8 +123,7 @@ def draw_randomness(
 
 def _sampling_inputs(gpt: "GPT", tokenizer: "DARTokenizer", labels: torch.Tensor, seeds, generator,
                      noise) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(labels on the GPT's device, uniforms (B, N), noise) after checking the pair and the labels' shape."""
-    check_pair(gpt, tokenizer)
+    """(labels on the GPT's device, uniforms (B, N), noise) after checking the labels' shape."""
     if not isinstance(labels, torch.Tensor) or labels.ndim != 1:
         raise ValueError(f"labels must be a (B,) tensor, got {labels!r}")
     labels = labels.to(gpt.device)
@@ -156,17 +156,18 @@ def stream(
     step's preview is the final image, equal to :func:`sample_images` with the same arguments.
     Arguments are validated when this is called, before the first step is requested.
     """
+    per_group = check_pair(gpt, tokenizer)
     labels, uniforms, noise = _sampling_inputs(gpt, tokenizer, labels, seeds, generator, noise)
     columns = iter_codes(gpt, labels, uniforms, guidance=GuidanceSchedule.from_value(cfg_scale),
                          temperature=temperature, top_k=top_k, top_p=top_p, prefix_codes=prefix_codes,
                          compile=compile)
     state = tokenizer.start_sampler(labels.shape[0], noise, sampler=sampler)
-    return _stream_body(tokenizer, columns, state, check_pair(gpt, tokenizer))
+    return _stream_body(tokenizer, columns, state, per_group)
 
 
 @torch.no_grad()
-def _stream_body(tokenizer: "DARTokenizer", columns: Iterator[torch.Tensor], state, per_group: int
-                 ) -> Iterator[StreamStep]:
+def _stream_body(tokenizer: "DARTokenizer", columns: Iterator[torch.Tensor], state: "SequentialSampler",
+                 per_group: int) -> Iterator[StreamStep]:
     schedule = tokenizer.schedule
     num_groups = tokenizer.config.num_query_groups
     # The same length decode() feeds the code decoder, so every row sees identical matmul shapes.
@@ -214,6 +215,7 @@ def sample_images(
 
     Same arguments and randomness as :func:`stream`; use this when no previews are wanted.
     """
+    check_pair(gpt, tokenizer)
     labels, uniforms, noise = _sampling_inputs(gpt, tokenizer, labels, seeds, generator, noise)
     codes = generate_codes(gpt, labels, uniforms, guidance=GuidanceSchedule.from_value(cfg_scale),
                            temperature=temperature, top_k=top_k, top_p=top_p, prefix_codes=prefix_codes,

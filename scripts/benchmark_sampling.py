@@ -44,19 +44,18 @@ def build(preset: str, tokens: int, device: torch.device) -> GPT:
     return gpt.to(device).eval()
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Best wall time of ``repeats`` calls after one warm-up call."""
-    fn()
-    best = float("inf")
+def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, object]:
+    """(best wall time of ``repeats`` calls, the last call's result); callers warm up themselves."""
+    best, result = float("inf"), None
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        fn()
+        result = fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
-    return best
+    return best, result
 
 
 @torch.no_grad()
@@ -104,17 +103,19 @@ def run(args: argparse.Namespace) -> list[dict]:
                 guidance = BENCH_CFG if guided else GuidanceSchedule()
                 labels = torch.arange(batch, device=device) % gpt.config.num_classes
                 uniforms = draw_uniforms(batch, n, seeds=list(range(batch)), device=device)
-                cached_codes = gpt.generate(labels, guidance, seeds=list(range(batch)), num_tokens=n)
-                t_cached = timed(lambda: gpt.generate(labels, guidance, seeds=list(range(batch)), num_tokens=n),
-                                 device, args.repeats)
+                cached = lambda: gpt.generate(labels, guidance, seeds=list(range(batch)), num_tokens=n,  # noqa: E731
+                                              compile=args.compile)
+                cached_codes = cached()  # also the warm-up (and the compilation with --compile)
+                t_cached, _ = timed(cached, device, args.repeats)
                 rows = batch * (2 if guided else 1)
-                t_matmul = timed(lambda: matmul_only(gpt, rows, n, device), device, args.repeats)
-                row = {"config": preset, "batch": batch, "cfg": guided, "tokens": n,
+                matmul_only(gpt, rows, n, device)
+                t_matmul, _ = timed(lambda: matmul_only(gpt, rows, n, device), device, args.repeats)
+                row = {"config": preset, "batch": batch, "cfg": guided, "tokens": n, "compile": args.compile,
                        "tokens_per_s": batch * n / t_cached, "images_per_s": batch / t_cached,
                        "ms_per_step": 1e3 * t_cached / n, "overhead": max(0.0, 1 - t_matmul / t_cached)}
                 if batch <= args.naive_max_batch:
-                    naive_codes = naive_generate(gpt, labels, uniforms, guidance)
-                    t_naive = timed(lambda: naive_generate(gpt, labels, uniforms, guidance), device, 1)
+                    # One run: it is the slow side, and the model is already warm from the cached runs.
+                    t_naive, naive_codes = timed(lambda: naive_generate(gpt, labels, uniforms, guidance), device, 1)
                     row.update(speedup_vs_naive=t_naive / t_cached,
                                naive_same_codes=bool(torch.equal(naive_codes, cached_codes)))
                 results.append(row)
@@ -146,6 +147,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (best is kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on CUDA)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
     unknown = [c for c in args.configs if c not in GPT_PRESETS]
