@@ -74,7 +74,7 @@ def layout_samples(gpt: GPT, tokenizer: DARTokenizer, reference: torch.Tensor, l
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m autoregressive.layout", description=__doc__.split("\n\n")[0])
     add_model_args(parser)
     add_sampling_args(parser)
     parser.add_argument("--reference", required=True, help="reference image file")

@@ -102,7 +102,7 @@ def parse_int_list(text: str) -> list[int]:
 # This CLI
 # ------------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m autoregressive.sample", description=__doc__.split("\n\n")[0])
     add_model_args(parser)
     add_sampling_args(parser)
     parser.add_argument("--labels", required=True, type=parse_int_list, help="class labels, e.g. 207,360,387")

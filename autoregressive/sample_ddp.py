@@ -156,7 +156,7 @@ def assemble(out: Path, num_samples: int, shard_size: int) -> Path:
 # CLI
 # ------------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m autoregressive.sample_ddp", description=__doc__.split("\n\n")[0])
     add_model_args(parser)
     add_sampling_args(parser)
     parser.add_argument("--num-samples", type=int, default=50_000)

@@ -134,7 +134,7 @@ def format_row(row: dict) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.benchmark_sampling", description=__doc__.split("\n\n")[0])
     ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
     parser.add_argument("--configs", type=lambda t: t.split(","), default=["tiny", "GPT-B"],
                         help=f"comma-separated presets from {', '.join(GPT_PRESETS)}")

@@ -81,7 +81,7 @@ def test_previews_are_decodes_of_the_code_prefix(gpt: GPT, tokenizer: DARTokeniz
     for s in steps:
         expected = tokenizer.decode(s.codes, noise=noise, steps=s.groups)
         # Prefix-shaped condition matmuls round differently; the values agree to float noise.
-        torch.testing.assert_close(s.preview, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s.preview, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_prefix_codes_are_kept_verbatim(gpt: GPT, tokenizer: DARTokenizer) -> None:
@@ -102,7 +102,7 @@ def test_images_depend_only_on_seed_and_label(gpt: GPT, tokenizer: DARTokenizer)
         last = list(stream(gpt, tokenizer, labels[i : i + 1], cfg_scale=CFG, seeds=seeds[i : i + 1]))[-1]
         assert torch.equal(last.codes, batch_codes[i : i + 1])
         # Codes are exact; pixel matmuls may round differently with the batch size (CPU GEMM blocking).
-        torch.testing.assert_close(last.preview, batch_images[i : i + 1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(last.preview, batch_images[i : i + 1], rtol=1e-4, atol=1e-4)
     assert torch.equal(seeded_noise(tokenizer, seeds[5:6]), seeded_noise(tokenizer, seeds)[5:6])
 
 
