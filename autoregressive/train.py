@@ -16,11 +16,18 @@ flags override single fields; the fully resolved :class:`ARTrainConfig` is writt
 
 Run folder (``utils.run.RunFolder``): ``config.yaml``; ``metrics.jsonl`` with one line per logged
 step (``step``, ``epoch``, ``loss`` = mean over the steps since the previous line, ``lr``,
-``grad_norm`` of the logged step, ``items_per_s`` summed over ranks); ``checkpoints/step_XXXXXXX.pt``
-(``utils.training`` layout: modules ``model`` and, with EMA, ``ema``; optimizer; data position; RNG
-of every rank); at the end ``final/`` (and ``final_ema/``), written by ``GPT.save_pretrained`` for
-the sampling CLIs. ``--resume auto`` continues from the latest checkpoint, and a run killed at any
-moment and resumed on the same world size logs exactly the losses of an uninterrupted run.
+``grad_norm`` of the logged step, ``images_per_s`` = code sequences per second summed over ranks);
+``checkpoints/step_XXXXXXX.pt`` (``utils.training`` layout: modules ``model`` and, with EMA,
+``ema``; optimizer; data position; RNG of every rank); ``samples/step_XXXXXXX.png`` with
+``train.sample.every``; at the end ``final/`` (and ``final_ema/``), written by
+``GPT.save_pretrained`` for the sampling CLIs. ``--resume auto``
+continues from the latest checkpoint, and a run killed at any moment and resumed on the same world
+size logs exactly the losses of an uninterrupted run; ``--stop-after-step`` ends a launch early
+(with a checkpoint) without changing the schedule.
+
+Parallelism: DDP by default (nccl on CUDA, gloo on CPU); ``--fsdp`` shards every transformer block
+with FSDP2 ``fully_shard`` (checkpoints are gathered to the same full layout, so DDP and FSDP runs
+resume each other); ``train.grad_accum_steps`` splits each rank's batch into micro-batches.
 """
 
 from __future__ import annotations
@@ -565,7 +572,7 @@ def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
                 "loss": window["loss_sum"] / window["count"] if window["count"] else float("nan"),
                 "lr": lr,
                 "grad_norm": grad_norm.item(),
-                "items_per_s": rate,
+                "images_per_s": rate,
             }
             if guard.total or empty_batches:
                 record.update(skipped_steps=guard.total, empty_batches=empty_batches)
