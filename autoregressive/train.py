@@ -161,8 +161,6 @@ def load_ar_config(path: str | Path) -> ARTrainConfig:
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; expected 'model' and 'train'")
     train = dataclass_from_dict(ARTrainSettings, data.get("train") or {}, _where="train")
-    if train.optim.decay_start_step != 0:
-        raise ConfigError(f"{path}: train.optim.decay_start_step is derived from train.decay_epochs; leave it at 0")
     return ARTrainConfig(model=gpt_config_from_yaml(path), train=train)
 
 
@@ -218,12 +216,21 @@ def check_settings(t: ARTrainSettings) -> None:
 
 
 def resolve_schedule(t: ARTrainSettings, steps_per_epoch: int) -> ARTrainSettings:
-    """Fill in max_steps (from epochs) and the linear schedule's decay_start_step (from decay_epochs)."""
+    """Fill in max_steps (from epochs) and the linear schedule's decay_start_step (from decay_epochs).
+
+    A recipe leaves decay_start_step at 0; a resolved config (a run's config.yaml) may carry the
+    derived value, which must then agree with this derivation.
+    """
     max_steps = t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
     optim = t.optim
     if optim.schedule == "linear":
-        decay_steps = round(t.decay_epochs * steps_per_epoch)
-        optim = replace(optim, decay_start_step=max(0, max_steps - decay_steps))
+        decay_start = max(0, max_steps - round(t.decay_epochs * steps_per_epoch))
+        if optim.decay_start_step not in (0, decay_start):
+            raise ConfigError(
+                f"train.optim.decay_start_step {optim.decay_start_step} disagrees with train.decay_epochs "
+                f"{t.decay_epochs} (which gives {decay_start} here); set it to 0 and use decay_epochs"
+            )
+        optim = replace(optim, decay_start_step=decay_start)
     return replace(t, max_steps=max_steps, optim=optim)
 
 

@@ -60,6 +60,10 @@ def test_paper_recipes_load_and_resolve_the_schedule() -> None:
     assert resolved.max_steps == 300 * 1251 and resolved.optim.decay_start_step == 250 * 1251
     lr = [learning_rate(s, resolved.max_steps, resolved.optim) for s in (0, 250 * 1251 - 1, resolved.max_steps - 1)]
     assert lr[0] == lr[1] == 4e-4 and lr[2] == pytest.approx(1e-5, rel=1e-3)
+    # A hand-set decay start must agree with decay_epochs (a run's resolved config.yaml does).
+    with pytest.raises(ConfigError, match="decay_start_step 5 disagrees"):
+        resolve_schedule(dataclasses.replace(t, optim=dataclasses.replace(t.optim, decay_start_step=5)), 1251)
+    assert resolve_schedule(resolved, steps_per_epoch=1251) == resolved
     for name in ("gpt_b", "gpt_xl", "gpt_xxl", "tiny"):
         assert isinstance(load_ar_config(REPO / "configs" / "ar" / f"{name}.yaml"), ARTrainConfig)
 
@@ -67,7 +71,6 @@ def test_paper_recipes_load_and_resolve_the_schedule() -> None:
 @pytest.mark.parametrize("change, match", [
     ({"train": {"global_batch_size": 8, "learning_rate": 1e-4}}, "learning_rate"),
     ({"optimizer": {}}, "optimizer"),
-    ({"train": {"optim": {"decay_start_step": 5}}}, "decay_start_step"),
     ({"train": {"data": {"codes": "x"}}}, "codes"),
 ])
 def test_unknown_or_derived_config_keys_are_errors(tmp_path: Path, change: dict, match: str) -> None:
@@ -99,6 +102,8 @@ def test_single_process_training_exports_loadable_weights(assets: dict[str, Path
     # 29 rows at batch 8: 3 steps per epoch; max_steps 6 and 10 decay epochs → decay from step 0.
     assert saved["train"]["max_steps"] == 6 and saved["train"]["optim"]["decay_start_step"] == 0
     assert saved["train"]["precision"] == "fp32" and saved["model"]["vocab_size"] == 64
+    reloaded = load_ar_config(results / "config.yaml")  # a run's resolved config is a valid recipe
+    assert dataclasses.asdict(resolve_schedule(reloaded.train, steps_per_epoch=3)) == dataclasses.asdict(reloaded.train)
     assert [s for s, _ in losses(results)] == list(range(1, 7))
     checkpoint = safe_torch_load(results / "checkpoints" / "step_0000006.pt")
     for folder, module in (("final", "model"), ("final_ema", "ema")):
