@@ -231,6 +231,7 @@ def test_launch_scripts_run_the_entry_points(assets: dict[str, Path], tmp_path: 
     assert [s for s, _ in losses(tmp_path / "run")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(assets: dict[str, Path], tmp_path: Path) -> None:
     # Without dropout the two runs see the same samples per step and must take the same steps.
     # 29 rows: 7 steps of 4 = 14 micro-batches of 2 per epoch, so epochs end at the same step.
