@@ -18,9 +18,10 @@ Run folder (``utils.run.RunFolder``): ``config.yaml``; ``metrics.jsonl`` with on
 step (``step``, ``epoch``, ``loss`` = mean over the steps since the previous line, ``lr``,
 ``grad_norm`` of the logged step, ``images_per_s`` = code sequences per second summed over ranks);
 ``checkpoints/step_XXXXXXX.pt`` (``utils.training`` layout: modules ``model`` and, with EMA,
-``ema``; optimizer; data position; RNG of every rank); ``samples/step_XXXXXXX.png`` with
-``train.sample.every``; at the end ``final/`` (and ``final_ema/``), written by
-``GPT.save_pretrained`` for the sampling CLIs. ``--resume auto``
+``ema``; optimizer; data position; RNG of every rank; plus top-level ``model`` / ``ema`` /
+``gpt_config`` so that ``GPT.from_pretrained(checkpoint, ema=...)`` reads it directly);
+``samples/step_XXXXXXX.png`` with ``train.sample.every``; at the end ``final/`` (and
+``final_ema/``), written by ``GPT.save_pretrained`` for the sampling CLIs. ``--resume auto``
 continues from the latest checkpoint, and a run killed at any moment and resumed on the same world
 size logs exactly the losses of an uninterrupted run; ``--stop-after-step`` ends a launch early
 (with a checkpoint) without changing the schedule.
@@ -343,8 +344,10 @@ class _FullStateModule(nn.Module):
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         if self._full is None:
             raise RuntimeError("call gather() on every rank before saving")
-        full, self._full = self._full, None
-        return full
+        return self._full
+
+    def release(self) -> None:
+        self._full = None
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -376,8 +379,10 @@ class _FullStateOptimizer:
     def state_dict(self) -> dict[str, Any]:
         if self._full is None:
             raise RuntimeError("call gather() on every rank before saving")
-        full, self._full = self._full, None
-        return _rekey_optimizer_state(full, {name: i for i, name in enumerate(self.order)})
+        return _rekey_optimizer_state(self._full, {name: i for i, name in enumerate(self.order)})
+
+    def release(self) -> None:
+        self._full = None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -527,12 +532,20 @@ def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
     wandb = WandbLogger(opts.wandb, env, opts.wandb_project, run.root.name, cfg)
 
     def save(at_step: int) -> None:
-        for holder in (*modules.values(), *optimizers.values()):
-            if hasattr(holder, "gather"):
-                holder.gather()
+        holders = [h for h in (*modules.values(), *optimizers.values()) if hasattr(h, "gather")]
+        for holder in holders:
+            holder.gather()
         extra = {"loader": loader.state_dict(), "guard": guard.state_dict(), "window": dict(window),
                  "empty_batches": empty_batches, "config": dataclass_to_dict(cfg), "steps_per_epoch": steps_per_epoch}
-        save_train_checkpoint(manager, env, at_step, cfg, modules, optimizers, extra=extra)
+        # Top-level "model" / "ema" + "gpt_config" make the file loadable by GPT.from_pretrained
+        # (ema=True for the EMA). They share storage with "modules", so torch.save writes them once.
+        aliases = None
+        if env.is_main:
+            aliases = {name: module.state_dict() for name, module in modules.items()}
+            aliases["gpt_config"] = dataclass_to_dict(cfg.model)
+        save_train_checkpoint(manager, env, at_step, cfg, modules, optimizers, extra=extra, aliases=aliases)
+        for holder in holders:
+            holder.release()
         logger.info(f"saved checkpoint at step {at_step}")
 
     # -- loop ----------------------------------------------------------------------------------

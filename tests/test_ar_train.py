@@ -105,12 +105,17 @@ def test_single_process_training_exports_loadable_weights(assets: dict[str, Path
     reloaded = load_ar_config(results / "config.yaml")  # a run's resolved config is a valid recipe
     assert dataclasses.asdict(resolve_schedule(reloaded.train, steps_per_epoch=3)) == dataclasses.asdict(reloaded.train)
     assert [s for s, _ in losses(results)] == list(range(1, 7))
-    checkpoint = safe_torch_load(results / "checkpoints" / "step_0000006.pt")
+    path = results / "checkpoints" / "step_0000006.pt"
+    checkpoint = safe_torch_load(path)
     for folder, module in (("final", "model"), ("final_ema", "ema")):
-        model = GPT.from_pretrained(results / folder)
-        assert model.config == load_ar_config(TINY).model
-        for key, value in model.state_dict().items():
-            torch.testing.assert_close(value, checkpoint["modules"][module][key], rtol=0, atol=0)
+        for model in (GPT.from_pretrained(results / folder), GPT.from_pretrained(path, ema=module == "ema")):
+            assert model.config == load_ar_config(TINY).model
+            for key, value in model.state_dict().items():
+                torch.testing.assert_close(value, checkpoint["modules"][module][key], rtol=0, atol=0)
+        # The from_pretrained aliases are the same storage as the training state: written once.
+        key = "layers.0.attention.wqkv.weight"
+        assert checkpoint[module][key].untyped_storage().data_ptr() == \
+            checkpoint["modules"][module][key].untyped_storage().data_ptr()
     # A fresh start must not overwrite an existing run.
     with pytest.raises(FileExistsError, match="--resume auto"):
         main(*parse_args(train_args(assets["codes"], results, "--max-steps", "6")))
