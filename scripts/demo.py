@@ -154,11 +154,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 3. reconstruct ----------------------------------------------------------------------------
     recon = out / "recon" / "recon.npz"
-    stage("reconstruct", lambda: (out / "recon" / "metrics.json").is_file(), lambda: run("reconstruct", [
+    recon_json = recon.with_suffix(".json")
+    stage("reconstruct", lambda: recon_json.is_file() and (out / "reconstructions.png").is_file(), lambda: run("reconstruct", [
         "tokenizer.reconstruct", "--ckpt", str(tok_final), "--data-path", str(test_dir), "--out", str(recon),
         "--image-size", str(settings.image_size), "--num-images", str(settings.recon_images),
         "--grid", str(out / "reconstructions.png"), "--grid-images", "8", "--num-workers", "0",
-        "--json", str(out / "recon" / "metrics.json"), "--seed", str(args.seed), *device,
+        "--seed", str(args.seed), *device,
     ], log))
 
     # 4. rFID -----------------------------------------------------------------------------------
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--results-dir", str(gpt_dir), "--resume", "auto", "--seed", str(args.seed), *gpt_steps, *device,
     ], log))
 
-    models = ["--gpt-ckpt", str(gpt_final), "--tokenizer-ckpt", str(tok_final), "--ema"]
+    models = ["--gpt-ckpt", str(gpt_final), "--tokenizer-ckpt", str(tok_final)]
 
     # 7. samples --------------------------------------------------------------------------------
     labels = ",".join(str(c) for c in range(NUM_CLASSES))
@@ -196,7 +197,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ], log))
 
     # 8. layout ---------------------------------------------------------------------------------
-    reference = sorted(sorted(test_dir.iterdir())[0].iterdir())[0]
+    from dataset.images import list_images
+
+    reference = list_images(test_dir)[0]  # the first held-out T-shirt
     stage("layout", lambda: (out / "layout.png").is_file(), lambda: run("layout", [
         "autoregressive.layout", *models, "--reference", str(reference), "--labels", "0,2,3,4,6",
         "--prefix-groups", "1", "--samples-per-label", "4", "--seed", str(args.seed), "--out", str(out / "layout.png"),
@@ -215,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ], log))
     stage("fid_reference", reference_npz.is_file, lambda: run("fid_reference", [
         "evaluations.make_reference", "--data-path", str(test_dir), "--out", str(reference_npz),
-        "--image-size", str(settings.image_size), "--num", str(settings.fid_reference_images), *device,
+        "--image-size", str(settings.image_size), "--num", str(settings.fid_reference_images), "--num-workers", "0",
+        *device,
     ], log))
     stage("fid", fid_json.is_file, lambda: run("fid", [
         "evaluations.evaluator", str(reference_npz), str(samples_npz), "--json", str(fid_json), *device,
@@ -240,7 +244,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def build_report(out: Path, settings: DemoSettings, timings: dict[str, float], seconds: float) -> dict[str, Any]:
-    recon = _read_json(out / "recon" / "metrics.json")
+    recon = _read_json(out / "recon" / "recon.json")
     rfid = _read_json(out / "recon" / "rfid.json")
     fid = _read_json(out / "fid" / "fid.json")
     classes = _read_json(out / "class_consistency.json")
