@@ -342,8 +342,10 @@ class GPT(nn.Module):
         cfg = self.config
         shape = (max_batch, cfg.kv_heads, length, cfg.head_dim)
         current = self.layers[0].attention.kv_cache
-        if not (current is not None and current.k_cache.shape == shape and current.k_cache.dtype == dtype
-                and current.k_cache.device == device):
+        reusable = (current is not None and current.k_cache.shape == shape and current.k_cache.dtype == dtype
+                    and current.k_cache.device == device and self.causal_mask is not None
+                    and self.causal_mask.device == device)
+        if not reusable:
             # Reusing identical caches keeps buffer addresses stable for CUDA-graph replays; stale
             # entries are harmless because the causal mask hides every position not yet written.
             for layer in self.layers:

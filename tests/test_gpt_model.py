@@ -163,3 +163,15 @@ def test_bad_inputs_raise():
         model(codes, torch.tensor([1]))
     with pytest.raises(ValueError, match="integer"):
         model(codes.float(), labels)
+
+
+def test_setup_caches_reallocates_a_mask_left_on_another_device() -> None:
+    # The cache and mask are plain attributes (not buffers), so `.to()` does not move them; a stale
+    # mask on another device must be rebuilt even when the cache itself looks reusable.
+    import autoregressive.model as m
+
+    gpt = m.GPT(m.GPT_PRESETS["tiny"]).eval()
+    gpt.setup_caches(2, 17)
+    gpt.causal_mask = gpt.causal_mask.to("meta")
+    gpt.setup_caches(2, 17)
+    assert gpt.causal_mask.device.type == "cpu"
