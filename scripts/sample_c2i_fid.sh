@@ -8,7 +8,8 @@
 # 1.1 -> 10.0; temperature 1.0, no top-k / top-p. Sampling is resumable: rerunning with the same
 # OUT skips finished shards. Environment (optional unless noted): REF_BATCH (required, an ADM
 # reference .npz), GPT_CKPT, GPT_PRESET (empty for checkpoints with a stored config),
-# TOKENIZER_CKPT, CFG, SEED, NUM_SAMPLES, BATCH (per process), OUT (folder), and the torchrun
+# TOKENIZER_CKPT, CFG, SEED, NUM_SAMPLES, BATCH (per process), OUT (folder), FID_WEIGHTS (Inception
+# weights for the evaluator, e.g. "pytorch-fid" or a local .pth: needed for the Inception Score), and the torchrun
 # settings NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT. Runs from the repository
 # root; extra arguments go to `autoregressive.sample_ddp`.
 set -euo pipefail
@@ -49,5 +50,6 @@ torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC_PE
   --num-samples "$NUM_SAMPLES" --per-proc-batch-size "$BATCH" --out "$OUT" "$@"
 
 if [[ "$NODE_RANK" == 0 ]]; then
-  python -m evaluations.evaluator "$REF_BATCH" "$OUT/samples.npz" --json "$OUT/metrics.json"
+  python -m evaluations.evaluator "$REF_BATCH" "$OUT/samples.npz" --json "$OUT/metrics.json" \
+    ${FID_WEIGHTS:+--weights "$FID_WEIGHTS"}
 fi
