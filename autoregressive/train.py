@@ -53,7 +53,7 @@ from dataset.images import ImageBatch, ImageFolderDataset, RandomTenCrop, collat
 from dataset.sampler import ResumableDistributedSampler
 from tokenizer.model import DARTokenizer
 from utils.checkpoint import CheckpointManager
-from utils.config import ConfigError, dataclass_from_dict, dataclass_to_dict, load_yaml
+from utils.config import ConfigError, config_differences, dataclass_from_dict, dataclass_to_dict, load_yaml
 from utils.distributed import (
     DistEnv,
     all_reduce_mean,
@@ -309,17 +309,6 @@ def save_samples(cfg: ARTrainConfig, state: dict[str, torch.Tensor], tokenizer: 
         with autocast(device, precision):
             _, images = sample_images(gpt, tokenizer, labels, seeds=seeds, cfg_scale=sample.cfg_scale)
     save_grid([to_uint8(images)], path)
-
-
-def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs.extend(config_differences(a, b, f"{prefix}{key}."))
-        elif a != b:
-            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return diffs
 
 
 # -- FSDP2 -----------------------------------------------------------------------------------------
