@@ -16,8 +16,8 @@ type), each skipped when its output already exists — so re-running with the sa
  6. gpt          ``autoregressive.train`` — class-conditional Llama GPT on those codes
  7. samples      ``autoregressive.sample`` — grid (one row per class), streaming previews, GIF
  8. layout       ``autoregressive.layout`` — first groups forced from a test image, other classes
- 9. fid          ``autoregressive.sample_ddp`` + ``evaluations.make_reference`` + ``evaluations.evaluator``
-                 — generation FID against the held-out test images
+ 9. fid          ``autoregressive.sample_ddp`` + ``evaluations.evaluator`` — generation FID against the
+                 held-out test images (the reference crops written by the reconstruct stage)
 10. classes      ``evaluations.class_consistency`` — a small classifier trained on the real training
                  images judges whether each sample shows the class it was generated for
 
@@ -52,7 +52,6 @@ class DemoSettings:
     gpt_steps: int | None
     recon_images: int
     fid_samples: int
-    fid_reference_images: int
     samples_per_label: int
     classifier_epochs: int
     cfg_scale: str
@@ -66,9 +65,8 @@ FULL = DemoSettings(
     gpt_config="configs/ar/demo.yaml",
     tokenizer_steps=None,
     gpt_steps=None,
-    recon_images=500,
-    fid_samples=500,
-    fid_reference_images=500,
+    recon_images=300,
+    fid_samples=300,
     samples_per_label=8,
     classifier_epochs=2,
     cfg_scale="3.0",
@@ -80,7 +78,6 @@ QUICK = DemoSettings(
     gpt_steps=4,
     recon_images=16,
     fid_samples=20,
-    fid_reference_images=20,
     samples_per_label=1,
     classifier_epochs=1,
     cfg_scale="3.0",
@@ -209,17 +206,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 9. generation FID -------------------------------------------------------------------------
     fid_dir = out / "fid"
     samples_npz = fid_dir / "samples" / "samples.npz"
-    reference_npz = fid_dir / "reference.npz"
+    # The held-out reference is the same ADM centre crop of the first test images that the
+    # reconstruction stage already wrote (recon_ref.npz); `evaluations.make_reference` builds the same
+    # thing for any folder, but would run Inception over those images once more.
+    reference_npz = recon.with_name("recon_ref.npz")
     fid_json = fid_dir / "fid.json"
     stage("fid_samples", samples_npz.is_file, lambda: run("fid_samples", [
         "autoregressive.sample_ddp", *models, "--num-samples", str(settings.fid_samples),
         "--per-proc-batch-size", "100", "--cfg-scale", settings.cfg_scale, "--seed", str(args.seed),
         "--out", str(fid_dir / "samples"), *device,
-    ], log))
-    stage("fid_reference", reference_npz.is_file, lambda: run("fid_reference", [
-        "evaluations.make_reference", "--data-path", str(test_dir), "--out", str(reference_npz),
-        "--image-size", str(settings.image_size), "--num", str(settings.fid_reference_images), "--num-workers", "0",
-        *device,
     ], log))
     stage("fid", fid_json.is_file, lambda: run("fid", [
         "evaluations.evaluator", str(reference_npz), str(samples_npz), "--json", str(fid_json), *device,
