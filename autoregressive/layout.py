@@ -88,10 +88,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@torch.no_grad()  # sampling only; a decorator, not a global switch, so in-process callers keep autograd
 def main(argv: Sequence[str] | None = None) -> LayoutResult:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    torch.set_grad_enabled(False)
     gpt, tokenizer = load_models(args, device)
 
     reference = load_reference(args.reference, tokenizer.config.sampling_resolution)

@@ -137,10 +137,10 @@ def generate_grid(gpt: GPT, tokenizer: DARTokenizer, labels: torch.Tensor, seeds
     return np.concatenate(finals), per_group
 
 
+@torch.no_grad()  # sampling only; a decorator, not a global switch, so in-process callers keep autograd
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    torch.set_grad_enabled(False)
     gpt, tokenizer = load_models(args, device)
 
     n = args.samples_per_label

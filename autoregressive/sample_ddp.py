@@ -186,12 +186,12 @@ def run_manifest(args: argparse.Namespace, num_classes: int, precision: str, res
     }
 
 
+@torch.no_grad()  # sampling only; a decorator, not a global switch, so in-process callers keep autograd
 def main(argv: Sequence[str] | None = None) -> Path | None:
     """Returns the path of ``samples.npz`` on rank 0 once complete, else None."""
     args = parse_args(argv)
     env = setup_distributed(args.device)
     try:
-        torch.set_grad_enabled(False)
         gpt, tokenizer = load_models(args, env.device)
         num_classes = args.num_classes or gpt.config.num_classes
         if not 1 <= num_classes <= gpt.config.num_classes:

@@ -22,7 +22,11 @@ def test_quick_demo_writes_every_output(tmp_path: Path) -> None:
         with Image.open(out / name) as image:
             assert image.width >= 32 and image.height >= 32, name
     with Image.open(out / "stream.gif") as gif:
-        assert gif.n_frames == 4  # one frame per code group of the demo tokenizer
+        # One frame per code group (4); Pillow merges identical consecutive frames, which the barely
+        # trained quick-mode models can produce, so only the upper bound is exact.
+        assert 1 <= gif.n_frames <= 4
+    with Image.open(out / "previews.png") as strip:
+        assert strip.width >= 4 * 32  # one column per code group
     with Image.open(out / "samples.png") as grid:
         assert grid.height >= 10 * 32  # one row per class
 
