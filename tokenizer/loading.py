@@ -73,6 +73,8 @@ def build_from_state_dict(
             raise StateDictMismatchError(f"{key} has dtype {value.dtype}; the tokenizer stores float tensors")
         value = value.to(dtype=torch.float32, device=target or value.device)
         tensors[key] = value
+    # Strictness was enforced by check_state_dict above; strict=False here only lets the two optional
+    # entries (usage statistic, REPA head) be absent, and they are filled in just below.
     model.load_state_dict(tensors, strict=False, assign=True)
     device_of_rest = model.decoder_embedding.weight.device
     if _USAGE_KEY not in converted:
