@@ -12,6 +12,10 @@ Directory layout (format ``dar-codes`` version 1), written by ``tokenizer.extrac
     labels_XXXXX.npy   int64 [count]
     indices_XXXXX.npy  int64 [count]   the source image's dataset index (audits duplicates/gaps)
 
+``tokenizer.extract_codes`` also leaves ``extraction.json`` (the settings of the run; a rerun with other
+settings into the same folder is refused), ``badfiles_XXXXX.json`` (per-shard skip/conversion counts, so the
+totals survive a resume) and ``log.txt``. Readers ignore them.
+
 ``XXXXX`` is the shard id (5+ digits). Shards are listed by id; ``start`` is the running row offset,
 so row ``i`` of the whole set lives in the shard whose ``[start, start + count)`` holds it.
 Augmentation axis: ``num_augs`` = 1 (centre crop), 2 (centre crop, then its mirror) or 10
