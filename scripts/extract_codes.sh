@@ -16,14 +16,8 @@ set -euo pipefail
 : "${DATA_PATH:?set DATA_PATH to the image folder (class sub-folders give the labels)}"
 TOKENIZER_CKPT="${TOKENIZER_CKPT:-showlab/D-AR}"
 CODE_PATH="${CODE_PATH:-codes/imagenet256_tencrop}"
-if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-  NPROC_PER_NODE=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
-  [[ "$NPROC_PER_NODE" -ge 1 ]] 2>/dev/null || NPROC_PER_NODE=1
-fi
 
+source "$(dirname "${BASH_SOURCE[0]}")/_torchrun.sh"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-exec torchrun \
-  --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --nproc_per_node="$NPROC_PER_NODE" \
-  --master_addr="${MASTER_ADDR:-localhost}" --master_port="${MASTER_PORT:-29500}" \
-  -m tokenizer.extract_codes --tokenizer-ckpt "$TOKENIZER_CKPT" --data-path "$DATA_PATH" --out "$CODE_PATH" \
+launch_torchrun tokenizer.extract_codes --tokenizer-ckpt "$TOKENIZER_CKPT" --data-path "$DATA_PATH" --out "$CODE_PATH" \
   --ten-crop --image-size "${IMAGE_SIZE:-256}" --batch-size "${BATCH_SIZE:-64}" "$@"

@@ -16,15 +16,9 @@ set -euo pipefail
 : "${DATA_PATH:?set DATA_PATH to the evaluation image folder}"
 CKPT="${CKPT:-showlab/D-AR}"
 OUT="${OUT:-results/recon_v1.npz}"
-if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-  NPROC_PER_NODE=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
-  [[ "$NPROC_PER_NODE" -ge 1 ]] 2>/dev/null || NPROC_PER_NODE=1
-fi
 
+source "$(dirname "${BASH_SOURCE[0]}")/_torchrun.sh"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mkdir -p "$(dirname "$OUT")"
-exec torchrun \
-  --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --nproc_per_node="$NPROC_PER_NODE" \
-  --master_addr="${MASTER_ADDR:-localhost}" --master_port="${MASTER_PORT:-29500}" \
-  -m tokenizer.reconstruct --ckpt "$CKPT" --data-path "$DATA_PATH" --out "$OUT" \
+launch_torchrun tokenizer.reconstruct --ckpt "$CKPT" --data-path "$DATA_PATH" --out "$OUT" \
   --steps 8 --sampler adams2 --image-size 256 "$@"

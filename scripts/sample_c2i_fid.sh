@@ -31,25 +31,18 @@ SEED="${SEED:-0}"
 NUM_SAMPLES="${NUM_SAMPLES:-50000}"
 BATCH="${BATCH:-64}"
 OUT="${OUT:-samples/D-AR-$MODEL-cfg$CFG-seed$SEED}"
-if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-  NPROC_PER_NODE="$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')"
-fi
-NNODES="${NNODES:-1}"
-NODE_RANK="${NODE_RANK:-0}"
-MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
-MASTER_PORT="${MASTER_PORT:-29500}"
 
 PRESET_ARGS=()
 if [[ -n "$GPT_PRESET" ]]; then PRESET_ARGS=(--gpt-preset "$GPT_PRESET"); fi
 
+source "$(dirname "${BASH_SOURCE[0]}")/_torchrun.sh"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC_PER_NODE" \
-  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" -m autoregressive.sample_ddp \
+launch_torchrun autoregressive.sample_ddp \
   --gpt-ckpt "$GPT_CKPT" "${PRESET_ARGS[@]}" --tokenizer-ckpt "$TOKENIZER_CKPT" \
   --cfg-scale "$CFG" --temperature 1.0 --top-k 0 --top-p 1.0 --seed "$SEED" \
   --num-samples "$NUM_SAMPLES" --per-proc-batch-size "$BATCH" --out "$OUT" "$@"
 
-if [[ "$NODE_RANK" == 0 ]]; then
+if [[ "${NODE_RANK:-0}" == 0 ]]; then
   python -m evaluations.evaluator "$REF_BATCH" "$OUT/samples.npz" --json "$OUT/metrics.json" \
     ${FID_WEIGHTS:+--weights "$FID_WEIGHTS"}
 fi

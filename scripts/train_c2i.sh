@@ -17,14 +17,8 @@ set -euo pipefail
 : "${CODE_PATH:?set CODE_PATH to a folder written by scripts/extract_codes.sh}"
 CONFIG="${CONFIG:-configs/ar/gpt_l.yaml}"
 RESULTS_DIR="${RESULTS_DIR:-results/$(basename "$CONFIG" .yaml)}"
-if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-  NPROC_PER_NODE=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
-  [[ "$NPROC_PER_NODE" -ge 1 ]] 2>/dev/null || NPROC_PER_NODE=1
-fi
 
+source "$(dirname "${BASH_SOURCE[0]}")/_torchrun.sh"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-exec torchrun \
-  --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --nproc_per_node="$NPROC_PER_NODE" \
-  --master_addr="${MASTER_ADDR:-localhost}" --master_port="${MASTER_PORT:-29500}" \
-  -m autoregressive.train --config "$CONFIG" --code-path "$CODE_PATH" --results-dir "$RESULTS_DIR" \
+launch_torchrun autoregressive.train --config "$CONFIG" --code-path "$CODE_PATH" --results-dir "$RESULTS_DIR" \
   --resume auto "$@"
