@@ -10,6 +10,7 @@ import torch
 from autoregressive.generate import (
     GuidanceSchedule,
     apply_guidance,
+    compiled_decode_one_token,
     decode_n_tokens,
     decode_one_token,
     draw_uniforms,
@@ -263,6 +264,23 @@ def test_decode_step_compiles_as_one_graph(model):
     scales = schedule.scales(16)
     first = sample_token(apply_guidance(prefill(model, labels_in), scales[0]), uniforms[:, 0])
     rest = decode_n_tokens(model, first, 1, scales[1:], uniforms[:, 1:], 1.0, 0, 1.0, True, step=step)
+    assert torch.equal(torch.cat([first[:, None], rest], dim=1), expected)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_compiled_decode_step_matches_eager(model, split):
+    """Both shapes of the compiled step (whole step; CUDA's compiled logits + eager sampler) give the eager codes."""
+    step = compiled_decode_one_token("cpu", split=split, backend="eager")
+    assert compiled_decode_one_token("cpu", split=split, backend="eager") is step  # cached
+    labels = torch.tensor([1, 2])
+    uniforms = draw_uniforms(2, 16, seeds=[5, 6])
+    schedule = GuidanceSchedule(1.2, 4.0)
+    expected = generate_codes(model, labels, uniforms, guidance=schedule, top_k=20, top_p=0.9)
+    labels_in = torch.cat([labels, torch.full_like(labels, model.config.null_class)])
+    model.setup_caches(4, 16)
+    scales = schedule.scales(16)
+    first = sample_token(apply_guidance(prefill(model, labels_in), scales[0]), uniforms[:, 0], 1.0, 20, 0.9)
+    rest = decode_n_tokens(model, first, 1, scales[1:], uniforms[:, 1:], 1.0, 20, 0.9, True, step=step)
     assert torch.equal(torch.cat([first[:, None], rest], dim=1), expected)
 
 
