@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -438,6 +439,18 @@ class RunOptions:
 
 def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
     """Train; returns ``{"step": last step, "results_dir": ...}``."""
+    try:
+        return _train(cfg, opts)
+    finally:
+        # Free the models (FSDP / DDP state holds the process group in reference cycles) before the
+        # group is destroyed: tearing gloo down under live FSDP state intermittently aborted rank 1
+        # at exit ("terminate called without an active exception").
+        gc.collect()
+        cleanup_distributed()
+
+
+def _train(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
+    """The body of :func:`main`, which tears the process group down after it."""
     check_settings(cfg.train)
 
     # -- distributed -------------------------------------------------------------------------
@@ -609,7 +622,6 @@ def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
     else:
         logger.info(f"stopped after step {step} of {t.max_steps}; continue with --resume auto")
     wandb.finish()
-    cleanup_distributed()
     return {"step": step, "results_dir": str(run.root)}
 
 

@@ -67,5 +67,8 @@ def run_module(module: str, args: list[str], nproc: int = 1, timeout: float = 30
     env.pop("PYTHONPATH", None)
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-6000:]}")
+        err = result.stderr
+        if len(err) > 12000:  # keep the children's first traceback and torchrun's summary
+            err = err[:6000] + "\n[...]\n" + err[-6000:]
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{err}")
     return result

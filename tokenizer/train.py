@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -377,6 +378,17 @@ def write_samples(model: DARTokenizer, images: torch.Tensor, seed: int, path: Pa
 
 def main(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
     """Train; returns ``{"step": last step, "results_dir": ...}``."""
+    try:
+        return _train(cfg, opts)
+    finally:
+        # Free the models and their DDP state before the group is destroyed (the AR trainer's FSDP
+        # runs aborted at exit intermittently without this; same order here for the same reason).
+        gc.collect()
+        cleanup_distributed()
+
+
+def _train(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
+    """The body of :func:`main`, which tears the process group down after it."""
     check_settings(cfg)
 
     # -- distributed -------------------------------------------------------------------------
@@ -587,7 +599,6 @@ def main(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
         logger.info(f"stopped after step {state['step']} of {t.max_steps}; continue with --resume auto")
     wandb.finish()
     barrier()
-    cleanup_distributed()
     return {"step": state["step"], "results_dir": str(run.root)}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -64,8 +65,19 @@ def setup_distributed(device: str | torch.device | None = None, timeout_minutes:
 
 
 def cleanup_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Tear the process group down; every rank first waits for the others at a barrier.
+
+    Without the barrier a rank that finishes early (rank 0 still writing the final weights, say)
+    destroys its gloo pairs while a peer is still connected, which intermittently aborts the process
+    ("terminate called without an active exception", SIGABRT). The barrier is skipped while an
+    exception is propagating (a call from a ``finally`` block on the error path), so a failing rank
+    exits at once and torchrun stops the others instead of everyone waiting for the timeout.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if sys.exc_info()[0] is None:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def is_initialized() -> bool:
