@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -59,7 +58,7 @@ from utils.distributed import (
     DistEnv,
     all_reduce_mean,
     all_reduce_sum,
-    cleanup_distributed,
+    run_then_cleanup,
     seed_everything,
     setup_distributed,
 )
@@ -439,14 +438,7 @@ class RunOptions:
 
 def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
     """Train; returns ``{"step": last step, "results_dir": ...}``."""
-    try:
-        return _train(cfg, opts)
-    finally:
-        # Free the models (FSDP / DDP state holds the process group in reference cycles) before the
-        # group is destroyed: tearing gloo down under live FSDP state intermittently aborted rank 1
-        # at exit ("terminate called without an active exception").
-        gc.collect()
-        cleanup_distributed()
+    return run_then_cleanup(_train, cfg, opts)
 
 
 def _train(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:

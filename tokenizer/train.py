@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -74,7 +73,7 @@ from tokenizer.model import DARTokenizer, TokenizerTrainOutput
 from tokenizer.reconstruct import save_reconstruction_grid
 from utils.checkpoint import CheckpointManager
 from utils.config import ConfigError, config_differences, dataclass_from_dict, dataclass_to_dict, load_yaml
-from utils.distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier, cleanup_distributed, seed_everything, setup_distributed
+from utils.distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier, run_then_cleanup, seed_everything, setup_distributed
 from utils.run import RunFolder, create_logger
 from utils.training import (
     InfiniteLoader,
@@ -378,13 +377,7 @@ def write_samples(model: DARTokenizer, images: torch.Tensor, seed: int, path: Pa
 
 def main(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
     """Train; returns ``{"step": last step, "results_dir": ...}``."""
-    try:
-        return _train(cfg, opts)
-    finally:
-        # Free the models and their DDP state before the group is destroyed (the AR trainer's FSDP
-        # runs aborted at exit intermittently without this; same order here for the same reason).
-        gc.collect()
-        cleanup_distributed()
+    return run_then_cleanup(_train, cfg, opts)
 
 
 def _train(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:

@@ -6,16 +6,20 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,20 @@ def cleanup_distributed() -> None:
     if sys.exc_info()[0] is None:
         dist.barrier()
     dist.destroy_process_group()
+
+
+def run_then_cleanup(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, then free unreachable objects and tear the process group down (also on error).
+
+    Models wrapped in DDP / FSDP hold the group in reference cycles; collecting them before the group
+    is destroyed matters: tearing gloo down under live FSDP state intermittently aborted a rank at
+    exit ("terminate called without an active exception").
+    """
+    try:
+        return fn(*args)
+    finally:
+        gc.collect()
+        cleanup_distributed()
 
 
 def is_initialized() -> bool:
