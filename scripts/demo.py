@@ -56,6 +56,11 @@ class DemoSettings:
     classifier_epochs: int
     cfg_scale: str
     image_size: int = 32
+    # Pixel-decoder ODE solver for every decoding stage. The demo tokenizer is far from converged, and
+    # for it Euler beats the paper's Adams-Bashforth-2: on the full demo's tokenizer, held-out PSNR
+    # 13.4 dB (Euler) vs 12.6 dB (adams2), 4 steps, 300 images. AB2's extrapolation amplifies the
+    # error of an imprecise velocity field; it pays off for well-trained tokenizers (paper, 8 steps).
+    sampler: str = "euler"
     train_per_class: int | None = None
     test_per_class: int | None = None
 
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tokenizer.reconstruct", "--ckpt", str(tok_final), "--data-path", str(test_dir), "--out", str(recon),
         "--image-size", str(settings.image_size), "--num-images", str(settings.recon_images),
         "--grid", str(out / "reconstructions.png"), "--grid-images", "8", "--num-workers", "0",
-        "--seed", str(args.seed), *device,
+        "--seed", str(args.seed), "--sampler", settings.sampler, *device,
     ], log))
 
     # 4. rFID -----------------------------------------------------------------------------------
@@ -190,7 +195,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stage("samples", lambda: (out / "stream.gif").is_file(), lambda: run("samples", [
         "autoregressive.sample", *models, "--labels", labels, "--samples-per-label", str(settings.samples_per_label),
         "--cfg-scale", settings.cfg_scale, "--seed", str(args.seed), "--out", str(out / "samples.png"),
-        "--previews", str(out / "previews.png"), "--gif", str(out / "stream.gif"), *device,
+        "--previews", str(out / "previews.png"), "--gif", str(out / "stream.gif"), "--sampler", settings.sampler,
+        *device,
     ], log))
 
     # 8. layout ---------------------------------------------------------------------------------
@@ -200,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stage("layout", lambda: (out / "layout.png").is_file(), lambda: run("layout", [
         "autoregressive.layout", *models, "--reference", str(reference), "--labels", "0,2,3,4,6",
         "--prefix-groups", "1", "--samples-per-label", "4", "--seed", str(args.seed), "--out", str(out / "layout.png"),
-        *device,
+        "--sampler", settings.sampler, *device,
     ], log))
 
     # 9. generation FID -------------------------------------------------------------------------
@@ -214,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stage("fid_samples", samples_npz.is_file, lambda: run("fid_samples", [
         "autoregressive.sample_ddp", *models, "--num-samples", str(settings.fid_samples),
         "--per-proc-batch-size", "100", "--cfg-scale", settings.cfg_scale, "--seed", str(args.seed),
-        "--out", str(fid_dir / "samples"), *device,
+        "--out", str(fid_dir / "samples"), "--sampler", settings.sampler, *device,
     ], log))
     stage("fid", fid_json.is_file, lambda: run("fid", [
         "evaluations.evaluator", str(reference_npz), str(samples_npz), "--json", str(fid_json), *device,
@@ -245,6 +251,7 @@ def build_report(out: Path, settings: DemoSettings, timings: dict[str, float], s
     classes = _read_json(out / "class_consistency.json")
     return {
         "mode": "quick" if settings is QUICK else "full",
+        "pixel_sampler": settings.sampler,
         "tokenizer": {
             "psnr": recon.get("psnr"),
             "ssim": recon.get("ssim"),
