@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
 from tokenizer import TOKENIZER_PRESETS, DARTokenizer, SequentialSampler
+from tokenizer.config import load_tokenizer_config
 from tokenizer.flow import GroupSchedule, flow_loss, warp_time
+from tokenizer.modules import GatedBlock
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def random_tokenizer(seed: int = 0, **changes) -> DARTokenizer:
@@ -225,3 +231,21 @@ def test_bad_inputs_raise_clear_errors(model: DARTokenizer) -> None:
         model.decode(torch.zeros(2, 16, dtype=torch.long), noise=torch.zeros(3, 3, 32, 32))
     with pytest.raises(ValueError, match="steps must be"):
         model.decode(torch.zeros(2, 16, dtype=torch.long), steps=5)
+
+
+
+def test_fresh_init_follows_the_official_recipe() -> None:
+    """Unit-norm codebook rows (normalised after the uniform fill) and normal(0.02), zero-bias linears in the
+    encoder / code-decoder blocks. Both matter for training: rows of norm ~1/K get ~K× the gradient of the rest
+    of the model, and PyTorch's default Linear init is about 3× wider at the demo width (96)."""
+    torch.manual_seed(0)
+    model = DARTokenizer(load_tokenizer_config(REPO / "configs" / "tokenizer" / "demo.yaml"))
+    rows = model.quantize.embedding.weight
+    torch.testing.assert_close(rows.norm(dim=-1), torch.ones(rows.shape[0]))
+    blocks = [m for m in model.modules() if isinstance(m, GatedBlock)]
+    assert blocks, "the encoder / code decoder are built from GatedBlocks"
+    linears = [m for block in blocks for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    weights = torch.cat([m.weight.flatten() for m in linears])
+    assert 0.018 < weights.std().item() < 0.022, weights.std().item()
+    biases = [m.bias for m in linears if m.bias is not None]
+    assert biases and all(torch.count_nonzero(b) == 0 for b in biases)

@@ -29,6 +29,11 @@ class Quantizer(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(codebook_size, dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
+        # Unit rows from the start, as the official quantizer does. Rows are normalised on use anyway,
+        # but the stored norm sets the gradient scale: rows of norm ~1/K would get ~K× larger gradients
+        # than the rest of the model, dominate the clipped global norm and spin under Adam.
+        with torch.no_grad():
+            self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
         self.beta = beta
         # Rolling window of recently used code indices (a training statistic the official checkpoints
         # carry); kept so state dicts round-trip key for key. Inference never reads it.

@@ -121,6 +121,7 @@ class GatedBlock(nn.Module):
         self.gate1 = nn.Parameter(torch.zeros(dim))
         self.gate2 = nn.Parameter(torch.zeros(dim))
         self.grad_checkpointing = grad_checkpointing
+        init_linear_(self)  # the official block init (PyTorch's default is wider at small widths)
 
     def _attn(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, attn_mask: Tensor | None, causal: bool) -> Tensor:
         return self.attention(self.norm1(x), rope=rope, attn_mask=attn_mask, causal=causal)
