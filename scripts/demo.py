@@ -57,9 +57,9 @@ class DemoSettings:
     cfg_scale: str
     image_size: int = 32
     # Pixel-decoder ODE solver for every decoding stage. The demo tokenizer is far from converged, and
-    # for it Euler beats the paper's Adams-Bashforth-2: on one full-demo tokenizer, held-out PSNR
-    # 13.4 dB (Euler) vs 12.6 dB (adams2), 4 steps, 300 images; 13.6 vs 12.7 dB on another. AB2's extrapolation amplifies the
-    # error of an imprecise velocity field; it pays off for well-trained tokenizers (paper, 8 steps).
+    # for it Euler beats the paper's Adams-Bashforth-2: held-out PSNR 13.4 vs 12.6 dB on one full-demo
+    # tokenizer and 13.6 vs 12.7 dB on another (4 steps, 300 images). AB2's extrapolation amplifies
+    # the error of an imprecise velocity field; it pays off for well-trained tokenizers (paper, 8 steps).
     sampler: str = "euler"
     train_per_class: int | None = None
     test_per_class: int | None = None
