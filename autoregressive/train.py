@@ -467,6 +467,10 @@ def _train(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
 
     # -- data (first: the schedule depends on the dataset size) --------------------------------
     dataset, source, collate, tokenizer = build_data(t, cfg.model, env)
+    if isinstance(dataset, CodeDataset) and dataset.num_augs < 10:
+        views = {1: "the centre crop only", 2: "the centre crop and its mirror"}.get(dataset.num_augs, "")
+        logger.info(f"codes hold {dataset.num_augs} view(s) per image ({views}); the paper recipe trains on "
+                    "ten-crop codes (tokenizer.extract_codes --ten-crop)")
     sampler = ResumableDistributedSampler(len(dataset), env.world_size, env.rank, seed=t.seed, shuffle=True,
                                           drop_last=True)
     steps_per_epoch = sampler.num_samples // (batch_size * t.grad_accum_steps)

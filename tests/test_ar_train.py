@@ -105,6 +105,8 @@ def test_single_process_training_exports_loadable_weights(assets: dict[str, Path
     reloaded = load_ar_config(results / "config.yaml")  # a run's resolved config is a valid recipe
     assert dataclasses.asdict(resolve_schedule(reloaded.train, steps_per_epoch=3)) == dataclasses.asdict(reloaded.train)
     assert [s for s, _ in losses(results)] == list(range(1, 7))
+    # The test codes hold the centre crop and its mirror: the log says they are not the paper's ten crops.
+    assert "2 view(s) per image (the centre crop and its mirror)" in (results / "log.txt").read_text()
     path = results / "checkpoints" / "step_0000006.pt"
     checkpoint = safe_torch_load(path)
     for folder, module in (("final", "model"), ("final_ema", "ema")):
