@@ -591,7 +591,6 @@ def _train(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
     else:
         logger.info(f"stopped after step {state['step']} of {t.max_steps}; continue with --resume auto")
     wandb.finish()
-    barrier()
     return {"step": state["step"], "results_dir": str(run.root)}
 
 

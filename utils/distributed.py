@@ -71,11 +71,11 @@ def setup_distributed(device: str | torch.device | None = None, timeout_minutes:
 def cleanup_distributed() -> None:
     """Tear the process group down; every rank first waits for the others at a barrier.
 
-    Without the barrier a rank that finishes early (rank 0 still writing the final weights, say)
-    destroys its gloo pairs while a peer is still connected, which intermittently aborts the process
-    ("terminate called without an active exception", SIGABRT). The barrier is skipped while an
-    exception is propagating (a call from a ``finally`` block on the error path), so a failing rank
-    exits at once and torchrun stops the others instead of everyone waiting for the timeout.
+    The barrier keeps a rank that finishes early (rank 0 still writing the final weights, say) from
+    destroying its side of the group while a peer is still using it. It is skipped while an exception
+    is propagating (a call from a ``finally`` block on the error path), so a failing rank exits at once
+    and torchrun stops the others instead of everyone waiting for the timeout. Call
+    :func:`run_then_cleanup` from trainers: the barrier alone did not stop the FSDP exit aborts.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
