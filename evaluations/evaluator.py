@@ -3,6 +3,7 @@
     python -m evaluations.evaluator REF.npz SAMPLE.npz [--weights W] [--batch-size 128]
         [--device auto] [--json out.json]
     torchrun --nproc_per_node 8 -m evaluations.evaluator REF.npz SAMPLE.npz
+    python -m evaluations.evaluator REF.npz SAMPLE.npz --ref-cache ref_features.npz
 
 Both files hold ``arr_0``: uint8 [N, H, W, 3] images of any size. Like ADM, a file that also stores
 ``mu``, ``sigma``, ``mu_s``, ``sigma_s`` contributes those statistics to FID / sFID (the ADM
@@ -17,12 +18,19 @@ in ADM's order and format::
 
 Under torchrun every rank extracts features for a contiguous shard of each file; rank 0 computes
 the metrics from the gathered features and prints them.
+
+``--ref-cache FILE`` keeps the reference batch's Inception features in ``FILE`` (.npz) so that
+evaluating many sample batches against one reference runs Inception over the reference once. The
+cache records a SHA-256 of the reference images and of the Inception weights and is recomputed
+(and rewritten) whenever either differs; it is never trusted on its name alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
 import os
 import zipfile
 from collections.abc import Sequence
@@ -34,14 +42,17 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from evaluations.inception import NUM_CLASSES, POOL_DIM, SPATIAL_DIM, FIDInceptionV3, load_fid_inception
-from evaluations.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
-from utils.checkpoint import atomic_write_text
+from evaluations.metrics import FID_METHODS, feature_statistics, frechet_distance, inception_score, precision_recall
+from utils.checkpoint import atomic_write, atomic_write_text
 from utils.distributed import broadcast_object, cleanup_distributed, is_initialized, resolve_device, setup_distributed
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 IS_UNAVAILABLE = "unavailable: classifier weights not loaded"
 PR_UNAVAILABLE = "unavailable: the reference file has no images (arr_0)"
 DEFAULT_BATCH_SIZE = 128
+REF_CACHE_VERSION = 1
+_HASH_CHUNK_ROWS = 256
+logger = logging.getLogger(__name__)
 _NPY_HEADER_READERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
     (2, 0): np.lib.format.read_array_header_2_0,
@@ -178,6 +189,91 @@ def extract_features(
 
 
 # --------------------------------------------------------------------------------------------
+# Reference feature cache
+
+
+def images_digest(images: np.ndarray) -> str:
+    """SHA-256 of a uint8 [N, H, W, 3] batch (shape included), read in chunks so memmaps stay lazy."""
+    digest = hashlib.sha256(repr((images.dtype.str, tuple(images.shape))).encode())
+    for lo in range(0, len(images), _HASH_CHUNK_ROWS):
+        digest.update(np.ascontiguousarray(images[lo : lo + _HASH_CHUNK_ROWS]).tobytes())
+    return digest.hexdigest()
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes and values, in key order)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def _cache_key(model: FIDInceptionV3, images: np.ndarray) -> str:
+    return json.dumps(
+        {"version": REF_CACHE_VERSION, "images": images_digest(images), "inception": model_digest(model)},
+        sort_keys=True,
+    )
+
+
+def read_feature_cache(path: str | os.PathLike, key: str, keys: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """The cached features at ``path`` when it exists, was written for ``key`` and holds ``keys``; else None."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            stored_key = str(data["key"]) if "key" in data.files else None
+            if stored_key != key:
+                logger.warning("%s was written for other reference images or Inception weights; recomputing", path)
+                return None
+            missing = [k for k in keys if k not in data.files]
+            if missing:
+                logger.warning("%s lacks %s; recomputing", path, missing)
+                return None
+            return {k: np.asarray(data[k], dtype=np.float32) for k in keys}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        logger.warning("%s is unreadable (%s); recomputing", path, error)
+        return None
+
+
+def write_feature_cache(path: str | os.PathLike, key: str, features: dict[str, np.ndarray]) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, key=np.array(key), **features)
+
+    atomic_write(path, write)
+
+
+def reference_features(
+    model: FIDInceptionV3,
+    images: np.ndarray,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    cache: str | os.PathLike | None = None,
+) -> dict[str, np.ndarray]:
+    """:func:`extract_features` of the reference batch, through the ``cache`` file when given.
+
+    Rank 0 validates the cache and tells the other ranks whether to extract; rank 0 writes it.
+    """
+    if cache is None:
+        return extract_features(model, images, batch_size, "reference")
+    key = _cache_key(model, images)
+    keys = ["pool", "spatial"] + (["logits"] if model.has_classifier else [])
+    rank = dist.get_rank() if is_initialized() else 0
+    cached = read_feature_cache(cache, key, keys) if rank == 0 else None
+    if broadcast_object(cached is not None):
+        if rank == 0:
+            print(f"reference features: cached in {cache}", flush=True)
+            return cached
+        return {}  # only rank 0 computes metrics
+    features = extract_features(model, images, batch_size, "reference")
+    if rank == 0:
+        write_feature_cache(cache, key, features)
+    return features
+
+
+# --------------------------------------------------------------------------------------------
 # Evaluation
 
 
@@ -189,12 +285,16 @@ def evaluate(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device | None = None,
     model: FIDInceptionV3 | None = None,
+    ref_cache: str | os.PathLike | None = None,
+    fid_method: str = "sqrtm",
 ) -> dict[str, Any]:
     """ADM's five metrics for ``sample_npz`` against ``ref_npz``; identical dict on every rank.
 
     Keys: ``inception_score``, ``fid``, ``sfid``, ``precision``, ``recall`` (float, or None when
     unavailable, with the reason under ``notes``), ``num_reference``, ``num_samples``.
     Pass a loaded ``model`` to reuse it across calls (``weights``/``device`` are then ignored).
+    ``ref_cache``: an .npz that keeps the reference features between calls (see the module docstring).
+    ``fid_method``: "sqrtm" (ADM's) or "eigh" (same quantity, faster; see ``metrics.frechet_distance``).
     """
     if model is None:
         model = load_fid_inception(weights, device=resolve_device(device, int(os.environ.get("LOCAL_RANK", "0"))))
@@ -202,16 +302,17 @@ def evaluate(
     ref_has_images = "arr_0" in npz_keys(ref_npz)
     if ref_stats is None and not ref_has_images:
         raise ValueError(f"{ref_npz} has neither images (arr_0) nor statistics ({', '.join(STAT_KEYS)})")
-    ref_feats = extract_features(model, load_images(ref_npz), batch_size, "reference") if ref_has_images else None
+    ref_feats = reference_features(model, load_images(ref_npz), batch_size, ref_cache) if ref_has_images else None
     sample_images = load_images(sample_npz)
     sample_feats = extract_features(model, sample_images, batch_size, "samples")
     sample_stats = read_statistics(sample_npz)
 
     results: dict[str, Any] | None = None
     if not is_initialized() or dist.get_rank() == 0:
-        results = _metrics(ref_feats, ref_stats, sample_feats, sample_stats, model.conv.weight.device)
+        results = _metrics(ref_feats, ref_stats, sample_feats, sample_stats, model.conv.weight.device, fid_method)
         results["num_reference"] = None if ref_feats is None else int(ref_feats["pool"].shape[0])
         results["num_samples"] = int(sample_images.shape[0])
+        results["fid_method"] = fid_method
     return broadcast_object(results)
 
 
@@ -227,6 +328,7 @@ def _metrics(
     sample_feats: dict[str, np.ndarray],
     sample_stats: dict[str, np.ndarray] | None,
     device: torch.device,
+    fid_method: str = "sqrtm",
 ) -> dict[str, Any]:
     if ref_stats is None:
         ref_stats = _statistics(ref_feats)
@@ -238,8 +340,12 @@ def _metrics(
     else:
         is_value, notes["inception_score"] = None, IS_UNAVAILABLE
     # Argument order as in ADM: sample statistics first, reference second.
-    fid = frechet_distance(sample_stats["mu"], sample_stats["sigma"], ref_stats["mu"], ref_stats["sigma"])
-    sfid = frechet_distance(sample_stats["mu_s"], sample_stats["sigma_s"], ref_stats["mu_s"], ref_stats["sigma_s"])
+    fid = frechet_distance(
+        sample_stats["mu"], sample_stats["sigma"], ref_stats["mu"], ref_stats["sigma"], method=fid_method
+    )
+    sfid = frechet_distance(
+        sample_stats["mu_s"], sample_stats["sigma_s"], ref_stats["mu_s"], ref_stats["sigma_s"], method=fid_method
+    )
     if ref_feats is not None:
         precision, recall = precision_recall(ref_feats["pool"], sample_feats["pool"], device=device)
     else:
@@ -283,6 +389,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per forward pass per rank")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--ref-cache",
+        default=None,
+        help="keep the reference images' Inception features in this .npz and reuse them while the reference "
+        "images and the weights are unchanged (checked by SHA-256)",
+    )
+    parser.add_argument(
+        "--fid-method",
+        choices=FID_METHODS,
+        default="sqrtm",
+        help="matrix square root for FID/sFID: 'sqrtm' is ADM's (default; use it for published numbers), 'eigh' "
+        "gives the same distance from symmetric eigenvalues, much faster on a CPU",
+    )
     return parser.parse_args(argv)
 
 
@@ -291,7 +410,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     env = setup_distributed(args.device)
     try:
         model = load_fid_inception(args.weights, device=env.device)
-        results = evaluate(args.ref_batch, args.sample_batch, batch_size=args.batch_size, model=model)
+        results = evaluate(
+            args.ref_batch,
+            args.sample_batch,
+            batch_size=args.batch_size,
+            model=model,
+            ref_cache=args.ref_cache,
+            fid_method=args.fid_method,
+        )
         if env.is_main:
             for line in format_results(results):
                 print(line)

@@ -321,6 +321,10 @@ class FIDInceptionV3(nn.Module):
         device = self.conv.weight.device
         with exact_fp32():
             x = to_network_input(images.to(device))  # (B, 3, 299, 299)
+            if x.device.type == "cpu":
+                # oneDNN runs these convolutions and pools ~1.5-1.8x faster on NHWC activations (measured on
+                # 2 AVX2 cores); features agree with NCHW to float32 rounding (~1e-6 relative).
+                x = x.contiguous(memory_format=torch.channels_last)
             for name in ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1"):
                 x = getattr(self, name)(x)
             for block in (self.mixed, self.mixed_1, self.mixed_2, self.mixed_3, self.mixed_4, self.mixed_5):

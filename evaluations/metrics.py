@@ -22,6 +22,8 @@ import torch
 SINGULAR_PRODUCT_OFFSET = 1e-6
 # ADM rejects a matrix root whose diagonal carries an imaginary part above this.
 MAX_IMAGINARY_COMPONENT = 1e-3
+# method="eigh": a negative eigenvalue beyond this share of the largest is not rounding of zero.
+MAX_NEGATIVE_EIGENVALUE = 1e-6
 # Pairwise-distance blocks hold at most this many float32 entries (512 MiB), which keeps a
 # 50k x 10k precision/recall evaluation inside a few GiB on any device.
 MAX_DISTANCE_BLOCK_ELEMENTS = 2**27
@@ -71,14 +73,47 @@ def _matrix_sqrt(matrix: np.ndarray) -> np.ndarray:
         return scipy.linalg.sqrtm(matrix)
 
 
-def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
-) -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), ADM's algorithm in float64.
+FID_METHODS = ("sqrtm", "eigh")
 
-    ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 sigma2)); a non-finite root is
-    retried with 1e-6 added to both diagonals, and an imaginary diagonal above 1e-3 is an error.
+
+def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr sqrt(sigma1 sigma2) from eigenvalues: sigma1 sigma2 is similar to R sigma2 R, R = sigma1^(1/2).
+
+    R sigma2 R is symmetric positive semi-definite, so its eigenvalues come from ``eigh`` (two
+    symmetric eigendecompositions instead of a general Schur-based square root). Eigenvalues
+    below zero can only be rounding of zero eigenvalues; they are clipped to 0 unless they are
+    large, which would mean an input was not a covariance.
     """
+    values1, vectors1 = np.linalg.eigh(sigma1)
+    scale = max(float(np.abs(values1).max(initial=0.0)), np.finfo(np.float64).tiny)
+    if values1.min(initial=0.0) < -MAX_NEGATIVE_EIGENVALUE * scale:
+        raise ValueError(f"sigma1 is not positive semi-definite (eigenvalue {values1.min():.3g})")
+    root1 = (vectors1 * np.sqrt(np.clip(values1, 0.0, None))) @ vectors1.T
+    product = root1 @ sigma2 @ root1
+    values = np.linalg.eigvalsh((product + product.T) / 2)
+    scale = max(float(np.abs(values).max(initial=0.0)), np.finfo(np.float64).tiny)
+    if values.min(initial=0.0) < -MAX_NEGATIVE_EIGENVALUE * scale:
+        raise ValueError(f"sigma2 is not positive semi-definite (eigenvalue {values.min():.3g} of R sigma2 R)")
+    return float(np.sqrt(np.clip(values, 0.0, None)).sum())
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, method: str = "sqrtm"
+) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) in float64.
+
+    ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 sigma2)).
+
+    ``method="sqrtm"`` (default) is ADM's algorithm: scipy's general matrix square root of the
+    product; a non-finite root is retried with 1e-6 added to both diagonals, and an imaginary
+    diagonal above 1e-3 is an error. ``method="eigh"`` computes the same trace from the eigenvalues
+    of the symmetric R sigma2 R (R = sigma1^(1/2)); it agrees with ADM to ~1e-9 relative on
+    well-conditioned statistics and to rounding noise on rank-deficient ones (few samples), and is
+    an order of magnitude faster at 2048 dimensions on a CPU. Use it where speed matters more than
+    bit-level agreement with published numbers (the offline demo does).
+    """
+    if method not in FID_METHODS:
+        raise ValueError(f"unknown FID method {method!r}; choose one of {FID_METHODS}")
     mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
     mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))
     sigma1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
@@ -94,6 +129,9 @@ def frechet_distance(
             raise ValueError(f"{name} contains non-finite values")
 
     diff = mu1 - mu2
+    if method == "eigh":
+        tr_covmean = _trace_sqrt_product_eigh(sigma1, sigma2)
+        return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
     covmean = _matrix_sqrt(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         warnings.warn(

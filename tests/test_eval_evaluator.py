@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from evaluations.evaluator import (
     IS_UNAVAILABLE,
@@ -22,6 +23,7 @@ from evaluations.evaluator import (
     load_images,
     open_npz_array,
     read_statistics,
+    reference_features,
 )
 from evaluations.inception import load_fid_inception
 from evaluations.metrics import feature_statistics, precision_recall
@@ -111,6 +113,60 @@ def _images(seed: int, n: int, size: int) -> np.ndarray:
     coarse = rng.uniform(0, 255, (n, 4, 4, 3))
     fine = np.repeat(np.repeat(coarse, size // 4, axis=1), size // 4, axis=2)
     return np.clip(fine + rng.normal(0, 12, fine.shape), 0, 255).astype(np.uint8)
+
+
+def test_reference_feature_cache_is_reused_only_for_the_same_images_and_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import evaluations.evaluator as evaluator
+
+    model = load_fid_inception(None, device="cpu")
+    images = _images(0, 3, 32)
+    cache = tmp_path / "ref_features.npz"
+    direct = extract_features(model, images, batch_size=3)
+    first = reference_features(model, images, batch_size=3, cache=cache)
+    assert cache.is_file() and set(first) == set(direct) == {"pool", "spatial"}
+    for key in direct:
+        np.testing.assert_array_equal(first[key], direct[key])
+
+    calls = []
+    real_extract = evaluator.extract_features
+
+    def counting_extract(*args, **kwargs):
+        calls.append(1)
+        return real_extract(*args, **kwargs)
+
+    monkeypatch.setattr(evaluator, "extract_features", counting_extract)
+    again = reference_features(model, images, batch_size=3, cache=cache)
+    assert calls == []  # served from the cache
+    for key in direct:
+        np.testing.assert_array_equal(again[key], direct[key])
+
+    # One changed pixel: the cache no longer applies; it is recomputed and rewritten for the new images.
+    changed = images.copy()
+    changed[1, 5, 5, 0] ^= 0xFF
+    with caplog.at_level("WARNING"):
+        moved = reference_features(model, changed, batch_size=3, cache=cache)
+    assert len(calls) == 1 and "other reference images or Inception weights" in caplog.text
+    np.testing.assert_array_equal(moved["pool"][0], direct["pool"][0])
+    assert not np.array_equal(moved["pool"][1], direct["pool"][1])
+    reference_features(model, changed, batch_size=3, cache=cache)
+    assert len(calls) == 1  # the rewritten cache now serves the changed images
+
+    # Other Inception weights (one BatchNorm shift nudged): recomputed as well.
+    with torch.no_grad():
+        next(b for n, b in model.named_buffers() if n.endswith(".mean")).add_(1e-3)
+    reference_features(model, changed, batch_size=3, cache=cache)
+    assert len(calls) == 2
+
+    # A damaged cache file is reported and replaced, never trusted.
+    cache.write_bytes(b"not an npz")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        reference_features(model, changed, batch_size=3, cache=cache)
+    assert len(calls) == 3 and "unreadable" in caplog.text
+    reference_features(model, changed, batch_size=3, cache=cache)
+    assert len(calls) == 3
 
 
 def _free_port() -> int:

@@ -55,6 +55,30 @@ def test_frechet_near_singular_covariance() -> None:
     assert got == pytest.approx(_gaussian_w2_diagonal(mu, var1, mu + 0.5, var2), abs=1e-5)
 
 
+def test_frechet_eigh_method_agrees_with_adm_sqrtm() -> None:
+    rng = np.random.default_rng(3)
+    # Full-rank statistics, and rank-deficient ones from fewer samples than dimensions (the demo's case).
+    for n, dim in ((400, 24), (20, 48)):
+        feats1 = rng.normal(size=(n, dim)) @ rng.normal(size=(dim, dim))
+        feats2 = rng.normal(size=(n, dim)) @ rng.normal(size=(dim, dim)) + 0.3
+        mu1, sigma1 = feature_statistics(feats1)
+        mu2, sigma2 = feature_statistics(feats2)
+        adm = frechet_distance(mu1, sigma1, mu2, sigma2)
+        fast = frechet_distance(mu1, sigma1, mu2, sigma2, method="eigh")
+        assert fast == pytest.approx(adm, rel=1e-7), (n, dim)
+        assert frechet_distance(mu1, sigma1, mu1, sigma1, method="eigh") == pytest.approx(0.0, abs=1e-7 * np.trace(sigma1))
+    var1, var2 = rng.uniform(0.1, 3.0, size=6), rng.uniform(0.1, 3.0, size=6)
+    expected = _gaussian_w2_diagonal(np.zeros(6), var1, np.ones(6), var2)
+    got = frechet_distance(np.zeros(6), np.diag(var1), np.ones(6), np.diag(var2), method="eigh")
+    assert got == pytest.approx(expected, rel=1e-10)
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        frechet_distance(np.zeros(2), np.diag([-1.0, 1.0]), np.zeros(2), np.eye(2), method="eigh")
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, -1.0]), method="eigh")
+    with pytest.raises(ValueError, match="unknown FID method"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2), method="svd")
+
+
 def test_frechet_offset_fallback_and_imaginary_error(monkeypatch: pytest.MonkeyPatch) -> None:
     sigma1, sigma2 = np.diag([1.0, 2.0, 3.0]), np.diag([2.0, 2.0, 0.5])
     calls = []

@@ -60,6 +60,27 @@ def test_writes_the_npz_pair_grid_and_metrics(assets: dict[str, Path], tmp_path:
     assert grid.shape == (2 + 3 * (IMAGE_SIZE + 2), 2 + columns * (IMAGE_SIZE + 2), 3)
 
 
+def test_grid_rows_spread_over_the_set_and_previews_use_the_chosen_sampler(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    reconstruct(assets, tmp_path / "recon.npz", "--sampler", "euler", "--grid-images", "3")
+    recon = np.load(tmp_path / "recon.npz")["arr_0"]
+    ref = np.load(tmp_path / "recon_ref.npz")["arr_0"]
+    grid = np.asarray(Image.open(tmp_path / "recon.png"))
+    columns = 2 + DARTokenizer.from_pretrained(assets["tokenizer"]).config.num_denoising_steps
+
+    def cell(row: int, column: int) -> np.ndarray:
+        y, x = 2 + row * (IMAGE_SIZE + 2), 2 + column * (IMAGE_SIZE + 2)
+        return grid[y : y + IMAGE_SIZE, x : x + IMAGE_SIZE]
+
+    assert grid.shape[1] == 2 + columns * (IMAGE_SIZE + 2)
+    for row, image in enumerate([0, 2, 4]):  # 5 good images, 3 rows: first, middle, last
+        np.testing.assert_array_equal(cell(row, 0), ref[image])
+        np.testing.assert_array_equal(cell(row, 1), recon[image])
+        # The last preview is the reconstruction itself (same noise, same sampler).
+        np.testing.assert_array_equal(cell(row, columns - 1), recon[image])
+
+
 def test_batch_size_steps_and_sampler_options(assets: dict[str, Path], tmp_path: Path) -> None:
     reconstruct(assets, tmp_path / "a.npz", "--batch-size", "1", "--num-images", "4", "--grid-images", "0")
     reconstruct(assets, tmp_path / "b.npz", "--batch-size", "3", "--num-images", "4", "--grid-images", "0")

@@ -65,6 +65,8 @@ def test_previews_agree_with_decode(model: DARTokenizer) -> None:
     previews = model.previews(codes, noise=noise)
     assert len(previews) == model.config.num_denoising_steps
     assert torch.equal(previews[-1], model.decode(codes, noise=noise))
+    euler = model.previews(codes, noise=noise, sampler="euler", steps=2)
+    assert len(euler) == 2 and torch.equal(euler[-1], model.decode(codes, noise=noise, sampler="euler", steps=2))
     for k in range(1, len(previews) + 1):
         # decode(steps=k) runs the causal code decoder on the prefix it needs only; a shorter matmul
         # may round differently in the last bit, hence a float tolerance instead of equality.

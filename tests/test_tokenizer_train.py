@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from tokenizer.model import DARTokenizer
 from tokenizer.train import (
     LossConfig,
     LossNetworks,
+    check_settings,
     load_train_config,
     loss_terms,
     parse_args,
@@ -132,6 +135,44 @@ def test_vq_terms_vanish_when_latents_sit_on_codes() -> None:
     losses = model.quantize.losses(z_norm, z_q, torch.tensor([4, 2]))
     assert losses["codebook"].item() == pytest.approx(0.0, abs=1e-12)
     assert losses["commitment"].item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_codebook_entropy_term_rewards_spread_and_confident_assignments() -> None:
+    model = DARTokenizer(TOKENIZER_PRESETS["tiny"])
+    codebook = model.quantize.codebook().detach()
+    quantize = model.quantize
+    # Every latent on its own code, sharp temperature: per-token entropy ~0, batch entropy log(8).
+    spread = codebook[torch.arange(8)][None]
+    assert quantize.entropy_loss(spread, 1e-4).item() == pytest.approx(-math.log(8), abs=1e-3)
+    # All latents on one code: nothing is spread, so the term is ~0 (its maximum for confident tokens).
+    collapsed = codebook[torch.zeros(1, 8, dtype=torch.long)]
+    assert quantize.entropy_loss(collapsed, 1e-4).item() == pytest.approx(0.0, abs=1e-3)
+    # A soft temperature raises per-token entropy; gradients reach both latents and codebook.
+    z = torch.nn.functional.normalize(torch.randn(2, 5, codebook.shape[1]), dim=-1).requires_grad_(True)
+    loss = quantize.entropy_loss(z, 0.5)
+    loss.backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0 and quantize.embedding.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        quantize.entropy_loss(z, 0.0)
+
+
+def test_entropy_term_is_on_only_with_a_positive_weight() -> None:
+    torch.manual_seed(0)
+    model = DARTokenizer(TOKENIZER_PRESETS["tiny"]).train()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert "entropy" not in model(images).losses
+    out = model(images, entropy_temperature=0.01)
+    weights = term_weights(LossConfig(perceptual_weight=0.0, repa_weight=0.0, entropy_weight=0.1))
+    terms = loss_terms(out, images, LossNetworks(None, None, None), weights, use_gan=False)
+    assert set(terms) == {"flow", "codebook", "commitment", "entropy"}
+    loss = total_loss(terms, weights, adaptive=False, last_layer=None)[0]
+    expected = terms["flow"] + terms["codebook"] + terms["commitment"] + 0.1 * terms["entropy"]
+    torch.testing.assert_close(loss, expected)
+    cfg, _ = parse_args(["--config", str(TINY), "--data-path", "imgs", "--results-dir", "out",
+                         "--entropy-weight", "0.2"])
+    assert cfg.train.loss.entropy_weight == 0.2
+    with pytest.raises(ValueError, match="entropy_temperature"):
+        check_settings(replace(cfg, train=replace(cfg.train, loss=replace(cfg.train.loss, entropy_temperature=0.0))))
 
 
 def _tiny_forward(batch: int = 2) -> tuple[DARTokenizer, torch.Tensor, object]:

@@ -66,6 +66,26 @@ class Quantizer(nn.Module):
         """Forward value z_q, gradient of the identity to z (VQ-VAE straight-through estimator)."""
         return z + (z_q - z).detach()
 
+    def entropy_loss(self, z: Tensor, temperature: float) -> Tensor:
+        """Per-token assignment entropy minus the entropy of the batch's average assignment.
+
+        The codebook-usage regulariser of MaskGIT / MAGVIT-style tokenizers (LlamaGen's VQ option
+        ``entropy_loss_ratio``), with soft assignments p(k | z) = softmax(−‖z − c_k‖² / temperature).
+        Lowering it makes each token commit to one code while the batch spreads over many codes,
+        which counters codebook collapse in short runs. z (..., d) normalised latents; float32.
+        """
+        if temperature <= 0:
+            raise ValueError(f"entropy temperature must be positive, got {temperature}")
+        flat = z.reshape(-1, z.shape[-1]).float()
+        codebook = self.codebook().float()
+        dist = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
+        log_probs = F.log_softmax(-dist / temperature, dim=-1)
+        probs = log_probs.exp()
+        per_token = -(probs * log_probs).sum(-1).mean()
+        average = probs.mean(0)
+        batch = -(average * average.clamp_min(1e-12).log()).sum()
+        return per_token - batch
+
     def losses(self, z: Tensor, z_q: Tensor, prefix_len: Tensor) -> dict[str, Tensor]:
         """Codebook and β·commitment MSE averaged over tokens n < prefix_len[b] of every image b (pooled).
 
@@ -291,18 +311,29 @@ class DARTokenizer(nn.Module):
 
     @torch.no_grad()
     def previews(
-        self, codes: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        codes: Tensor,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        sampler: str = "adams2",
+        steps: int | None = None,
     ) -> list[Tensor]:
-        """The preview after each of the S steps from one sampling pass; the last equals :meth:`decode`."""
-        return self._run(codes, noise, self.config.num_denoising_steps, "adams2", generator, keep_previews=True)
+        """The preview after each step of one sampling pass; the last equals :meth:`decode` with the same
+        ``noise``, ``sampler`` and ``steps`` (default all S)."""
+        steps = self.config.num_denoising_steps if steps is None else steps
+        return self._run(codes, noise, steps, sampler, generator, keep_previews=True)
 
     # ------------------------------------------------------------------ training
-    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> TokenizerTrainOutput:
+    def forward(
+        self, images: Tensor, generator: torch.Generator | None = None, entropy_temperature: float | None = None
+    ) -> TokenizerTrainOutput:
         """One training step's forward: encode, quantise (STE), decode conditions, one flow-matching draw.
 
         Per image: u ~ U(0, 1) picks the condition window by the group rounding rule and, warped,
         the flow time; x0 ~ N(0, I). Random draws use ``generator`` (on the images' device) or the
-        global RNG. The flow loss and the prefix-masked VQ losses are returned as named terms.
+        global RNG. The flow loss and the prefix-masked VQ losses are returned as named terms, plus
+        "entropy" (:meth:`Quantizer.entropy_loss` over all N tokens) when
+        ``entropy_temperature`` is given.
         """
         c = self.config
         batch = images.shape[0]
@@ -311,6 +342,8 @@ class DARTokenizer(nn.Module):
         prefix_len = starts + c.queries_per_step
         codes, z, z_q = self.quantize(self.encode_latents(images))
         losses = self.quantize.losses(z, z_q, prefix_len)
+        if entropy_temperature is not None:
+            losses["entropy"] = self.quantize.entropy_loss(z, entropy_temperature)
         # (B, N, D); gradients reach the encoder through the straight-through estimator.
         cond = self.cond_from_quantized(self.quantize.straight_through(z, z_q))
         index = starts[:, None] + torch.arange(c.queries_per_step, device=images.device)  # (B, Q)

@@ -10,8 +10,8 @@ Output contract
     ``--num-images`` images of the sorted file list (all by default) in file order, minus files
     that cannot be decoded (skipped and counted). ``--ref-out`` (default ``recon_ref.npz``): ``arr_0`` of the
     matching ADM centre-cropped inputs, row for row, for the ADM evaluator (rFID) or any metric.
-    ``--grid`` (default ``recon.png``): one row per image of the first ``--grid-images``:
-    input | reconstruction | the preview after each of the S streaming steps.
+    ``--grid`` (default ``recon.png``): ``--grid-images`` rows spread evenly over the reconstructed
+    images (file order): input | reconstruction | the preview after each streaming step.
     PSNR and SSIM (``evaluations.recon``, on the uint8 images) are printed and written to ``recon.json``.
 
 Reproducibility: the decoder noise of image ``i`` is drawn from a generator seeded by (seed, i)
@@ -179,12 +179,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         }
         atomic_write_text(out.with_suffix(".json"), json.dumps(metrics, indent=2) + "\n")
         if args.grid_images:
-            first = np.sort(index)[: args.grid_images]
-            inputs = torch.stack([dataset[int(i)].image for i in first])
-            noise = per_image_noise(model, torch.from_numpy(first), args.seed, args.image_size)
+            # Rows spread evenly over the reconstructed images, so a class-sorted folder shows every class.
+            rows = np.unique(np.linspace(0, len(recon_all) - 1, min(args.grid_images, len(recon_all))).round().astype(int))
+            picked = np.sort(index)[rows]
+            inputs = torch.stack([dataset[int(i)].image for i in picked])
+            noise = per_image_noise(model, torch.from_numpy(picked), args.seed, args.image_size)
             with autocast(model.device, args.precision):
-                previews = model.previews(model.encode(inputs.to(model.device)), noise=noise)
-            recon_grid = torch.from_numpy(recon_all[: len(first)]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+                codes = model.encode(inputs.to(model.device))
+                previews = model.previews(codes, noise=noise, sampler=args.sampler, steps=steps)
+            recon_grid = torch.from_numpy(recon_all[rows]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
             save_reconstruction_grid(inputs, recon_grid, [p.float() for p in previews], grid)
         print(f"{len(recon_all)} images, {steps} {args.sampler} steps: PSNR {metrics['psnr']:.3f} dB, "
               f"SSIM {metrics['ssim']:.4f} ({stats.summary()})")

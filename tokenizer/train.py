@@ -114,6 +114,10 @@ class LossConfig:
     flow_weight: float = 1.0
     codebook_weight: float = 1.0
     commitment_weight: float = 1.0  # β itself is model.commitment_beta; this multiplies β·commitment
+    # Codebook-usage entropy term (tokenizer.model.Quantizer.entropy_loss); 0 in the paper's recipe.
+    # Short runs (the offline demo) collapse onto a few dozen codes without it.
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 0.01
     perceptual_weight: float = 0.5
     # false: random-init LPIPS network (tests / offline smoke runs only; loudly warned about)
     perceptual_pretrained: bool = True
@@ -213,9 +217,12 @@ def check_settings(cfg: TokenizerTrainConfig) -> None:
         raise ValueError("train.num_sample_images must be >= 0")
     if t.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"train.precision {t.precision!r}: use fp32 or bf16 (fp16 would need loss scaling)")
-    for name in ("flow_weight", "codebook_weight", "commitment_weight", "perceptual_weight", "repa_weight", "gan_weight"):
+    for name in ("flow_weight", "codebook_weight", "commitment_weight", "entropy_weight", "perceptual_weight",
+                 "repa_weight", "gan_weight"):
         if getattr(w, name) < 0:
             raise ValueError(f"train.loss.{name} must be >= 0, got {getattr(w, name)}")
+    if w.entropy_temperature <= 0:
+        raise ValueError(f"train.loss.entropy_temperature must be positive, got {w.entropy_temperature}")
     if w.repa_weight > 0 and not cfg.model.diff_decoder.has_repa_head:
         raise ValueError("train.loss.repa_weight > 0 but the model has no REPA head (diff_decoder.depth <= repa_layer)")
     if w.repa_encoder not in REPA_ENCODER_PRESETS:
@@ -230,7 +237,7 @@ def check_settings(cfg: TokenizerTrainConfig) -> None:
 
 def term_weights(w: LossConfig) -> dict[str, float]:
     return {"flow": w.flow_weight, "codebook": w.codebook_weight, "commitment": w.commitment_weight,
-            "lpips": w.perceptual_weight, "repa": w.repa_weight, "gan": w.gan_weight}
+            "entropy": w.entropy_weight, "lpips": w.perceptual_weight, "repa": w.repa_weight, "gan": w.gan_weight}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -394,6 +401,7 @@ def _train(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
         raise ValueError(f"global batch {t.global_batch_size} is not divisible by the world size {env.world_size}")
     batch_size = t.global_batch_size // env.world_size
     weights = term_weights(t.loss)
+    entropy_temperature = t.loss.entropy_temperature if t.loss.entropy_weight > 0 else None
 
     # -- run folder ----------------------------------------------------------------------------
     run = RunFolder(opts.results_dir, env.is_main)
@@ -521,7 +529,7 @@ def _train(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
         set_lr(optimizer, lr)
         use_gan = disc is not None and gan_active(step, t.loss.gan_start_step)
         with autocast(env.device, precision):
-            out = trained(images)
+            out = trained(images, entropy_temperature=entropy_temperature)
             terms = loss_terms(out, images, nets, weights, use_gan)
         loss, balance = total_loss(terms, weights, t.loss.adaptive_gan_weight, last_layer)
         optimizer.zero_grad(set_to_none=True)
@@ -604,7 +612,8 @@ def apply_overrides(cfg: TokenizerTrainConfig, args: argparse.Namespace) -> Toke
     optim = replace(t.optim, **pick([("lr", args.lr), ("max_bad_steps", args.max_bad_steps),
                                      ("ema_decay", args.ema_decay)]))
     loss = replace(t.loss, **pick([("perceptual_weight", args.perceptual_weight), ("repa_weight", args.repa_weight),
-                                   ("gan_weight", args.gan_weight), ("gan_start_step", args.gan_start_step)]))
+                                   ("gan_weight", args.gan_weight), ("gan_start_step", args.gan_start_step),
+                                   ("entropy_weight", args.entropy_weight)]))
     data = replace(t.data, **pick([("data_path", args.data_path), ("num_workers", args.num_workers)]))
     changes: dict[str, Any] = pick([
         ("max_steps", args.max_steps), ("global_batch_size", args.global_batch_size), ("log_every", args.log_every),
@@ -631,6 +640,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TokenizerTrainConfig, Run
     parser.add_argument("--repa-weight", type=float, default=None, help="REPA weight (0 turns DINOv2 off)")
     parser.add_argument("--gan-weight", type=float, default=None, help="PatchGAN generator weight (0 = no GAN)")
     parser.add_argument("--gan-start-step", type=int, default=None)
+    parser.add_argument("--entropy-weight", type=float, default=None,
+                        help="codebook-usage entropy term (0 = off, the paper's recipe)")
     parser.add_argument("--ema-decay", type=float, default=None, help="EMA decay (0 disables EMA)")
     parser.add_argument("--sample-every", type=int, default=None, help="reconstruction grids every N steps")
     parser.add_argument("--grad-checkpointing", choices=["on", "off"], default=None,
