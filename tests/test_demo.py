@@ -39,6 +39,11 @@ def test_quick_demo_writes_every_output(tmp_path: Path) -> None:
     ]
     assert all(isinstance(x, float) and math.isfinite(x) for x in numbers), numbers
     assert 0.0 <= report["class_consistency"] <= 1.0
+    # Both FIDs share one cached set of reference features; the demo's FID takes the eigh route.
+    assert (out / "recon" / "ref_features.npz").is_file() and report["generation"]["fid_method"] == "eigh"
+    assert report["generation"]["num_reference"] == 40  # 4 held-out images of each of the 10 classes
+    # The demo recipe's codebook entropy term is trained and logged.
+    assert '"entropy"' in (out / "tokenizer" / "metrics.jsonl").read_text()
 
     with np.load(out / "fid" / "samples" / "samples.npz") as samples:
         assert samples["arr_0"].shape == (20, 32, 32, 3) and samples["arr_0"].dtype == np.uint8

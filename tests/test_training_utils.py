@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -36,6 +37,28 @@ def test_weight_decay_only_on_matrices() -> None:
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     assert decayed == {id(model[0].weight)}
     assert opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_cpu_optimizer_is_fused_and_steps_like_the_reference_adamw() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    reference = copy.deepcopy(model)
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.05)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    assert opt.defaults["fused"]
+    ref_opt = torch.optim.AdamW(
+        [{"params": [reference[0].weight], "weight_decay": 0.05},
+         {"params": [reference[0].bias, *reference[1].parameters()], "weight_decay": 0.0}],
+        lr=1e-2, betas=cfg.betas, eps=cfg.eps, foreach=False,
+    )
+    x = torch.randn(8, 3)
+    for _ in range(3):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+            o.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_ema_update_is_a_lerp() -> None:

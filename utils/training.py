@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset
 
 from utils.checkpoint import CheckpointManager, safe_torch_load
@@ -85,7 +86,11 @@ def build_optimizer(params: list[tuple[str, nn.Parameter]] | nn.Module, cfg: Opt
         ]
     else:
         groups = [{"params": [p for _, p in named], "weight_decay": cfg.weight_decay}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda")
+    # The fused kernel: on CUDA always; on the CPU for plain tensors (~5x faster steps than the per-tensor
+    # loop, 7 % of a demo tokenizer step); FSDP's sharded DTensor parameters keep the default there.
+    plain = not any(isinstance(p, DTensor) for _, p in named)
+    fused = device.type == "cuda" or (device.type == "cpu" and plain)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
