@@ -258,9 +258,9 @@ def reference_features(
     """
     if cache is None:
         return extract_features(model, images, batch_size, "reference")
-    key = _cache_key(model, images)
-    keys = ["pool", "spatial"] + (["logits"] if model.has_classifier else [])
     rank = dist.get_rank() if is_initialized() else 0
+    key = _cache_key(model, images) if rank == 0 else ""  # only rank 0 reads and writes the cache
+    keys = ["pool", "spatial"] + (["logits"] if model.has_classifier else [])
     cached = read_feature_cache(cache, key, keys) if rank == 0 else None
     if broadcast_object(cached is not None):
         if rank == 0:
@@ -296,6 +296,8 @@ def evaluate(
     ``ref_cache``: an .npz that keeps the reference features between calls (see the module docstring).
     ``fid_method``: "sqrtm" (ADM's) or "eigh" (same quantity, faster; see ``metrics.frechet_distance``).
     """
+    if fid_method not in FID_METHODS:
+        raise ValueError(f"unknown FID method {fid_method!r}; choose one of {FID_METHODS}")
     if model is None:
         model = load_fid_inception(weights, device=resolve_device(device, int(os.environ.get("LOCAL_RANK", "0"))))
     ref_stats = read_statistics(ref_npz)

@@ -190,7 +190,8 @@ def test_cli_under_torchrun_matches_in_process(tmp_path: Path) -> None:
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            "-m", "evaluations.evaluator", str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"),
-           "--device", "cpu", "--batch-size", "2", "--json", str(tmp_path / "out.json")]
+           "--device", "cpu", "--batch-size", "2", "--json", str(tmp_path / "out.json"),
+           "--ref-cache", str(tmp_path / "ref_features.npz")]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -206,3 +207,7 @@ def test_cli_under_torchrun_matches_in_process(tmp_path: Path) -> None:
     expected_pr = precision_recall(ref_feats["pool"], sample_feats["pool"], device="cpu")
     assert (results["precision"], results["recall"]) == pytest.approx(expected_pr)
     assert results["num_reference"] == 4 and results["num_samples"] == 5
+    # Rank 0 wrote the gathered reference features to the cache, in reference order.
+    with np.load(tmp_path / "ref_features.npz") as cached:
+        np.testing.assert_allclose(cached["pool"], ref_feats["pool"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(cached["spatial"], ref_feats["spatial"], rtol=1e-4, atol=1e-5)
