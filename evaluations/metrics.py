@@ -85,16 +85,18 @@ def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     large, which would mean an input was not a covariance.
     """
     values1, vectors1 = np.linalg.eigh(sigma1)
-    scale = max(float(np.abs(values1).max(initial=0.0)), np.finfo(np.float64).tiny)
-    if values1.min(initial=0.0) < -MAX_NEGATIVE_EIGENVALUE * scale:
-        raise ValueError(f"sigma1 is not positive semi-definite (eigenvalue {values1.min():.3g})")
-    root1 = (vectors1 * np.sqrt(np.clip(values1, 0.0, None))) @ vectors1.T
+    root1 = (vectors1 * np.sqrt(_clip_rounding(values1, "sigma1"))) @ vectors1.T
     product = root1 @ sigma2 @ root1
     values = np.linalg.eigvalsh((product + product.T) / 2)
+    return float(np.sqrt(_clip_rounding(values, "sigma2 (through R sigma2 R)")).sum())
+
+
+def _clip_rounding(values: np.ndarray, name: str) -> np.ndarray:
+    """Eigenvalues of a PSD matrix with rounding negatives set to 0; a large negative one is an error."""
     scale = max(float(np.abs(values).max(initial=0.0)), np.finfo(np.float64).tiny)
     if values.min(initial=0.0) < -MAX_NEGATIVE_EIGENVALUE * scale:
-        raise ValueError(f"sigma2 is not positive semi-definite (eigenvalue {values.min():.3g} of R sigma2 R)")
-    return float(np.sqrt(np.clip(values, 0.0, None)).sum())
+        raise ValueError(f"{name} is not positive semi-definite (eigenvalue {values.min():.3g})")
+    return np.clip(values, 0.0, None)
 
 
 def frechet_distance(
@@ -107,9 +109,9 @@ def frechet_distance(
     ``method="sqrtm"`` (default) is ADM's algorithm: scipy's general matrix square root of the
     product; a non-finite root is retried with 1e-6 added to both diagonals, and an imaginary
     diagonal above 1e-3 is an error. ``method="eigh"`` computes the same trace from the eigenvalues
-    of the symmetric R sigma2 R (R = sigma1^(1/2)); it agrees with ADM to ~1e-9 relative on
-    well-conditioned statistics and to rounding noise on rank-deficient ones (few samples), and is
-    an order of magnitude faster at 2048 dimensions on a CPU. Use it where speed matters more than
+    of the symmetric R sigma2 R (R = sigma1^(1/2)); it agrees with ADM within 1e-7 relative on
+    full-rank and rank-deficient (few-sample) statistics (tested; 9e-8 on the demo's 2048-d FID),
+    and is about ten times faster at 2048 dimensions on a CPU. Use it where speed matters more than
     bit-level agreement with published numbers (the offline demo does).
     """
     if method not in FID_METHODS:

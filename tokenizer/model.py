@@ -43,6 +43,13 @@ class Quantizer(nn.Module):
         """(K, d) unit-norm codebook rows; stored rows are not normalised, so normalise on use."""
         return F.normalize(self.embedding.weight, dim=-1)
 
+    @staticmethod
+    def distances(z: Tensor, codebook: Tensor) -> Tensor:
+        """z (..., d), codebook (K, d) → squared distances (M, K), M = z.numel() / d."""
+        flat = z.reshape(-1, z.shape[-1])
+        # Written out as in the reference so ties and near-ties resolve identically.
+        return flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
+
     def lookup(self, codes: Tensor) -> Tensor:
         """codes (B, n) → unit-norm code vectors (B, n, d)."""
         return F.embedding(codes, self.codebook())
@@ -54,10 +61,7 @@ class Quantizer(nn.Module):
         """
         z = F.normalize(z, dim=-1)
         codebook = self.codebook()
-        flat = z.reshape(-1, z.shape[-1])
-        # Squared distance written out as in the reference so ties and near-ties resolve identically.
-        dist = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
-        codes = dist.argmin(dim=1).view(z.shape[:-1])
+        codes = self.distances(z, codebook).argmin(dim=1).view(z.shape[:-1])
         z_q = F.embedding(codes, codebook)
         return codes, z, z_q
 
@@ -76,9 +80,7 @@ class Quantizer(nn.Module):
         """
         if temperature <= 0:
             raise ValueError(f"entropy temperature must be positive, got {temperature}")
-        flat = z.reshape(-1, z.shape[-1]).float()
-        codebook = self.codebook().float()
-        dist = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
+        dist = self.distances(z.float(), self.codebook().float())
         log_probs = F.log_softmax(-dist / temperature, dim=-1)
         probs = log_probs.exp()
         per_token = -(probs * log_probs).sum(-1).mean()

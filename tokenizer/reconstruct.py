@@ -180,7 +180,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         atomic_write_text(out.with_suffix(".json"), json.dumps(metrics, indent=2) + "\n")
         if args.grid_images:
             # Rows spread evenly over the reconstructed images, so a class-sorted folder shows every class.
-            rows = np.unique(np.linspace(0, len(recon_all) - 1, min(args.grid_images, len(recon_all))).round().astype(int))
+            count = min(args.grid_images, len(recon_all))
+            rows = np.unique(np.linspace(0, len(recon_all) - 1, count).round().astype(int))
             picked = np.sort(index)[rows]
             inputs = torch.stack([dataset[int(i)].image for i in picked])
             noise = per_image_noise(model, torch.from_numpy(picked), args.seed, args.image_size)
