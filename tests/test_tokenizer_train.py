@@ -175,6 +175,33 @@ def test_entropy_term_is_on_only_with_a_positive_weight() -> None:
         check_settings(replace(cfg, train=replace(cfg.train, loss=replace(cfg.train.loss, entropy_temperature=0.0))))
 
 
+def test_pixel_term_is_the_clean_image_mse_and_on_only_with_a_positive_weight() -> None:
+    torch.manual_seed(0)
+    model = DARTokenizer(TOKENIZER_PRESETS["tiny"]).train()
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    out = model(images)
+    nets = LossNetworks(None, None, None)
+    assert "pixel" not in loss_terms(out, images, nets, term_weights(LossConfig(perceptual_weight=0.0)), False)
+    weights = term_weights(LossConfig(perceptual_weight=0.0, repa_weight=0.0, pixel_weight=2.0))
+    terms = loss_terms(out, images, nets, weights, use_gan=False)
+    assert set(terms) == {"flow", "codebook", "commitment", "pixel"}
+    # The predicted clean image is x_t + (1 - t)·v back in image units; the term is its MSE to the input.
+    t = out.t.view(-1, 1, 1, 1)
+    clean = (out.x_t + (1 - t) * out.velocity) / model.config.diff_decoder.data_std
+    expected = ((clean - images) ** 2).mean()
+    torch.testing.assert_close(terms["pixel"], expected)
+    loss = total_loss(terms, weights, adaptive=False, last_layer=None)[0]
+    torch.testing.assert_close(loss, terms["flow"] + terms["codebook"] + terms["commitment"] + 2.0 * expected)
+    # It has a gradient of its own (at init only the zero-initialised output layer receives one).
+    model.zero_grad()
+    terms["pixel"].backward()
+    assert model.pixel_decoder.conv_out.weight.grad.abs().sum() > 0
+    cfg, _ = parse_args(["--config", str(TINY), "--data-path", "imgs", "--results-dir", "out", "--pixel-weight", "4"])
+    assert cfg.train.loss.pixel_weight == 4.0
+    with pytest.raises(ValueError, match="pixel_weight"):
+        check_settings(replace(cfg, train=replace(cfg.train, loss=replace(cfg.train.loss, pixel_weight=-1.0))))
+
+
 def _tiny_forward(batch: int = 2) -> tuple[DARTokenizer, torch.Tensor, object]:
     torch.manual_seed(0)
     model = DARTokenizer(TOKENIZER_PRESETS["tiny"]).train()

@@ -9,7 +9,9 @@ Objective per step, each a named term with its weight in ``train.loss``:
     flow        flow-matching MSE / data_std² at one random time per image (tokenizer.flow)
     codebook    VQ codebook loss, masked to the codes up to the trained group
     commitment  β · commitment loss (β = model.commitment_beta), same mask
+    entropy     optional codebook-usage entropy term (0 in the paper's recipe)
     lpips       LPIPS-VGG16 between the input and the predicted clean image x_t + (1 − t)·v
+    pixel       optional MSE between the input and that predicted clean image (0 in the paper's recipe)
     repa        1 − cosine between the pixel decoder's REPA head and frozen DINOv2 ViT-B/14 patch features
     gan         optional non-saturating PatchGAN generator loss on the predicted clean image, from
                 ``gan_start_step`` (the discriminator has its own optimizer; its loss is logged as ``disc``)
@@ -43,6 +45,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from dataset.images import (
@@ -119,6 +122,10 @@ class LossConfig:
     entropy_weight: float = 0.0
     entropy_temperature: float = 0.01
     perceptual_weight: float = 0.5
+    # MSE between the input and the predicted clean image x_t + (1 − t)·v, the image LPIPS compares; 0 in the
+    # paper's recipe. It needs no weights, so the offline demo uses it where LPIPS cannot run. Added to the
+    # flow loss it re-weights the error towards high noise, where only the condition tokens know the image.
+    pixel_weight: float = 0.0
     # false: random-init LPIPS network (tests / offline smoke runs only; loudly warned about)
     perceptual_pretrained: bool = True
     repa_weight: float = 0.5
@@ -218,7 +225,7 @@ def check_settings(cfg: TokenizerTrainConfig) -> None:
     if t.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"train.precision {t.precision!r}: use fp32 or bf16 (fp16 would need loss scaling)")
     for name in ("flow_weight", "codebook_weight", "commitment_weight", "entropy_weight", "perceptual_weight",
-                 "repa_weight", "gan_weight"):
+                 "pixel_weight", "repa_weight", "gan_weight"):
         if getattr(w, name) < 0:
             raise ValueError(f"train.loss.{name} must be >= 0, got {getattr(w, name)}")
     if w.entropy_temperature <= 0:
@@ -237,7 +244,8 @@ def check_settings(cfg: TokenizerTrainConfig) -> None:
 
 def term_weights(w: LossConfig) -> dict[str, float]:
     return {"flow": w.flow_weight, "codebook": w.codebook_weight, "commitment": w.commitment_weight,
-            "entropy": w.entropy_weight, "lpips": w.perceptual_weight, "repa": w.repa_weight, "gan": w.gan_weight}
+            "entropy": w.entropy_weight, "lpips": w.perceptual_weight, "pixel": w.pixel_weight,
+            "repa": w.repa_weight, "gan": w.gan_weight}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,6 +320,8 @@ def loss_terms(
     terms = dict(out.losses)  # flow, codebook, commitment
     if nets.lpips is not None:
         terms["lpips"] = nets.lpips(images, out.clean_image).mean()
+    if weights["pixel"] > 0:
+        terms["pixel"] = F.mse_loss(out.clean_image.float(), images.float())
     if nets.repa is not None:
         terms["repa"] = repa_loss(out.repa, nets.repa(images))  # (B, g², D) vs (B, N, D)
     if use_gan:
@@ -611,7 +621,8 @@ def apply_overrides(cfg: TokenizerTrainConfig, args: argparse.Namespace) -> Toke
     pick = lambda pairs: {k: v for k, v in pairs if v is not None}  # noqa: E731
     optim = replace(t.optim, **pick([("lr", args.lr), ("max_bad_steps", args.max_bad_steps),
                                      ("ema_decay", args.ema_decay)]))
-    loss = replace(t.loss, **pick([("perceptual_weight", args.perceptual_weight), ("repa_weight", args.repa_weight),
+    loss = replace(t.loss, **pick([("perceptual_weight", args.perceptual_weight), ("pixel_weight", args.pixel_weight),
+                                   ("repa_weight", args.repa_weight),
                                    ("gan_weight", args.gan_weight), ("gan_start_step", args.gan_start_step),
                                    ("entropy_weight", args.entropy_weight)]))
     data = replace(t.data, **pick([("data_path", args.data_path), ("num_workers", args.num_workers)]))
@@ -637,6 +648,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TokenizerTrainConfig, Run
     parser.add_argument("--data-path", default=None, help="training images (class folders or a flat tree)")
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--perceptual-weight", type=float, default=None, help="LPIPS weight (0 turns LPIPS off)")
+    parser.add_argument("--pixel-weight", type=float, default=None,
+                        help="MSE between input and predicted clean image (0 = off, the paper's recipe)")
     parser.add_argument("--repa-weight", type=float, default=None, help="REPA weight (0 turns DINOv2 off)")
     parser.add_argument("--gan-weight", type=float, default=None, help="PatchGAN generator weight (0 = no GAN)")
     parser.add_argument("--gan-start-step", type=int, default=None)
