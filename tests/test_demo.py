@@ -42,8 +42,12 @@ def test_quick_demo_writes_every_output(tmp_path: Path) -> None:
     # Both FIDs share one cached set of reference features; the demo's FID takes the eigh route.
     assert (out / "recon" / "ref_features.npz").is_file() and report["generation"]["fid_method"] == "eigh"
     assert report["generation"]["num_reference"] == 40  # 4 held-out images of each of the 10 classes
-    # The demo recipe's codebook entropy term is trained and logged.
-    assert '"entropy"' in (out / "tokenizer" / "metrics.jsonl").read_text()
+    # The demo recipe's codebook entropy and pixel terms are trained, logged and named in the report.
+    metrics = (out / "tokenizer" / "metrics.jsonl").read_text()
+    assert '"entropy"' in metrics and '"pixel"' in metrics
+    assert report["tokenizer"]["loss_weights"] == {
+        "flow": 1.0, "codebook": 1.0, "commitment": 1.0, "entropy": 0.1, "pixel": 16.0,
+    }
 
     with np.load(out / "fid" / "samples" / "samples.npz") as samples:
         assert samples["arr_0"].shape == (20, 32, 32, 3) and samples["arr_0"].dtype == np.uint8
