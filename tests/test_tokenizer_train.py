@@ -246,6 +246,10 @@ def test_adaptive_gan_weight_balances_gradient_norms_at_the_last_layer() -> None
     assert balance.item() == pytest.approx(6.0, rel=1e-3)
     loss.backward()
     torch.testing.assert_close(layer.grad, torch.full((2,), 3.0 + 0.5 * balance.item() * 0.5))
+    # The pixel term counts as reconstruction too: (3 + 2·1) / 0.5 = 10.
+    terms = {"flow": (layer * 3.0).sum(), "pixel": layer.sum(), "gan": (layer * 0.5).sum()}
+    _, balance = total_loss(terms, {**weights, "pixel": 2.0}, adaptive=True, last_layer=layer)
+    assert balance.item() == pytest.approx(10.0, rel=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------ runs

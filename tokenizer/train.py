@@ -341,7 +341,7 @@ def total_loss(
     if "gan" in terms:
         gan_weight = weights["gan"]
         if adaptive:
-            reconstruction = terms["flow"] * weights["flow"] + terms.get("lpips", 0.0) * weights["lpips"]
+            reconstruction = sum(terms[k] * weights[k] for k in ("flow", "lpips", "pixel") if k in terms)
             balance = adaptive_gan_weight(reconstruction, terms["gan"], last_layer)
             gan_weight = gan_weight * balance
         loss = loss + gan_weight * terms["gan"]
