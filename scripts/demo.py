@@ -38,8 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from utils.config import load_yaml
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
 
@@ -255,15 +253,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def tokenizer_loss_weights(run_dir: Path) -> dict[str, float]:
-    """The non-zero loss weights the tokenizer run trained with (from its ``config.yaml``)."""
+    """The non-zero loss terms the tokenizer run trained with, named as in its log (from its ``config.yaml``)."""
+    from tokenizer.train import load_train_config, term_weights
+
     path = run_dir / "config.yaml"
     if not path.is_file():
         return {}
-    loss = (load_yaml(path).get("train") or {}).get("loss") or {}
-    return {
-        name.removesuffix("_weight"): float(value) for name, value in loss.items()
-        if name.endswith("_weight") and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-    }
+    return {name: w for name, w in term_weights(load_train_config(path).train.loss).items() if w > 0}
 
 
 def build_report(out: Path, settings: DemoSettings, timings: dict[str, float], seconds: float) -> dict[str, Any]:
