@@ -77,6 +77,27 @@ def packaged_model() -> FIDInceptionV3:
 
 
 @needs_fid_helper
+def test_conv_bn_folding_matches_conv_then_frozen_batch_norm_and_follows_weight_changes() -> None:
+    generator = torch.Generator().manual_seed(0)
+    unit = inception.ConvBN(4, 6, 3, stride=2, padding=1)
+    for buffer in unit.buffers():
+        buffer.copy_(torch.rand(buffer.shape, generator=generator) + 0.5)
+    x = torch.randn(2, 4, 9, 9, generator=generator)
+
+    def unfolded() -> torch.Tensor:
+        y = F.conv2d(x, unit.weight, None, 2, 1)
+        y = F.batch_norm(y, unit.mean, unit.var, unit.gamma, unit.beta, training=False, eps=inception.BN_EPS)
+        return F.relu(y)
+
+    torch.testing.assert_close(unit(x), unfolded(), rtol=1e-5, atol=1e-6)
+    # Loading new statistics (in place, as load_state_dict does) must not reuse the old folded weights.
+    state = {k: v * 2 for k, v in unit.state_dict().items()}
+    before = unit(x)
+    unit.load_state_dict(state)
+    torch.testing.assert_close(unit(x), unfolded(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(unit(x), before)
+
+
 def test_matches_fid_helper_torchscript(packaged_model: FIDInceptionV3) -> None:
     """Our module + TF1 resize == fid-helper's TorchScript at pool_3 and at mixed_6/conv."""
     script = torch.jit.load(str(inception.packaged_torchscript_path()), map_location="cpu").eval()
