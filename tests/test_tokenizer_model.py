@@ -133,6 +133,39 @@ def test_group_schedule_clips_overlapping_windows() -> None:
     assert torch.allclose(sigmas, warp_time(torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]), 2.0))
 
 
+@pytest.mark.parametrize(("groups", "tokens", "per_step"), [(4, 16, 4), (4, 16, 8), (8, 256, 32)])
+def test_group_balanced_times_give_every_window_the_same_share(groups: int, tokens: int, per_step: int) -> None:
+    schedule = GroupSchedule(num_steps=groups, num_groups=groups, num_tokens=tokens, tokens_per_step=per_step,
+                             time_shift=2.0)
+    intervals = schedule.window_intervals()
+    # The intervals tile [0, 1) and each one trains a single window, distinct from its neighbours'.
+    assert intervals[0][0] == 0.0 and intervals[-1][1] == 1.0
+    assert all(a[1] == b[0] for a, b in zip(intervals, intervals[1:]))
+    starts = [schedule.training_window_starts(torch.tensor([(a + b) / 2])).item() for a, b in intervals]
+    assert starts == sorted(set(starts))
+    # Under uniform u the first window gets half a middle window's share; balanced, r in [j/J, (j+1)/J)
+    # lands in window j, uniformly inside its interval, and the map is monotone.
+    count = len(intervals)
+    r = (torch.arange(count * 50) + 0.5) / (count * 50)
+    u = schedule.group_balanced_times(r)
+    assert torch.all(u[1:] >= u[:-1]) and float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    got = schedule.training_window_starts(u).view(count, 50)
+    assert torch.equal(got, torch.tensor(starts)[:, None].expand(count, 50))
+    for j, (a, b) in enumerate(intervals):
+        torch.testing.assert_close(u.view(count, 50)[j], a + (b - a) * (r.view(count, 50)[j] * count - j))
+    uniform_share = torch.bincount(schedule.training_window_starts(r), minlength=tokens)[starts].float()
+    assert 2 * uniform_share[0] == pytest.approx(uniform_share[1].item(), abs=2)
+
+
+def test_group_balanced_training_forward_only_remaps_the_uniform_draws(model: DARTokenizer) -> None:
+    plain = model(images(), generator=torch.Generator().manual_seed(3))
+    balanced = model(images(), generator=torch.Generator().manual_seed(3), time_sampling="group_balanced")
+    torch.testing.assert_close(balanced.u, model.schedule.group_balanced_times(plain.u))
+    assert torch.equal(balanced.window_start, model.schedule.training_window_starts(balanced.u))
+    with pytest.raises(ValueError, match="time_sampling"):
+        model(images(), time_sampling="logit_normal")
+
+
 def test_training_forward_outputs(model: DARTokenizer) -> None:
     model.train()
     try:
@@ -161,6 +194,44 @@ def test_training_forward_is_reproducible_with_a_generator(model: DARTokenizer) 
     a = model(images(), generator=torch.Generator().manual_seed(8))
     b = model(images(), generator=torch.Generator().manual_seed(8))
     assert torch.equal(a.u, b.u) and torch.equal(a.velocity, b.velocity)
+
+
+def test_one_flow_draw_draws_the_same_random_numbers_as_the_paper_objective(model: DARTokenizer) -> None:
+    # K = 1 must stay the paper's forward: u ~ U(0, 1) per image then x0 ~ N(0, I), from the same generator.
+    out = model(images(), generator=torch.Generator().manual_seed(8), draws=1)
+    generator = torch.Generator().manual_seed(8)
+    u = torch.rand(2, generator=generator)
+    x0 = torch.randn(2, 3, 32, 32, generator=generator)
+    assert torch.equal(out.u, u)
+    t = warp_time(u, 2.0).view(-1, 1, 1, 1)
+    torch.testing.assert_close(out.x_t, t * images() * 0.6 + (1 - t) * x0)
+
+
+def test_several_flow_draws_share_one_encoding_and_stratify_the_noise_levels(model: DARTokenizer) -> None:
+    c, k = model.config, 4
+    out = model(images(3), generator=torch.Generator().manual_seed(5), draws=k)
+    assert out.draws == k and out.codes.shape == (3, c.num_all_queries)
+    assert out.velocity.shape == out.x_t.shape == out.clean_image.shape == (3 * k, 3, 32, 32)
+    assert out.u.shape == out.t.shape == out.window_start.shape == (3 * k,)
+    # Rows b·K .. b·K + K − 1 are image b, one draw in each stratum [j/K, (j+1)/K).
+    strata = (out.u.view(3, k) * k).floor()
+    assert torch.equal(strata, torch.arange(k, dtype=strata.dtype).expand(3, k))
+    assert torch.equal(out.window_start, model.schedule.training_window_starts(out.u))
+    assert torch.equal(out.prefix_len, out.window_start.view(3, k).amax(1) + c.queries_per_step)
+    target_images = out.expand(images(3))
+    assert torch.equal(target_images[k : 2 * k], images(3)[1:2].expand(k, -1, -1, -1))
+    t = out.t.view(-1, 1, 1, 1)
+    assert torch.allclose((out.x_t + (1 - t) * out.target) / 0.6, target_images, atol=1e-5)
+    # Each draw is decoded from its own window of the image's conditions: a draw equals a single-draw
+    # forward of that image at the same time and noise.
+    cond = model.cond_from_quantized(model.quantize(model.encode_latents(images(3)))[2])
+    row = 2 * k + 1  # image 2, second stratum
+    begin = int(out.window_start[row])
+    v = model.pixel_decoder(out.x_t[row : row + 1], out.t[row : row + 1], cond[2:3, begin : begin + c.queries_per_step])
+    torch.testing.assert_close(out.velocity[row : row + 1], v, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(out.losses["flow"], flow_loss(out.velocity, out.target, 0.6)["flow"])
+    with pytest.raises(ValueError, match="draws"):
+        model(images(), draws=0)
 
 
 def test_straight_through_gradients_reach_the_encoder(model: DARTokenizer) -> None:

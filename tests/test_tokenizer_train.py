@@ -20,7 +20,14 @@ from PIL import Image
 from tests.extraction_testing import REPO, free_port, make_image_folder, make_tokenizer, run_module
 from tokenizer.config import TOKENIZER_PRESETS
 from tokenizer.flow import clean_estimate, flow_loss, interpolate, target_velocity
-from tokenizer.losses import DISCRIMINATOR_PRESETS, LPIPS, PatchGANDiscriminator
+from tokenizer.losses import (
+    DISCRIMINATOR_PRESETS,
+    LPIPS,
+    REPA_ENCODER_PRESETS,
+    PatchGANDiscriminator,
+    RepaFeatureExtractor,
+    repa_loss,
+)
 from tokenizer.model import DARTokenizer
 from tokenizer.train import (
     LossConfig,
@@ -202,6 +209,28 @@ def test_pixel_term_is_the_clean_image_mse_and_on_only_with_a_positive_weight() 
         check_settings(replace(cfg, train=replace(cfg.train, loss=replace(cfg.train.loss, pixel_weight=-1.0))))
 
 
+def test_several_flow_draws_line_every_image_term_up_with_its_draws() -> None:
+    torch.manual_seed(0)
+    model = DARTokenizer(TOKENIZER_PRESETS["tiny"]).train()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = model(images, draws=3)
+    repeated = images.repeat_interleave(3, dim=0)
+    nets = LossNetworks(LPIPS(pretrained=False), RepaFeatureExtractor(REPA_ENCODER_PRESETS["tiny"], pretrained=False),
+                        PatchGANDiscriminator(DISCRIMINATOR_PRESETS["tiny"]))
+    weights = term_weights(LossConfig(pixel_weight=1.0, gan_weight=0.5))
+    terms = loss_terms(out, images, nets, weights, use_gan=True)
+    assert set(terms) == {"flow", "codebook", "commitment", "lpips", "pixel", "repa", "gan"}
+    torch.testing.assert_close(terms["pixel"], ((out.clean_image - repeated) ** 2).mean())
+    torch.testing.assert_close(terms["lpips"], nets.lpips(repeated, out.clean_image).mean())
+    torch.testing.assert_close(terms["repa"], repa_loss(out.repa, nets.repa(repeated)))
+    total_loss(terms, weights, adaptive=False, last_layer=None)[0].backward()
+    assert model.pixel_decoder.conv_out.weight.grad.abs().sum() > 0  # at init the only layer with a gradient
+    cfg, _ = parse_args(["--config", str(TINY), "--data-path", "imgs", "--results-dir", "out", "--flow-draws", "3"])
+    assert cfg.train.flow_draws == 3
+    with pytest.raises(ValueError, match="flow_draws"):
+        check_settings(replace(cfg, train=replace(cfg.train, flow_draws=0)))
+
+
 def _tiny_forward(batch: int = 2) -> tuple[DARTokenizer, torch.Tensor, object]:
     torch.manual_seed(0)
     model = DARTokenizer(TOKENIZER_PRESETS["tiny"]).train()
@@ -301,9 +330,11 @@ def test_bad_files_are_skipped_counted_and_reported_and_checkpoints_load(tmp_pat
             torch.testing.assert_close(value, ema_state[key], rtol=0, atol=0)
 
 
-def test_gan_turns_on_at_its_start_step_with_the_adaptive_weight(tmp_path: Path) -> None:
+@pytest.mark.parametrize("draws", [1, 2])
+def test_gan_turns_on_at_its_start_step_with_the_adaptive_weight(tmp_path: Path, draws: int) -> None:
+    # With 2 flow draws the discriminator sees 2 images and 4 fakes per step.
     make_image_folder(tmp_path / "images", per_class=(4, 4), bad=None)
-    recipe = write_recipe(tmp_path / "r.yaml", global_batch_size=2, max_steps=3, ckpt_every=3,
+    recipe = write_recipe(tmp_path / "r.yaml", global_batch_size=2, max_steps=3, ckpt_every=3, flow_draws=draws,
                           loss={"gan_weight": 0.5, "gan_start_step": 1, "adaptive_gan_weight": True,
                                 "perceptual_weight": 0.0})
     out = tmp_path / "run"

@@ -21,6 +21,8 @@ from torch import Tensor
 
 SamplerName = Literal["euler", "adams2"]
 SAMPLERS: tuple[str, ...] = ("euler", "adams2")
+TimeSampling = Literal["uniform", "group_balanced"]
+TIME_SAMPLINGS: tuple[str, ...] = ("uniform", "group_balanced")
 
 
 def warp_time(t: Tensor, shift: float) -> Tensor:
@@ -87,6 +89,39 @@ class GroupSchedule:
             raise ValueError(f"steps must be in 1..{self.num_steps}, got {steps}")
         grid = [i / self.num_steps for i in range(steps)] + [1.0]
         return warp_time(torch.tensor(grid, dtype=torch.float32), self.time_shift)
+
+    def window_intervals(self) -> list[tuple[float, float]]:
+        """The u-intervals [low, high) that train each distinct condition window, in window order.
+
+        Under the rounding rule the window changes at u = (k − ½)/G; neighbouring intervals whose windows
+        coincide after the clip to N − Q (the last group and the one past it when N = G·Q) are merged.
+        """
+        edges = [0.0] + [(k - 0.5) / self.num_groups for k in range(1, self.num_groups + 1)] + [1.0]
+        starts = [min(self.num_tokens - self.tokens_per_step, int(k / self.num_groups * self.num_tokens))
+                  for k in range(self.num_groups + 1)]
+        intervals: list[tuple[float, float]] = []
+        for k, begin in enumerate(starts):
+            if k > 0 and begin == starts[k - 1]:
+                intervals[-1] = (intervals[-1][0], edges[k + 1])
+            else:
+                intervals.append((edges[k], edges[k + 1]))
+        return intervals
+
+    def group_balanced_times(self, r: Tensor) -> Tensor:
+        """Map uniform r in [0, 1) to training times u that give every condition window the same share.
+
+        Under u ~ U(0, 1) the rounding rule trains the first group on u < 1/(2G) only, half the share of
+        the middle groups, and the last one (with the clip) on 3/(2G). Here r picks one of the J windows
+        uniformly (j = ⌊r·J⌋) and its fractional part places u uniformly inside that window's interval,
+        so the draws stay uniform within each window and only the windows' shares change.
+        """
+        intervals = self.window_intervals()
+        count = len(intervals)
+        low = torch.tensor([a for a, _ in intervals], dtype=r.dtype, device=r.device)
+        width = torch.tensor([b - a for a, b in intervals], dtype=r.dtype, device=r.device)
+        j = (r * count).floor().long().clamp(max=count - 1)
+        within = r * count - j
+        return (low[j] + within * width[j]).clamp(max=1.0 - 1e-6)
 
     def training_window_starts(self, u: Tensor) -> Tensor:
         """(B,) first condition token for each training time u (unwarped, in [0, 1))."""
