@@ -34,7 +34,6 @@ resume each other); ``train.grad_accum_steps`` splits each rank's batch into mic
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -58,6 +57,7 @@ from utils.distributed import (
     DistEnv,
     all_reduce_mean,
     all_reduce_sum,
+    gradient_sync,
     run_then_cleanup,
     seed_everything,
     setup_distributed,
@@ -398,15 +398,6 @@ def full_state_dict(module: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
     holder = _FullStateModule(module)
     holder.gather()
     return holder.state_dict()
-
-
-def gradient_sync(trained: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
-    """Reduce gradients over ranks only on the last micro-batch of an accumulated step."""
-    if isinstance(trained, DistributedDataParallel):
-        return contextlib.nullcontext() if enabled else trained.no_sync()
-    if hasattr(trained, "set_requires_gradient_sync"):  # FSDP2
-        trained.set_requires_gradient_sync(enabled)
-    return contextlib.nullcontext()
 
 
 def shard_model(model: GPT) -> GPT:

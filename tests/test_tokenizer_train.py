@@ -450,6 +450,53 @@ def test_non_finite_steps_are_skipped_then_the_run_aborts(tmp_path: Path, monkey
         main(*parse_args(train_args(recipe, tmp_path / "images", tmp_path / "always", "--max-bad-steps", "2")))
 
 
+def _per_image_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make each image's flow draws (and every per-batch statistic) a function of that image alone, so that
+    splitting a step's images into micro-batches cannot change them."""
+    import zlib
+
+    original = DARTokenizer.forward
+
+    def forward(self: DARTokenizer, images: torch.Tensor, generator: object = None, **kwargs: object) -> object:
+        outs = [original(self, image[None], generator=torch.Generator().manual_seed(
+            zlib.crc32(image.detach().cpu().numpy().tobytes())), **kwargs) for image in images]
+        cat = {name: torch.cat([getattr(o, name) for o in outs]) for name in
+               ("codes", "velocity", "target", "x_t", "t", "u", "window_start", "prefix_len", "clean_image")}
+        losses = {k: torch.stack([o.losses[k] for o in outs]).mean() for k in outs[0].losses}
+        return replace(outs[0], losses=losses, repa=None, **cat)
+
+    monkeypatch.setattr(DARTokenizer, "forward", forward)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenizer.train import main
+
+    _per_image_draws(monkeypatch)
+    make_image_folder(tmp_path / "images", per_class=(4, 4), bad=None)
+    recipe = write_recipe(tmp_path / "r.yaml", global_batch_size=4, max_steps=4, ckpt_every=4, sample_every=100,
+                          log_every=1, data={"min_crop_frac": 1.0, "max_crop_frac": 1.0, "flip": False},
+                          loss={"perceptual_weight": 0.0, "repa_weight": 0.0, "pixel_weight": 1.0,
+                                "entropy_weight": 0.1, "gan_weight": 0.5, "gan_start_step": 1})
+    runs = {}
+    for accum in (1, 2):
+        main(*parse_args(train_args(recipe, tmp_path / "images", tmp_path / f"accum{accum}",
+                                    "--grad-accum-steps", str(accum))))
+        runs[accum] = [r for r in read_metrics(tmp_path / f"accum{accum}" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in runs[2]] == [r["step"] for r in runs[1]] == [1, 2, 3, 4]
+    for big, split in zip(runs[1], runs[2]):
+        assert set(big) == set(split)
+        keys = ["loss", "flow", "pixel", "entropy", "codebook", "grad_norm", "epoch"]
+        keys += ["gan", "disc"] if big["step"] > 1 else []  # the GAN starts after step 1
+        for key in keys:
+            assert split[key] == pytest.approx(big[key], rel=1e-4, abs=1e-6), (big["step"], key)
+    a = DARTokenizer.from_pretrained(tmp_path / "accum1" / "final").state_dict()
+    b = DARTokenizer.from_pretrained(tmp_path / "accum2" / "final").state_dict()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        main(*parse_args(train_args(recipe, tmp_path / "images", tmp_path / "bad", "--grad-accum-steps", "3")))
+
+
 def test_missing_loss_network_weights_name_the_flags(tmp_path: Path) -> None:
     from tokenizer.train import main
     from utils.hub import WeightsNotFoundError

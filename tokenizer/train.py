@@ -77,7 +77,16 @@ from tokenizer.model import DARTokenizer, TokenizerTrainOutput
 from tokenizer.reconstruct import save_reconstruction_grid
 from utils.checkpoint import CheckpointManager
 from utils.config import ConfigError, config_differences, dataclass_from_dict, dataclass_to_dict, load_yaml
-from utils.distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier, run_then_cleanup, seed_everything, setup_distributed
+from utils.distributed import (
+    DistEnv,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    gradient_sync,
+    run_then_cleanup,
+    seed_everything,
+    setup_distributed,
+)
 from utils.run import RunFolder, create_logger
 from utils.training import (
     InfiniteLoader,
@@ -159,6 +168,10 @@ class TokenizerTrainSettings:
     image_size: int = 256
     global_batch_size: int = 512
     max_steps: int = 400_000
+    # Micro-batches per optimizer step (gradient accumulation): the per-rank forward batch is
+    # global_batch_size / (world size × grad_accum_steps). Per-batch statistics (the entropy term's batch
+    # average, the pooled VQ means) are then taken per micro-batch; everything else equals one big batch.
+    grad_accum_steps: int = 1
     # Flow-matching draws per image and step (tokenizer.model.DARTokenizer.forward): 1 is the paper's recipe;
     # K > 1 encodes each image once and trains the pixel decoder on K stratified noise levels of it (MAR's
     # diffusion batch multiplier). It pays when the encoder is a large share of a step; on the offline demo
@@ -226,8 +239,8 @@ def check_settings(cfg: TokenizerTrainConfig) -> None:
     t, w = cfg.train, cfg.train.loss
     if t.data.data_path is None:
         raise ValueError("no training images: pass --data-path (or set train.data.data_path)")
-    for name in ("image_size", "global_batch_size", "max_steps", "flow_draws", "log_every", "ckpt_every",
-                 "sample_every"):
+    for name in ("image_size", "global_batch_size", "max_steps", "grad_accum_steps", "flow_draws", "log_every",
+                 "ckpt_every", "sample_every"):
         if getattr(t, name) < 1:
             raise ValueError(f"train.{name} must be positive, got {getattr(t, name)}")
     if t.num_sample_images < 0:
@@ -420,9 +433,10 @@ def _train(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
     precision = default_precision(env.device) if t.precision == "auto" else t.precision
     t = replace(t, precision=precision)
     cfg = replace(cfg, train=t)
-    if t.global_batch_size % env.world_size:
-        raise ValueError(f"global batch {t.global_batch_size} is not divisible by the world size {env.world_size}")
-    batch_size = t.global_batch_size // env.world_size
+    if t.global_batch_size % (env.world_size * t.grad_accum_steps):
+        raise ValueError(f"global batch {t.global_batch_size} is not divisible by world size {env.world_size} "
+                         f"x grad_accum_steps {t.grad_accum_steps}")
+    batch_size = t.global_batch_size // (env.world_size * t.grad_accum_steps)  # per rank, per micro-batch
     weights = term_weights(t.loss)
     entropy_temperature = t.loss.entropy_temperature if t.loss.entropy_weight > 0 else None
 
@@ -475,7 +489,7 @@ def _train(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
     transform = RandomCropFlip(t.image_size, d.min_crop_frac, d.max_crop_frac, d.flip)
     dataset = ImageFolderDataset(d.data_path, transform, with_labels=False, seed=t.seed, min_size=d.min_size)
     sampler = ResumableDistributedSampler(len(dataset), env.world_size, env.rank, seed=t.seed, drop_last=True)
-    steps_per_epoch = sampler.num_samples // batch_size
+    steps_per_epoch = sampler.num_samples // (batch_size * t.grad_accum_steps)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} images give no full batch of {t.global_batch_size}")
     # Bad-file counts: this rank's since the last sync, and the epoch's global total up to that sync
@@ -500,8 +514,9 @@ def _train(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
 
     loader = InfiniteLoader(dataset, sampler, batch_size, env.world_size, num_workers=d.num_workers,
                             collate_fn=collate_skip_bad, pin_memory=env.device.type == "cuda", on_epoch_end=on_epoch_end)
+    accum = f" in {t.grad_accum_steps} micro-batches of {batch_size}" if t.grad_accum_steps > 1 else ""
     logger.info(f"{len(dataset)} images, {steps_per_epoch} steps/epoch, {t.max_steps} steps, batch "
-                f"{t.global_batch_size} over {env.world_size} rank(s), {precision} on {env.device}")
+                f"{t.global_batch_size} over {env.world_size} rank(s){accum}, {precision} on {env.device}")
 
     # -- resume --------------------------------------------------------------------------------
     seed_everything(t.seed * env.world_size + env.rank)  # per-rank time / noise streams
@@ -541,45 +556,59 @@ def _train(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
     disc_lr: float | None = None
     while state["step"] < last_step:
         step = state["step"]
-        batch = next(loader)
-        bad["local"].update(batch.stats)
-        if not all_ranks_agree(batch.images.shape[0] > 0, env.device):
-            empty_batches += 1  # some rank drew only bad files: every rank skips this batch together
-            logger.warning(f"step {step + 1}: skipped a batch without decodable images on some rank")
-            continue
-        images = batch.images.to(env.device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
         lr = learning_rate(step, t.max_steps, t.optim)
         set_lr(optimizer, lr)
         use_gan = disc is not None and gan_active(step, t.loss.gan_start_step)
-        with autocast(env.device, precision):
-            out = trained(images, entropy_temperature=entropy_temperature, draws=t.flow_draws,
-                          time_sampling=t.time_sampling)
-            terms = loss_terms(out, images, nets, weights, use_gan)
-        loss, balance = total_loss(terms, weights, t.loss.adaptive_gan_weight, last_layer)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = t.optim.grad_clip if t.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        names = list(terms)
-        reduced = all_reduce_mean(torch.stack([loss.detach(), *(terms[k].detach() for k in names)]))
-        record_terms = {"loss": reduced[0], **dict(zip(names, reduced[1:]))}
         if use_gan:
             disc_optimizer = optimizers["disc_optimizer"]
             disc_lr = learning_rate(step - t.loss.gan_start_step, t.max_steps - t.loss.gan_start_step, t.loss.disc_optim)
             set_lr(disc_optimizer, disc_lr)
-            with autocast(env.device, precision):
-                # Real and fake in one forward: one DDP reduction, and per-sample GroupNorm keeps them independent.
-                # With K flow draws there are K fakes per real image; each side is averaged on its own.
-                logits = nets.disc(torch.cat([images, out.clean_image.detach()])).float()
-                real_logits, fake_logits = logits[: images.shape[0]], logits[images.shape[0]:]
-                disc_loss = discriminator_loss(real_logits, fake_logits, kind=t.loss.gan_loss)
             disc_optimizer.zero_grad(set_to_none=True)
-            disc_loss.backward()
+        micro: list[dict[str, torch.Tensor]] = []  # per micro-batch: loss, its terms, disc, gan_balance
+        images_this_step = 0
+        while len(micro) < t.grad_accum_steps:
+            batch = next(loader)
+            bad["local"].update(batch.stats)
+            if not all_ranks_agree(batch.images.shape[0] > 0, env.device):
+                empty_batches += 1  # some rank drew only bad files: every rank skips this batch together
+                logger.warning(f"step {step + 1}: skipped a batch without decodable images on some rank")
+                continue
+            images = batch.images.to(env.device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
+            sync = len(micro) == t.grad_accum_steps - 1  # reduce gradients over ranks on the last micro-batch only
+            with gradient_sync(trained, sync):
+                with autocast(env.device, precision):
+                    out = trained(images, entropy_temperature=entropy_temperature, draws=t.flow_draws,
+                                  time_sampling=t.time_sampling)
+                    terms = loss_terms(out, images, nets, weights, use_gan)
+                loss, balance = total_loss(terms, weights, t.loss.adaptive_gan_weight, last_layer)
+                (loss / t.grad_accum_steps).backward()
+            record = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
+            if use_gan:
+                with gradient_sync(nets.disc, sync), autocast(env.device, precision):
+                    # Real and fake in one forward: one DDP reduction, and per-sample GroupNorm keeps them
+                    # independent. With K flow draws there are K fakes per real image; each side is averaged
+                    # on its own.
+                    logits = nets.disc(torch.cat([images, out.clean_image.detach()])).float()
+                    real_logits, fake_logits = logits[: images.shape[0]], logits[images.shape[0]:]
+                    disc_loss = discriminator_loss(real_logits, fake_logits, kind=t.loss.gan_loss)
+                    (disc_loss / t.grad_accum_steps).backward()
+                record["disc"] = disc_loss.detach()
+                if balance is not None:
+                    record["gan_balance"] = balance.detach()
+            micro.append(record)
+            images_this_step += images.shape[0]
+        clip = t.optim.grad_clip if t.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        names = [k for k in micro[0] if k not in ("disc", "gan_balance")]  # "loss" first, then the terms
+        reduced = all_reduce_mean(torch.stack([torch.stack([m[k] for m in micro]).mean() for k in names]))
+        record_terms = dict(zip(names, reduced))
+        if use_gan:
             disc_clip = t.loss.disc_optim.grad_clip if t.loss.disc_optim.grad_clip > 0 else math.inf
             disc_norm = torch.nn.utils.clip_grad_norm_(disc.parameters(), disc_clip)
-            record_terms["disc"] = all_reduce_mean(disc_loss.detach())
-            if balance is not None:
-                record_terms["gan_balance"] = all_reduce_mean(balance)
+            for key in ("disc", "gan_balance"):
+                if key in micro[0]:
+                    record_terms[key] = all_reduce_mean(torch.stack([m[key] for m in micro]).mean())
         if guard.check(reduced, grad_norm, *([record_terms["disc"], disc_norm] if use_gan else [])):
             optimizer.step()
             if use_gan:
@@ -592,7 +621,7 @@ def _train(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
         else:
             logger.warning(f"step {step + 1}: non-finite loss or gradient, update skipped ({guard.consecutive} in a row)")
         state["step"] = step = step + 1
-        throughput.add(images.shape[0])
+        throughput.add(images_this_step)
 
         if step % t.log_every == 0 or step == last_step:
             rate = all_reduce_sum(torch.tensor(throughput.rate(), device=env.device)).item()
@@ -646,7 +675,7 @@ def apply_overrides(cfg: TokenizerTrainConfig, args: argparse.Namespace) -> Toke
         ("max_steps", args.max_steps), ("global_batch_size", args.global_batch_size), ("log_every", args.log_every),
         ("ckpt_every", args.ckpt_every), ("sample_every", args.sample_every), ("seed", args.seed),
         ("init_from", args.init_from), ("image_size", args.image_size), ("flow_draws", args.flow_draws),
-        ("time_sampling", args.time_sampling),
+        ("time_sampling", args.time_sampling), ("grad_accum_steps", args.grad_accum_steps),
     ])
     if args.precision != "auto":
         changes["precision"] = args.precision
@@ -667,6 +696,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TokenizerTrainConfig, Run
     parser.add_argument("--perceptual-weight", type=float, default=None, help="LPIPS weight (0 turns LPIPS off)")
     parser.add_argument("--pixel-weight", type=float, default=None,
                         help="MSE between input and predicted clean image (0 = off, the paper's recipe)")
+    parser.add_argument("--grad-accum-steps", type=int, default=None, help="micro-batches per optimizer step")
     parser.add_argument("--flow-draws", type=int, default=None,
                         help="flow-matching draws per image and step (1 = the paper's recipe; K > 1: MAR's "
                              "diffusion batch multiplier, stratified noise levels)")

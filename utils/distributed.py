@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import random
@@ -96,6 +97,15 @@ def run_then_cleanup(fn: Callable[..., T], *args: Any) -> T:
     finally:
         gc.collect()
         cleanup_distributed()
+
+
+def gradient_sync(trained: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+    """Reduce gradients over ranks only on the last micro-batch of an accumulated step (DDP or FSDP2)."""
+    if isinstance(trained, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if enabled else trained.no_sync()
+    if hasattr(trained, "set_requires_gradient_sync"):  # FSDP2
+        trained.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
 
 
 def is_initialized() -> bool:
