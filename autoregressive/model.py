@@ -15,7 +15,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath
 
 from autoregressive.config import GPT_PRESETS, GPTConfig, find_multiple
 from autoregressive.generate import GuidanceSchedule, draw_uniforms, generate_codes
@@ -143,6 +142,31 @@ class Attention(nn.Module):
         )  # (B, H, S, hd)
         out = out.transpose(1, 2).reshape(batch, seq, self.dim)
         return self.resid_dropout(self.wo(out))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a residual branch for a random subset of the samples (each with
+    probability ``p``) and scale the kept ones by 1 / (1 − p); the identity in eval mode.
+
+    Same draws and arithmetic as timm's ``DropPath`` (one Bernoulli per sample, divided by the keep
+    probability), written here so that importing the model does not import timm and torchvision.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop-path probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep).div_(keep)
+        return x * mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class TransformerBlock(nn.Module):

@@ -56,7 +56,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
@@ -279,8 +278,22 @@ def ten_crop_arrs(pil_image: Image.Image, image_size: int, crop_ratio: float = 1
     mirrored image (torchvision ``ten_crop`` order)."""
     if crop_ratio < 1.0:
         raise ValueError(f"crop_ratio must be >= 1, got {crop_ratio}")
-    base = Image.fromarray(center_crop_arr(pil_image, int(image_size * crop_ratio)))
-    return [np.asarray(crop) for crop in TF.ten_crop(base, [image_size, image_size])]
+    base = center_crop_arr(pil_image, int(image_size * crop_ratio))
+    return _five_crops(base, image_size) + _five_crops(base[:, ::-1], image_size)
+
+
+def _five_crops(arr: np.ndarray, size: int) -> list[np.ndarray]:
+    """Top-left, top-right, bottom-left, bottom-right and centre ``size`` squares of (H, W, C) ``arr``.
+
+    The centre is placed as torchvision's ``center_crop`` places it (offsets rounded half to even).
+    """
+    height, width = arr.shape[:2]
+    if size > min(height, width):
+        raise ValueError(f"crop size {size} is larger than the image {height}x{width}")
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    views = [arr[:size, :size], arr[:size, width - size :], arr[height - size :, :size],
+             arr[height - size :, width - size :], arr[top : top + size, left : left + size]]
+    return [np.ascontiguousarray(view) for view in views]
 
 
 def arr_to_tensor(arr: np.ndarray) -> torch.Tensor:

@@ -303,6 +303,19 @@ def test_ten_crop_views() -> None:
     assert any(torch.equal(one, view) for view in stacked)
 
 
+@pytest.mark.parametrize(("height", "width", "size"), [(300, 320, 64), (41, 57, 32), (50, 50, 23)])
+def test_ten_crop_views_equal_torchvision(height: int, width: int, size: int) -> None:
+    import torchvision.transforms.functional as TF
+
+    image = Image.fromarray(_noise(height, width))
+    base = center_crop_arr(image, int(size * 1.1))
+    expected = [np.asarray(view) for view in TF.ten_crop(Image.fromarray(base), [size, size])]
+    got = ten_crop_arrs(image, size, crop_ratio=1.1)
+    assert len(got) == 10
+    for ours, theirs in zip(got, expected):
+        np.testing.assert_array_equal(ours, theirs)
+
+
 def test_tensor_range_and_layout() -> None:
     arr = np.zeros((2, 3, 3), np.uint8)
     arr[0, 0] = [255, 0, 128]

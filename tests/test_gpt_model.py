@@ -149,6 +149,26 @@ def test_dropout_active_in_training_and_backward_runs():
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_drop_path_draws_and_scales_like_timm():
+    from timm.layers import DropPath as TimmDropPath
+
+    from autoregressive.model import DropPath
+
+    x = torch.randn(64, 5, 8)
+    ours, theirs = DropPath(0.25).train(), TimmDropPath(0.25).train()
+    torch.manual_seed(3)
+    a = ours(x)
+    torch.manual_seed(3)
+    b = theirs(x)
+    assert torch.equal(a, b)
+    kept = a.flatten(1).abs().sum(1) > 0
+    assert 0 < int(kept.sum()) < 64  # whole samples are dropped, the rest scaled by 1 / keep
+    torch.testing.assert_close(a[kept], x[kept] / 0.75)
+    assert torch.equal(ours.eval()(x), x)
+    with pytest.raises(ValueError, match="drop-path"):
+        DropPath(1.0)
+
+
 def test_bad_inputs_raise():
     model = random_gpt()
     codes = torch.randint(0, 64, (2, 16))

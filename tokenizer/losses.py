@@ -30,12 +30,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models.vision_transformer import checkpoint_filter_fn
 
 from tokenizer.discriminator import (
     DISCRIMINATOR_PRESETS,
@@ -131,11 +128,15 @@ class RepaFeatureExtractor(nn.Module):
             raise ValueError("RepaFeatureExtractor(pretrained=False) builds random weights; do not also pass weights")
         if pretrained and weights is None:
             weights = default_weights_file(config)  # before building the ViT: fail fast when offline
+        import timm  # here, not at module level: timm (and the torchvision it loads) add seconds to every start
+
         self.vit = timm.create_model(
             config.model_name, pretrained=False, img_size=config.img_size, num_classes=0, **overrides
         )
         if pretrained:
             self.load_weights(weights)
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
         self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
@@ -172,6 +173,8 @@ class RepaFeatureExtractor(nn.Module):
             raise ValueError(f"REPA encoder weights {where}: expected a state dict, got {type(state).__name__}")
         # timm's own converter: original-DINOv2 key names -> timm, pos_embed 37x37 (518 px) -> the
         # model's grid. Bicubic without antialias is how DINOv2 itself interpolates at 224 px.
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
         state = checkpoint_filter_fn(dict(state), self.vit, interpolation="bicubic", antialias=False)
         expected = self.vit.state_dict()
         missing = sorted(set(expected) - set(state))
