@@ -30,7 +30,6 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from dataset.images import BadFileStats, ImageFolderDataset, center_crop_arr, collate_skip_bad
-from evaluations.evaluator import DEFAULT_BATCH_SIZE
 from evaluations.inception import load_fid_inception
 from evaluations.metrics import feature_statistics
 from utils.checkpoint import atomic_write
@@ -61,7 +60,7 @@ def make_reference(
     num: int = 50000,
     *,
     weights: str | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
     num_workers: int = 4,
     seed: int = 0,
@@ -129,7 +128,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num", type=int, default=50000, help="at most this many images (seeded subset if more)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset when the folder has more than --num")
     parser.add_argument("--weights", default=None, help="FID Inception weights (see evaluations.evaluator --help)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="Inception images per forward pass (default: 128 on a GPU, 10 on a CPU)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
     parser.add_argument("--num-workers", type=int, default=4, help="image decoding processes")
     return parser.parse_args(argv)

@@ -115,6 +115,18 @@ def _images(seed: int, n: int, size: int) -> np.ndarray:
     return np.clip(fine + rng.normal(0, 12, fine.shape), 0, 255).astype(np.uint8)
 
 
+def test_default_batch_size_depends_on_the_device_and_not_the_features() -> None:
+    from evaluations.evaluator import DEFAULT_BATCH_SIZE, DEFAULT_CPU_BATCH_SIZE, default_batch_size
+
+    assert default_batch_size(torch.device("cuda", 0)) == DEFAULT_BATCH_SIZE == 128
+    assert default_batch_size(torch.device("cpu")) == DEFAULT_CPU_BATCH_SIZE == 10
+    model = load_fid_inception(None, device="cpu")
+    images = _images(1, 12, 32)  # two CPU batches of the default size: 10 + 2
+    by_default, whole = extract_features(model, images), extract_features(model, images, batch_size=12)
+    for key in whole:
+        np.testing.assert_allclose(by_default[key], whole[key], rtol=1e-4, atol=1e-5)
+
+
 def test_reference_feature_cache_is_reused_only_for_the_same_images_and_weights(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
