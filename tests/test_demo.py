@@ -56,3 +56,29 @@ def test_quick_demo_writes_every_output(tmp_path: Path) -> None:
     # Re-running with the same folder resumes: every stage is skipped, nothing is recomputed.
     again = main(["--out", str(out), "--quick", "--device", "cpu"])
     assert again["stage_seconds"] == {}
+
+
+def test_shipped_heldout_features_match_the_demo_reference_batch(tmp_path: Path) -> None:
+    """The full demo starts its FID reference cache from the shipped file: it must be the features of exactly
+    the reference batch the reconstruct stage writes (key check) and real Inception features (spot check)."""
+    import torch
+
+    from dataset.fashion_mnist import HELDOUT_FEATURES_PATH, materialize_fashion_mnist
+    from dataset.images import CenterCrop, ImageFolderDataset
+    from evaluations.evaluator import _cache_key, read_feature_cache
+    from evaluations.inception import load_fid_inception
+    from scripts.demo import FULL
+    from utils.images import to_uint8
+
+    assert FULL.shipped_reference_features and FULL.recon_images == 10 * FULL.test_per_class
+    test_dir = materialize_fashion_mnist(tmp_path / "test", "test", limit_per_class=FULL.test_per_class)
+    dataset = ImageFolderDataset(test_dir, CenterCrop(FULL.image_size), with_labels=False)
+    # What tokenizer.reconstruct stores as recon_ref.npz: the first recon_images crops in dataset order.
+    images = np.stack([to_uint8(dataset[i].image[None])[0] for i in range(FULL.recon_images)])
+    model = load_fid_inception(None, device="cpu")
+    cached = read_feature_cache(HELDOUT_FEATURES_PATH, _cache_key(model, images), ["pool", "spatial"])
+    assert cached is not None, "stale shipped features: rebuild them (dataset/fashion_mnist/README.md)"
+    assert cached["pool"].shape == (300, 2048) and cached["spatial"].shape == (300, 2023)
+    fresh = model(torch.from_numpy(images[[0, 157, 299]]))
+    np.testing.assert_allclose(cached["pool"][[0, 157, 299]], fresh["pool"].numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(cached["spatial"][[0, 157, 299]], fresh["spatial"].numpy(), rtol=1e-4, atol=1e-4)

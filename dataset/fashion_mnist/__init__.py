@@ -23,6 +23,8 @@ import numpy as np
 from PIL import Image
 
 SUBSET_PATH = Path(__file__).with_name("fashion_mnist_subset.npz")
+# FID Inception features (pool, spatial) of the demo's held-out reference batch; see README.md.
+HELDOUT_FEATURES_PATH = Path(__file__).with_name("heldout_inception_features.npz")
 DEBIAN_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 # Names as in Zalando's README, in label order.
 CLASS_NAMES = (
