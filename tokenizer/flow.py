@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -22,7 +22,7 @@ from torch import Tensor
 SamplerName = Literal["euler", "adams2"]
 SAMPLERS: tuple[str, ...] = ("euler", "adams2")
 TimeSampling = Literal["uniform", "group_balanced"]
-TIME_SAMPLINGS: tuple[str, ...] = ("uniform", "group_balanced")
+TIME_SAMPLINGS: tuple[str, ...] = get_args(TimeSampling)
 
 
 def warp_time(t: Tensor, shift: float) -> Tensor:

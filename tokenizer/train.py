@@ -72,7 +72,7 @@ from tokenizer.losses import (
     generator_loss,
     repa_loss,
 )
-from tokenizer.flow import TIME_SAMPLINGS
+from tokenizer.flow import TIME_SAMPLINGS, TimeSampling
 from tokenizer.model import DARTokenizer, TokenizerTrainOutput
 from tokenizer.reconstruct import save_reconstruction_grid
 from utils.checkpoint import CheckpointManager
@@ -179,7 +179,7 @@ class TokenizerTrainSettings:
     flow_draws: int = 1
     # How training draws pick u: "uniform" (the paper) or "group_balanced" (every condition window gets the
     # same share of draws; under uniform u the first group gets half a middle group's share).
-    time_sampling: Literal["uniform", "group_balanced"] = "uniform"
+    time_sampling: TimeSampling = "uniform"
     optim: OptimConfig = OFFICIAL_OPTIM
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -565,7 +565,8 @@ def _train(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
             disc_lr = learning_rate(step - t.loss.gan_start_step, t.max_steps - t.loss.gan_start_step, t.loss.disc_optim)
             set_lr(disc_optimizer, disc_lr)
             disc_optimizer.zero_grad(set_to_none=True)
-        micro: list[dict[str, torch.Tensor]] = []  # per micro-batch: loss, its terms, disc, gan_balance
+        micro: list[dict[str, torch.Tensor]] = []  # per micro-batch: "loss", then its terms
+        micro_gan: list[dict[str, torch.Tensor]] = []  # per micro-batch: "disc"[, "gan_balance"]
         images_this_step = 0
         while len(micro) < t.grad_accum_steps:
             batch = next(loader)
@@ -593,22 +594,20 @@ def _train(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
                     real_logits, fake_logits = logits[: images.shape[0]], logits[images.shape[0]:]
                     disc_loss = discriminator_loss(real_logits, fake_logits, kind=t.loss.gan_loss)
                     (disc_loss / t.grad_accum_steps).backward()
-                record["disc"] = disc_loss.detach()
-                if balance is not None:
-                    record["gan_balance"] = balance.detach()
+                micro_gan.append({"disc": disc_loss.detach(),
+                                  **({"gan_balance": balance.detach()} if balance is not None else {})})
             micro.append(record)
             images_this_step += images.shape[0]
         clip = t.optim.grad_clip if t.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        names = [k for k in micro[0] if k not in ("disc", "gan_balance")]  # "loss" first, then the terms
+        names = list(micro[0])
         reduced = all_reduce_mean(torch.stack([torch.stack([m[k] for m in micro]).mean() for k in names]))
         record_terms = dict(zip(names, reduced))
         if use_gan:
             disc_clip = t.loss.disc_optim.grad_clip if t.loss.disc_optim.grad_clip > 0 else math.inf
             disc_norm = torch.nn.utils.clip_grad_norm_(disc.parameters(), disc_clip)
-            for key in ("disc", "gan_balance"):
-                if key in micro[0]:
-                    record_terms[key] = all_reduce_mean(torch.stack([m[key] for m in micro]).mean())
+            for key in micro_gan[0]:
+                record_terms[key] = all_reduce_mean(torch.stack([m[key] for m in micro_gan]).mean())
         if guard.check(reduced, grad_norm, *([record_terms["disc"], disc_norm] if use_gan else [])):
             optimizer.step()
             if use_gan:
