@@ -12,7 +12,9 @@ CLI::
         --samples samples.npz [--image-size 32] [--epochs 3] [--json out.json]
 
 ``samples.npz`` holds ``arr_0`` uint8 [N, H, W, 3] and ``labels`` int [N] (what ``autoregressive.sample_ddp``
-writes).
+writes). ``--also NAME=other.npz`` (repeatable) judges more labelled sets with the same classifier, e.g. the
+tokenizer's reconstructions of the held-out images (``tokenizer.reconstruct --labels``): how much class
+identity survives encoding and decoding, next to how much the generator's samples show.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,32 +99,69 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> to
     return torch.cat([model(images[i : i + batch_size].to(device)).argmax(-1).cpu() for i in range(0, len(images), batch_size)])
 
 
+def judge_samples(
+    model: nn.Module, classes: tuple[str, ...], images: np.ndarray, labels: np.ndarray, size: tuple[int, int]
+) -> dict[str, Any]:
+    """Share of ``images`` (uint8 NHWC) that ``model`` assigns to their ``labels``, overall and per class."""
+    check_labels(images, labels, len(classes))
+    wanted = torch.from_numpy(np.asarray(labels)).long()
+    samples = uint8_nhwc_to_tensor(images)
+    if samples.shape[-2:] != size:
+        samples = F.interpolate(samples, size=size, mode="bilinear", antialias=True, align_corners=False)
+    overall, per_class = agreement(predict(model, samples), wanted, classes)
+    return {"class_consistency": overall, "class_consistency_per_class": per_class, "num_samples": int(len(wanted))}
+
+
+def check_labels(images: np.ndarray, labels: np.ndarray, num_classes: int, name: str = "samples") -> None:
+    if len(images) != len(labels):
+        raise ValueError(f"{name}: {len(images)} images but {len(labels)} labels")
+    labels = np.asarray(labels)
+    if len(labels) and not (np.issubdtype(labels.dtype, np.integer) and 0 <= labels.min() <= labels.max() < num_classes):
+        raise ValueError(f"{name}: labels must be class indices in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
+
+
+def agreement(predicted: torch.Tensor, wanted: torch.Tensor, classes: tuple[str, ...]) -> tuple[float, dict[str, float]]:
+    """(share of predicted == wanted, the same per wanted class that occurs)."""
+    per_class = {
+        classes[c]: float((predicted[wanted == c] == c).float().mean()) for c in range(len(classes)) if (wanted == c).any()
+    }
+    return float((predicted == wanted).float().mean()), per_class
+
+
 def class_consistency(
     train_dir: str | Path, test_dir: str | Path, sample_images: np.ndarray, sample_labels: np.ndarray,
     image_size: int, epochs: int = 3, seed: int = 0, device: torch.device | str = "cpu",
-) -> dict[str, float]:
+    also: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> dict[str, Any]:
+    """Train the judge, then score the samples (and every ``also`` set under ``result["also"][name]``)."""
     train_x, train_y, classes = load_labelled_images(train_dir, image_size)
     test_x, test_y, test_classes = load_labelled_images(test_dir, image_size)
     if classes != test_classes:
         raise ValueError(f"train and test class folders differ: {classes} vs {test_classes}")
+    # Refuse bad labels before spending minutes on the judge.
+    for name, (x, y) in {"samples": (sample_images, sample_labels), **(also or {})}.items():
+        check_labels(x, y, len(classes), name)
     model = train_classifier(train_x, train_y, len(classes), epochs=epochs, seed=seed, device=device)
-    samples = uint8_nhwc_to_tensor(sample_images)
-    if samples.shape[-2:] != test_x.shape[-2:]:
-        samples = F.interpolate(samples, size=test_x.shape[-2:], mode="bilinear", antialias=True, align_corners=False)
-    sample_pred = predict(model, samples)
-    wanted = torch.from_numpy(np.asarray(sample_labels)).long()
-    per_class = {
-        classes[c]: float((sample_pred[wanted == c] == c).float().mean()) for c in range(len(classes)) if (wanted == c).any()
+    size = tuple(test_x.shape[-2:])
+    accuracy, accuracy_per_class = agreement(predict(model, test_x), test_y, classes)
+    result = {
+        "classifier_heldout_accuracy": accuracy,
+        "classifier_heldout_accuracy_per_class": accuracy_per_class,
+        **judge_samples(model, classes, sample_images, sample_labels, size),
     }
-    return {
-        "classifier_heldout_accuracy": float((predict(model, test_x) == test_y).float().mean()),
-        "class_consistency": float((sample_pred == wanted).float().mean()),
-        "class_consistency_per_class": per_class,
-        "num_samples": int(len(wanted)),
-    }
+    if also:
+        result["also"] = {name: judge_samples(model, classes, x, y, size) for name, (x, y) in also.items()}
+    return result
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def load_labelled_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as data:
+        if "labels" not in data:
+            raise KeyError(f"{path} has no 'labels' array: class consistency needs the requested classes")
+        return data["arr_0"], data["labels"]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-data", required=True)
     parser.add_argument("--test-data", required=True)
@@ -131,14 +171,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="also write the numbers here")
+    parser.add_argument("--also", action="append", default=[], metavar="NAME=NPZ",
+                        help="judge another labelled npz with the same classifier (repeatable)")
     args = parser.parse_args(argv)
-    with np.load(args.samples) as data:
-        if "labels" not in data:
-            raise KeyError(f"{args.samples} has no 'labels' array: class consistency needs the requested classes")
-        images, labels = data["arr_0"], data["labels"]
-    result = class_consistency(args.train_data, args.test_data, images, labels, args.image_size, args.epochs, args.seed, args.device)
+    also = {}
+    for item in args.also:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path or name in also:
+            parser.error(f"--also wants distinct NAME=PATH entries, got {item!r}")
+        also[name] = load_labelled_npz(path)
+    images, labels = load_labelled_npz(args.samples)
+    result = class_consistency(args.train_data, args.test_data, images, labels, args.image_size, args.epochs,
+                               args.seed, args.device, also=also)
     print(f"Classifier held-out accuracy: {result['classifier_heldout_accuracy']:.4f}")
     print(f"Class consistency of samples: {result['class_consistency']:.4f} ({result['num_samples']} samples)")
+    for name, judged in result.get("also", {}).items():
+        print(f"Class consistency of {name}: {judged['class_consistency']:.4f} ({judged['num_samples']} images)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result

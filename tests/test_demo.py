@@ -35,10 +35,18 @@ def test_quick_demo_writes_every_output(tmp_path: Path) -> None:
     numbers = [
         report["tokenizer"]["psnr"], report["tokenizer"]["ssim"], report["tokenizer"]["rfid"],
         report["generation"]["fid"], report["generation"]["precision"], report["generation"]["recall"],
-        report["class_consistency"], report["classifier_heldout_accuracy"],
+        report["class_consistency"], report["classifier_heldout_accuracy"], report["tokenizer"]["class_consistency"],
     ]
     assert all(isinstance(x, float) and math.isfinite(x) for x in numbers), numbers
     assert 0.0 <= report["class_consistency"] <= 1.0
+    # The judge scores every class of the samples and of the labelled reconstructions (4 held-out images each).
+    class_names = sorted(p.name for p in (out / "data" / "test").iterdir() if p.is_dir())
+    for key in ("class_consistency_per_class", "classifier_heldout_accuracy_per_class"):
+        assert sorted(report[key]) == class_names, key
+    assert sorted(report["tokenizer"]["class_consistency_per_class"]) == class_names
+    with np.load(out / "recon" / "recon.npz") as recon:
+        assert recon["labels"].tolist() == [c for c in range(10) for _ in range(4)]
+    assert report["quality"].startswith("The judge assigns at least half of the samples")
     # Both FIDs share one cached set of reference features; the demo's FID takes the eigh route.
     assert (out / "recon" / "ref_features.npz").is_file() and report["generation"]["fid_method"] == "eigh"
     assert report["generation"]["num_reference"] == 40  # 4 held-out images of each of the 10 classes
@@ -82,3 +90,13 @@ def test_shipped_heldout_features_match_the_demo_reference_batch(tmp_path: Path)
     fresh = model(torch.from_numpy(images[[0, 157, 299]]))
     np.testing.assert_allclose(cached["pool"][[0, 157, 299]], fresh["pool"].numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(cached["spatial"][[0, 157, 299]], fresh["spatial"].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_quality_statement_names_the_classes_the_judge_rejects() -> None:
+    from scripts.demo import quality_statement
+
+    assert quality_statement({}) is None
+    text = quality_statement({"class_consistency_per_class": {"shirt": 0.37, "bag": 1.0, "sandal": 0.07, "coat": 0.5}})
+    assert text.startswith("The judge assigns at least half of the samples to the requested class for 2 of 4 classes")
+    assert "below half: sandal 0.07, shirt 0.37." in text
+    assert "below half" not in quality_statement({"class_consistency_per_class": {"bag": 0.9}})

@@ -93,6 +93,28 @@ def test_batch_size_steps_and_sampler_options(assets: dict[str, Path], tmp_path:
         reconstruct(assets, tmp_path / "d.npz", "--steps", "9")
 
 
+
+def test_labels_option_stores_class_indices_and_changes_nothing_else(assets: dict[str, Path], tmp_path: Path) -> None:
+    common = ("--num-images", "6", "--grid-images", "0", "--batch-size", "4")
+    reconstruct(assets, tmp_path / "plain.npz", *common)
+    reconstruct(assets, tmp_path / "labelled.npz", *common, "--labels")
+    dataset = ImageFolderDataset(assets["images"], CenterCrop(IMAGE_SIZE))
+    good = [i for i, f in enumerate(dataset.files) if f.relative_to(assets["images"]).as_posix() != BAD]
+    for suffix in (".npz", "_ref.npz"):
+        plain, labelled = np.load(tmp_path / f"plain{suffix}"), np.load(tmp_path / f"labelled{suffix}")
+        assert "labels" not in plain.files
+        np.testing.assert_array_equal(plain["arr_0"], labelled["arr_0"])
+        np.testing.assert_array_equal(labelled["labels"], [dataset.labels[i] for i in good])
+    assert sorted(set(np.load(tmp_path / "labelled.npz")["labels"].tolist())) == [0, 1]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, f in enumerate(dataset.files[:2]):
+        (flat / f"{i}{f.suffix}").write_bytes(f.read_bytes())
+    with pytest.raises(ValueError, match="class-folder"):
+        main(parse_args(["--ckpt", str(assets["tokenizer"]), "--data-path", str(flat), "--out",
+                         str(tmp_path / "flat.npz"), "--image-size", str(IMAGE_SIZE), "--num-workers", "0",
+                         "--labels"]))
+
 @pytest.mark.slow
 def test_two_ranks_write_what_one_process_writes(assets: dict[str, Path], tmp_path: Path) -> None:
     common = ["--ckpt", str(assets["tokenizer"]), "--data-path", str(assets["images"]), "--image-size",

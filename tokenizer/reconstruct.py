@@ -10,6 +10,9 @@ Output contract
     ``--num-images`` images of the sorted file list (all by default) in file order, minus files
     that cannot be decoded (skipped and counted). ``--ref-out`` (default ``recon_ref.npz``): ``arr_0`` of the
     matching ADM centre-cropped inputs, row for row, for the ADM evaluator (rFID) or any metric.
+    With ``--labels`` (class-folder trees only) both files also hold ``labels`` int64 (N,), each image's
+    class index in sorted class-folder order, so ``evaluations.class_consistency`` can judge whether the
+    reconstructions still show their class.
     ``--grid`` (default ``recon.png``): ``--grid-images`` rows spread evenly over the reconstructed
     images (file order): input | reconstruction | the preview after each streaming step.
     PSNR and SSIM (``evaluations.recon``, on the uint8 images) are printed and written to ``recon.json``.
@@ -94,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--labels", action="store_true",
+                        help="also store class indices (class-folder trees only) as 'labels' in both npz files")
     args = parser.parse_args(argv)
     for name in ("image_size", "batch_size"):
         if getattr(args, name) < 1:
@@ -120,7 +125,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     grid = Path(args.grid) if args.grid else out.with_suffix(".png")
 
     # -- data: rank r takes the images r, r + R, ... of the first --num-images ---------------------
-    dataset = ImageFolderDataset(args.data_path, CenterCrop(args.image_size), with_labels=False)
+    dataset = ImageFolderDataset(args.data_path, CenterCrop(args.image_size), with_labels=args.labels)
+    if args.labels and not dataset.classes:
+        raise ValueError(f"--labels needs a class-folder tree (one sub-folder per class); {args.data_path} is flat")
     total = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
     if total == 0:
         raise ValueError(f"{args.data_path} holds no images")
@@ -130,7 +137,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     # -- reconstruct ---------------------------------------------------------------------------
     stats = BadFileStats()
-    recons, refs, indices = [], [], []
+    recons, refs, indices, labels = [], [], [], []
     for batch in loader:
         stats.update(batch.stats)
         if batch.images.shape[0] == 0:
@@ -140,12 +147,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         recons.append(to_uint8(recon))
         refs.append(to_uint8(batch.images))
         indices.append(batch.indices.numpy())
+        labels.append(batch.labels.numpy())
     part = out.with_name(f".{out.name}.rank{env.rank}.npz")
     empty = np.zeros((0, args.image_size, args.image_size, 3), np.uint8)
     arrays = {
         "recon": np.concatenate(recons) if recons else empty,
         "ref": np.concatenate(refs) if refs else empty,
         "index": np.concatenate(indices) if indices else np.zeros(0, np.int64),
+        "labels": np.concatenate(labels) if labels else np.zeros(0, np.int64),
     }
     atomic_write(part, _npz_writer(**arrays))
     stats = stats.all_reduce(env.device)
@@ -162,8 +171,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         ref_all = np.concatenate([p["ref"] for p in loaded])[order]
         if len(recon_all) == 0:
             raise RuntimeError(f"no image could be decoded: {stats.summary()}")
-        atomic_write(out, _npz_writer(arr_0=recon_all))
-        atomic_write(ref_out, _npz_writer(arr_0=ref_all))
+        extra = {"labels": np.concatenate([p["labels"] for p in loaded])[order]} if args.labels else {}
+        atomic_write(out, _npz_writer(arr_0=recon_all, **extra))
+        atomic_write(ref_out, _npz_writer(arr_0=ref_all, **extra))
         for p in parts:
             p.unlink()
         psnr_values, ssim_values = [], []
