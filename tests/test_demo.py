@@ -96,7 +96,8 @@ def test_quality_statement_names_the_classes_the_judge_rejects() -> None:
     from scripts.demo import quality_statement
 
     assert quality_statement({}) is None
-    text = quality_statement({"class_consistency_per_class": {"shirt": 0.37, "bag": 1.0, "sandal": 0.07, "coat": 0.5}})
+    text = quality_statement({"class_consistency_per_class": {"shirt": 0.37, "bag": 1.0, "sandal": 0.07, "coat": 0.5},
+                              "classifier_heldout_accuracy_per_class": {"shirt": 0.3, "sandal": 0.93}})
     assert text.startswith("The judge assigns at least half of the samples to the requested class for 2 of 4 classes")
-    assert "below half: sandal 0.07, shirt 0.37." in text
+    assert "below half (judge on real images of the class in brackets): sandal 0.07 (0.93), shirt 0.37 (0.30)." in text
     assert "below half" not in quality_statement({"class_consistency_per_class": {"bag": 0.9}})
