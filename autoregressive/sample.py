@@ -8,7 +8,8 @@ Outputs (all uint8 through :func:`utils.images.to_uint8`):
 
 - ``--out``: one row per label, ``--samples-per-label`` images per row.
 - ``--previews``: one row per sample, one column per code group: the preview after k groups
-  (SPEC §1 "Groups"); the last column is the final image.
+  (SPEC §1 "Groups"); the last column is the final image. ``--previews-per-label K`` keeps the first
+  K samples of each label (the same images as in the grid), so a strip stays readable for many samples.
 - ``--gif``: one frame per code group, each frame the whole grid at that point of the stream.
 
 Image j of label row r has index r·n + j and seed ``image_seed(--seed, index)``, so a sample does
@@ -110,10 +111,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="samples per forward pass")
     parser.add_argument("--out", required=True, help="grid PNG: one row per label")
     parser.add_argument("--previews", default=None, help="PNG strip: one row per sample, one column per group")
+    parser.add_argument("--previews-per-label", type=int, default=None,
+                        help="rows of --previews per label: its first K samples (default: all)")
     parser.add_argument("--gif", default=None, help="animated GIF of the whole grid, one frame per group")
     args = parser.parse_args(argv)
     if args.samples_per_label < 1 or args.batch_size < 1:
         parser.error("--samples-per-label and --batch-size must be positive")
+    if args.previews_per_label is not None:
+        if not 1 <= args.previews_per_label <= args.samples_per_label:
+            parser.error(f"--previews-per-label must be in 1..{args.samples_per_label} (--samples-per-label), "
+                         f"got {args.previews_per_label}")
+        if not args.previews:
+            parser.error("--previews-per-label needs --previews")
     return args
 
 
@@ -153,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     rows = lambda images: [images[r * n : (r + 1) * n] for r in range(len(args.labels))]  # noqa: E731
     written = {"grid": save_grid(rows(finals), args.out)}
     if args.previews:
-        strip = [np.stack([group[b] for group in per_group]) for b in range(finals.shape[0])]
+        kept = args.previews_per_label or n
+        picked = [r * n + j for r in range(len(args.labels)) for j in range(kept)]
+        strip = [np.stack([group[b] for group in per_group]) for b in picked]
         written["previews"] = save_grid(strip, args.previews)
     if args.gif:
         written["gif"] = save_gif([make_grid(rows(group)) for group in per_group], args.gif)

@@ -14,7 +14,8 @@ type), each skipped when its output already exists — so re-running with the sa
  4. rfid         ``evaluations.evaluator`` — FID of reconstructions against their inputs
  5. codes        ``tokenizer.extract_codes`` — codes of every training image and its mirror
  6. gpt          ``autoregressive.train`` — class-conditional Llama GPT on those codes
- 7. samples      ``autoregressive.sample`` — grid (one row per class), streaming previews, GIF
+ 7. samples      ``autoregressive.sample`` — grid (one row per class), streaming previews (the first
+                 sample of each class), GIF
  8. layout       ``autoregressive.layout`` — first groups forced from a test image, other classes
  9. fid          ``autoregressive.sample_ddp`` + ``evaluations.evaluator`` — generation FID against the
                  held-out test images (the reference crops written by the reconstruct stage)
@@ -217,8 +218,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stage("samples", lambda: (out / "stream.gif").is_file(), lambda: run("samples", [
         "autoregressive.sample", *models, "--labels", labels, "--samples-per-label", str(settings.samples_per_label),
         "--cfg-scale", settings.cfg_scale, "--seed", str(args.seed), "--out", str(out / "samples.png"),
-        "--previews", str(out / "previews.png"), "--gif", str(out / "stream.gif"), "--sampler", settings.sampler,
-        *device,
+        "--previews", str(out / "previews.png"), "--previews-per-label", "1", "--gif", str(out / "stream.gif"),
+        "--sampler", settings.sampler, *device,
     ], log))
 
     # 8. layout ---------------------------------------------------------------------------------

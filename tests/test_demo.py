@@ -26,7 +26,8 @@ def test_quick_demo_writes_every_output(tmp_path: Path) -> None:
         # trained quick-mode models can produce, so only the upper bound is exact.
         assert 1 <= gif.n_frames <= 4
     with Image.open(out / "previews.png") as strip:
-        assert strip.width >= 4 * 32  # one column per code group
+        # One row per class (its first sample), one column per code group; 32-px tiles, 2-px padding.
+        assert strip.size == (2 + 4 * 34, 2 + 10 * 34)
     with Image.open(out / "samples.png") as grid:
         assert grid.height >= 10 * 32  # one row per class
 

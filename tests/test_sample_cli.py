@@ -82,6 +82,20 @@ def test_cli_writes_grid_previews_and_gif(ckpts: tuple[Path, Path], tmp_path: Pa
     sample_main([*common, "--out", str(tmp_path / "plain.png")])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "plain.png").convert("RGB")), grid)
 
+    # --previews-per-label 1: one strip row per label, each the first sample of that label (images 0, 2, 4).
+    sample_main([*common, "--out", str(tmp_path / "grid1.png"), "--previews", str(tmp_path / "prev1.png"),
+                 "--previews-per-label", "1"])
+    assert Image.open(tmp_path / "prev1.png").size == grid_size(3, 4)
+    short = np.asarray(Image.open(tmp_path / "prev1.png").convert("RGB"))
+    for row, sample in enumerate((0, 2, 4)):
+        for col in range(4):
+            assert np.array_equal(tile(short, row, col), tile(previews, sample, col)), (row, col)
+    for bad in (["--previews-per-label", "3", "--previews", str(tmp_path / "p.png")],  # > --samples-per-label
+                ["--previews-per-label", "0", "--previews", str(tmp_path / "p.png")],
+                ["--previews-per-label", "1"]):  # without --previews
+        with pytest.raises(SystemExit):
+            sample_main([*common, "--out", str(tmp_path / "x.png"), *bad])
+
 
 def test_cli_rejects_bad_labels(ckpts: tuple[Path, Path], tmp_path: Path) -> None:
     gpt_dir, tok_dir = ckpts
