@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dataset.images import CenterCrop, ImageFolderDataset, collate_skip_bad
+from utils.distributed import resolve_device
 
 
 class SmallConvNet(nn.Module):
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     parser.add_argument("--also", action="append", default=[], metavar="NAME=NPZ",
                         help="judge another labelled npz with the same classifier (repeatable)")
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         also[name] = load_labelled_npz(path)
     images, labels = load_labelled_npz(args.samples)
     result = class_consistency(args.train_data, args.test_data, images, labels, args.image_size, args.epochs,
-                               args.seed, args.device, also=also)
+                               args.seed, resolve_device(args.device), also=also)
     print(f"Classifier held-out accuracy: {result['classifier_heldout_accuracy']:.4f}")
     print(f"Class consistency of samples: {result['class_consistency']:.4f} ({result['num_samples']} samples)")
     for name, judged in result.get("also", {}).items():

@@ -1,10 +1,10 @@
 """The whole D-AR pipeline on the embedded Fashion-MNIST subset, offline, in one command.
 
-    python -m scripts.demo --out demo_out            # full demo (about 15 minutes on 2 CPU cores)
+    python -m scripts.demo --out demo_out            # full demo (13–15 minutes on 2 CPU cores)
     python -m scripts.demo --out /tmp/q --quick      # minutes: a smoke run of every stage (what CI runs)
 
-Stages, each one a real entry point of this codebase run as a subprocess (exactly what a user would
-type), each skipped when its output already exists — so re-running with the same ``--out`` resumes
+Stages 2–10, each one a real entry point of this codebase run as a subprocess (the command is printed,
+exactly what a user would type), stage 1 in-process; each skipped when its output already exists — so re-running with the same ``--out`` resumes
 (the trainers themselves resume from their latest checkpoint with ``--resume auto``):
 
  1. data         the shipped Fashion-MNIST subset → class folders of PNGs (train 6000, test 300);
@@ -16,14 +16,15 @@ type), each skipped when its output already exists — so re-running with the sa
  6. gpt          ``autoregressive.train`` — class-conditional Llama GPT on those codes
  7. samples      ``autoregressive.sample`` — grid (one row per class), streaming previews (the first
                  sample of each class), GIF
- 8. layout       ``autoregressive.layout`` — first groups forced from a test image, other classes
+ 8. layout       ``autoregressive.layout`` — first groups forced from a held-out T-shirt, sampled as
+                 T-shirts and as four other classes
  9. fid          ``autoregressive.sample_ddp`` + ``evaluations.evaluator`` — generation FID against the
                  held-out test images (the reference crops written by the reconstruct stage)
 10. classes      ``evaluations.class_consistency`` — a small classifier trained on the real training
                  images judges whether each sample shows the class it was generated for
 
 Outputs in ``--out``: reconstructions.png, samples.png, previews.png, stream.gif, layout.png,
-report.json, plus every run folder (configs, metrics.jsonl, checkpoints, logs).
+class_consistency.json, report.json, plus every run folder (configs, metrics.jsonl, checkpoints, logs).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import shutil
 import subprocess
 import sys
@@ -105,7 +107,7 @@ QUICK = DemoSettings(
 def run(stage: str, args: list[str], log: Callable[[str], None]) -> None:
     """Run ``python -m <args>`` from the repo root; its progress bars go straight to the terminal."""
     command = [sys.executable, "-m", *args]
-    log(f"[{stage}] $ {' '.join(command[1:])}")
+    log(f"[{stage}] $ python -m {shlex.join(args)}")  # what to type to run this stage by hand
     start = time.perf_counter()
     completed = subprocess.run(command, cwd=REPO_ROOT)
     if completed.returncode != 0:
@@ -259,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stage("classes", classes_json.is_file, lambda: run("classes", [
         "evaluations.class_consistency", "--train-data", str(train_dir), "--test-data", str(test_dir),
         "--samples", str(samples_npz), *also, "--image-size", str(settings.image_size),
-        "--epochs", str(settings.classifier_epochs), "--json", str(classes_json),
+        "--epochs", str(settings.classifier_epochs), "--json", str(classes_json), *device,
     ], log))
 
     report = build_report(out, settings, timings, time.perf_counter() - started)
@@ -369,7 +371,8 @@ def print_summary(report: dict[str, Any], out: Path) -> None:
     if report["quality"]:
         print(f"quality        {report['quality']}")
     print(f"took           {report['total_seconds_this_invocation']:.0f} s this invocation")
-    print(f"outputs        {out}/{{reconstructions,samples,previews,layout}}.png, stream.gif, report.json")
+    print(f"outputs        {out}/{{reconstructions,samples,previews,layout}}.png, stream.gif, "
+          "class_consistency.json, report.json")
 
 
 if __name__ == "__main__":
