@@ -1,11 +1,12 @@
 """The whole D-AR pipeline on the embedded Fashion-MNIST subset, offline, in one command.
 
-    python -m scripts.demo --out demo_out            # full demo (13–15 minutes on 2 CPU cores)
+    python -m scripts.demo --out demo_out            # full demo (about 13 minutes on 2 CPU cores)
     python -m scripts.demo --out /tmp/q --quick      # minutes: a smoke run of every stage (what CI runs)
 
 Stages 2–10, each one a real entry point of this codebase run as a subprocess (the command is printed,
-exactly what a user would type), stage 1 in-process; each skipped when its output already exists — so re-running with the same ``--out`` resumes
-(the trainers themselves resume from their latest checkpoint with ``--resume auto``):
+exactly what a user would type), stage 1 in-process; each skipped when its output already exists — so
+re-running with the same ``--out`` resumes (the trainers themselves resume from their latest checkpoint
+with ``--resume auto``):
 
  1. data         the shipped Fashion-MNIST subset → class folders of PNGs (train 6000, test 300);
                  from here on everything goes through the normal image-folder dataset code
