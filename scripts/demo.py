@@ -1,6 +1,6 @@
 """The whole D-AR pipeline on the embedded Fashion-MNIST subset, offline, in one command.
 
-    python -m scripts.demo --out demo_out            # full demo (about 13 minutes on 2 CPU cores)
+    python -m scripts.demo --out demo_out            # full demo (13–15 minutes on 2 CPU cores)
     python -m scripts.demo --out /tmp/q --quick      # minutes: a smoke run of every stage (what CI runs)
 
 Stages 2–10, each one a real entry point of this codebase run as a subprocess (the command is printed,
