@@ -102,3 +102,44 @@ def test_quality_statement_names_the_classes_the_judge_rejects() -> None:
     assert text.startswith("The judge assigns at least half of the samples to the requested class for 2 of 4 classes")
     assert "below half (judge on real images of the class in brackets): sandal 0.07 (0.93), shirt 0.37 (0.30)." in text
     assert "below half" not in quality_statement({"class_consistency_per_class": {"bag": 0.9}})
+
+
+@pytest.mark.parametrize("isolate", [False, True], ids=["in-process", "subprocess"])
+def test_stage_runner_runs_a_module_like_python_dash_m(isolate: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """A stage's exit status is what ``python -m`` would give, in this process (runpy) or a child one."""
+    import sys
+
+    from scripts.demo import run
+
+    logged: list[str] = []
+    argv = list(sys.argv)
+    run("help", ["evaluations.evaluator", "--help"], logged.append, isolate)  # argparse exits with 0
+    assert logged[0] == "[help] $ python -m evaluations.evaluator --help" and logged[-1].startswith("[help] done")
+    with pytest.raises(SystemExit, match=r"\[bad\] failed with exit code 2; re-run the same command to resume"):
+        run("bad", ["evaluations.evaluator", "--no-such-flag"], logged.append, isolate)
+    assert sys.argv == argv
+    if not isolate:  # a child's output bypasses capsys
+        captured = capsys.readouterr()
+        assert "usage:" in captured.out and "evaluations.evaluator: error:" in captured.err
+
+
+def test_in_process_stage_maps_exit_messages_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``SystemExit("message")`` is exit code 1 with the message on stderr (as the interpreter does); an
+    exception propagates with its traceback after a line saying how to resume; ``sys.argv`` is restored."""
+    import sys
+
+    from scripts.demo import run
+
+    (tmp_path / "stage_exit.py").write_text("import sys\nraise SystemExit('bad input: ' + sys.argv[1])\n")
+    (tmp_path / "stage_raise.py").write_text("raise ValueError('broken')\n")
+    (tmp_path / "stage_ok.py").write_text("import sys\nassert __name__ == '__main__' and sys.argv[1:] == ['x', 'y']\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = list(sys.argv)
+    logged: list[str] = []
+    run("ok", ["stage_ok", "x", "y"], logged.append)
+    with pytest.raises(SystemExit, match="exit code 1"):
+        run("exit", ["stage_exit", "z"], logged.append)
+    with pytest.raises(ValueError, match="broken"):
+        run("raise", ["stage_raise"], logged.append)
+    assert logged[-1] == "[raise] failed (ValueError); re-run the same command to resume"
+    assert sys.argv == argv
