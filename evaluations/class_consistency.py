@@ -97,7 +97,8 @@ def train_classifier(
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     device = next(model.parameters()).device
-    return torch.cat([model(images[i : i + batch_size].to(device)).argmax(-1).cpu() for i in range(0, len(images), batch_size)])
+    batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+    return torch.cat([model(batch.to(device)).argmax(-1).cpu() for batch in batches])
 
 
 def judge_samples(
@@ -117,14 +118,22 @@ def check_labels(images: np.ndarray, labels: np.ndarray, num_classes: int, name:
     if len(images) != len(labels):
         raise ValueError(f"{name}: {len(images)} images but {len(labels)} labels")
     labels = np.asarray(labels)
-    if len(labels) and not (np.issubdtype(labels.dtype, np.integer) and 0 <= labels.min() <= labels.max() < num_classes):
-        raise ValueError(f"{name}: labels must be class indices in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
+    if not len(labels):
+        return
+    if not (np.issubdtype(labels.dtype, np.integer) and 0 <= labels.min() <= labels.max() < num_classes):
+        raise ValueError(
+            f"{name}: labels must be class indices in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}"
+        )
 
 
-def agreement(predicted: torch.Tensor, wanted: torch.Tensor, classes: tuple[str, ...]) -> tuple[float, dict[str, float]]:
+def agreement(
+    predicted: torch.Tensor, wanted: torch.Tensor, classes: tuple[str, ...]
+) -> tuple[float, dict[str, float]]:
     """(share of predicted == wanted, the same per wanted class that occurs)."""
     per_class = {
-        classes[c]: float((predicted[wanted == c] == c).float().mean()) for c in range(len(classes)) if (wanted == c).any()
+        classes[c]: float((predicted[wanted == c] == c).float().mean())
+        for c in range(len(classes))
+        if (wanted == c).any()
     }
     return float((predicted == wanted).float().mean()), per_class
 

@@ -1,6 +1,6 @@
 """The whole D-AR pipeline on the embedded Fashion-MNIST subset, offline, in one command.
 
-    python -m scripts.demo --out demo_out            # full demo (13–15 minutes on 2 CPU cores)
+    python -m scripts.demo --out demo_out            # full demo (11–13 minutes on 2 CPU cores)
     python -m scripts.demo --out /tmp/q --quick      # minutes: a smoke run of every stage (what CI runs)
 
 Stages 2–10 are the real entry points of this codebase, each run exactly as ``python -m`` runs it (the
@@ -214,7 +214,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 3. reconstruct ----------------------------------------------------------------------------
     recon = out / "recon" / "recon.npz"
     recon_json = recon.with_suffix(".json")
-    stage("reconstruct", lambda: recon_json.is_file() and (out / "reconstructions.png").is_file(), lambda: run("reconstruct", [
+
+    def recon_done() -> bool:
+        return recon_json.is_file() and (out / "reconstructions.png").is_file()
+
+    stage("reconstruct", recon_done, lambda: run("reconstruct", [
         "tokenizer.reconstruct", "--ckpt", str(tok_final), "--data-path", str(test_dir), "--out", str(recon),
         "--image-size", str(settings.image_size), "--num-images", str(settings.recon_images),
         "--grid", str(out / "reconstructions.png"), "--grid-images", "8", "--num-workers", "0",
@@ -396,7 +400,7 @@ def quality_statement(classes: dict[str, Any]) -> str | None:
         text += "; below half (judge on real images of the class in brackets): " + ", ".join(
             f"{name} {score:.2f}" + (f" ({real[name]:.2f})" if name in real else "") for score, name in weak
         )
-    return text + (". Look at samples.png: on 2 CPU cores in ~15 minutes the demo's 32x32 images are blurry; "
+    return text + (". Look at samples.png: within a 15-minute budget on 2 CPU cores the demo's 32x32 images are blurry; "
                    "README.md says what the budget allows and what was tried.")
 
 
