@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import types
 from pathlib import Path
@@ -118,3 +119,19 @@ def test_resolve_file_local_and_offline_hub(tmp_path: Path, monkeypatch) -> None
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(WeightsNotFoundError, match="huggingface-cli download"):
         resolve_file("showlab/D-AR", "D-AR-tokenizer_v1.pt")
+
+
+def test_create_logger_replaces_and_closes_a_previous_runs_handlers(tmp_path: Path) -> None:
+    """Two runs in one process (the demo's in-process stages): the second run's log goes to its own file
+    only, and the first run's log.txt is closed."""
+    from utils.run import create_logger
+
+    first = create_logger("test_utils.two_runs", tmp_path / "a", is_main=True)
+    first.info("one")
+    old_file = next(h for h in first.handlers if isinstance(h, logging.FileHandler))
+    second = create_logger("test_utils.two_runs", tmp_path / "b", is_main=True)
+    second.info("two")
+    assert second is first and old_file not in second.handlers and old_file.stream is None  # closed
+    assert "one" in (tmp_path / "a" / "log.txt").read_text() and "two" not in (tmp_path / "a" / "log.txt").read_text()
+    assert "two" in (tmp_path / "b" / "log.txt").read_text()
+    create_logger("test_utils.two_runs", None, is_main=False)  # leaves no open file behind either
