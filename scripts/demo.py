@@ -1,6 +1,6 @@
 """The whole D-AR pipeline on the embedded Fashion-MNIST subset, offline, in one command.
 
-    python -m scripts.demo --out demo_out            # full demo (11–13 minutes on 2 CPU cores)
+    python -m scripts.demo --out demo_out            # full demo (about 12 minutes on 2 CPU cores)
     python -m scripts.demo --out /tmp/q --quick      # minutes: a smoke run of every stage (what CI runs)
 
 Stages 2–10 are the real entry points of this codebase, each run exactly as ``python -m`` runs it (the
@@ -36,6 +36,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import runpy
 import shlex
 import shutil
@@ -134,10 +135,12 @@ def run(stage: str, args: list[str], log: Callable[[str], None], isolate: bool =
 
 
 def _run_module_in_process(args: list[str]) -> int:
-    """``python -m args[0] args[1:]`` in this process; returns the exit code ``python`` would return."""
-    saved_argv = sys.argv
+    """``python -m args[0] args[1:]`` in this process, from the repo root (like the child process of
+    ``isolate``: the configs are repo-relative); returns the exit code ``python`` would return."""
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
     sys.argv = [args[0], *args[1:]]  # runpy replaces argv[0] with the module's file, as python -m does
     try:
+        os.chdir(REPO_ROOT)
         with warnings.catch_warnings():
             # A stage module that another stage already imported (as a library) runs again as __main__,
             # exactly what python -m would do in a fresh process; runpy's warning about it is noise here.
@@ -151,6 +154,7 @@ def _run_module_in_process(args: list[str]) -> int:
         return 1
     finally:
         sys.argv = saved_argv
+        os.chdir(saved_cwd)
         gc.collect()  # the stage's models and data go now, not at some later collection
     return 0
 

@@ -123,23 +123,32 @@ def test_stage_runner_runs_a_module_like_python_dash_m(isolate: bool, capsys: py
         assert "usage:" in captured.out and "evaluations.evaluator: error:" in captured.err
 
 
-def test_in_process_stage_maps_exit_messages_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_in_process_stage_maps_exit_messages_and_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """``SystemExit("message")`` is exit code 1 with the message on stderr (as the interpreter does); an
     exception propagates with its traceback after a line saying how to resume; ``sys.argv`` is restored."""
     import sys
 
-    from scripts.demo import run
+    from scripts.demo import REPO_ROOT, run
 
     (tmp_path / "stage_exit.py").write_text("import sys\nraise SystemExit('bad input: ' + sys.argv[1])\n")
     (tmp_path / "stage_raise.py").write_text("raise ValueError('broken')\n")
-    (tmp_path / "stage_ok.py").write_text("import sys\nassert __name__ == '__main__' and sys.argv[1:] == ['x', 'y']\n")
+    (tmp_path / "stage_ok.py").write_text(
+        "import os, sys\nassert __name__ == '__main__' and sys.argv[1:] == ['x', 'y']\n"
+        "open(sys.argv[0] + '.cwd', 'w').write(os.getcwd())\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
     argv = list(sys.argv)
     logged: list[str] = []
     run("ok", ["stage_ok", "x", "y"], logged.append)
+    # Run from the repo root (the stage commands name repo-relative configs); the caller's cwd is restored.
+    assert (tmp_path / "stage_ok.py.cwd").read_text() == str(REPO_ROOT) and Path.cwd() == tmp_path
     with pytest.raises(SystemExit, match="exit code 1"):
         run("exit", ["stage_exit", "z"], logged.append)
+    assert "bad input: z" in capsys.readouterr().err
     with pytest.raises(ValueError, match="broken"):
         run("raise", ["stage_raise"], logged.append)
     assert logged[-1] == "[raise] failed (ValueError); re-run the same command to resume"
-    assert sys.argv == argv
+    assert sys.argv == argv and Path.cwd() == tmp_path
