@@ -5,7 +5,7 @@
 
 Stages 2–10 are the real entry points of this codebase, each run exactly as ``python -m`` runs it (the
 command is printed, what a user would type to run that stage alone); by default they run in the demo's
-own process through ``runpy``, which saves a fresh interpreter's ~5 s of imports per stage, and with
+own process through ``runpy``, which saves a fresh interpreter's ~6–7 s of start-up per stage, and with
 ``--subprocess`` each in its own process. Every stage is skipped when its output already exists — so
 re-running with the same ``--out`` resumes (the trainers themselves resume from their latest checkpoint
 with ``--resume auto``):
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import math
 import os
 import runpy
@@ -46,7 +47,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -115,8 +116,9 @@ def run(stage: str, args: list[str], log: Callable[[str], None], isolate: bool =
     """Run ``python -m <args>`` from the repo root; its progress bars go straight to the terminal.
 
     By default the module runs in this process through ``runpy``, exactly as ``python -m`` runs it
-    (``__name__ == "__main__"``, ``sys.argv`` set): each stage then skips the ~4-5 s that a new Python
-    process spends importing torch and friends on 2 CPU cores. ``isolate`` runs a child process instead.
+    (``__name__ == "__main__"``, ``sys.argv`` set): each stage then skips the ~6–7 s that a new Python
+    process spends importing torch and friends and loading on 2 CPU cores. ``isolate`` runs a child
+    process instead.
     Either way a failing stage stops the demo with a message saying how to resume.
     """
     log(f"[{stage}] $ python -m {shlex.join(args)}")  # what to type to run this stage by hand
@@ -136,8 +138,13 @@ def run(stage: str, args: list[str], log: Callable[[str], None], isolate: bool =
 
 def _run_module_in_process(args: list[str]) -> int:
     """``python -m args[0] args[1:]`` in this process, from the repo root (like the child process of
-    ``isolate``: the configs are repo-relative); returns the exit code ``python`` would return."""
+    ``isolate``: the configs are repo-relative); returns the exit code ``python`` would return.
+
+    What a process exit would release is released here: log files the stage opened, unreachable
+    objects, cached CUDA memory.
+    """
     saved_argv, saved_cwd = sys.argv, os.getcwd()
+    files_before = set(_file_handlers())
     sys.argv = [args[0], *args[1:]]  # runpy replaces argv[0] with the module's file, as python -m does
     try:
         os.chdir(REPO_ROOT)
@@ -155,8 +162,24 @@ def _run_module_in_process(args: list[str]) -> int:
     finally:
         sys.argv = saved_argv
         os.chdir(saved_cwd)
+        for logger, handler in set(_file_handlers()) - files_before:
+            logger.removeHandler(handler)
+            handler.close()
         gc.collect()  # the stage's models and data go now, not at some later collection
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return 0
+
+
+def _file_handlers() -> Iterator[tuple[logging.Logger, logging.FileHandler]]:
+    """(logger, handler) for every file handler of every logger in this process."""
+    loggers = [logging.getLogger(), *(item for item in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(item, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.FileHandler):
+                yield logger, handler
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -178,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--subprocess", action="store_true",
-        help="run every stage in its own Python process (full isolation; ~5 s more per stage on 2 CPU cores)",
+        help="run every stage in its own Python process (full isolation; ~6-7 s more per stage on 2 CPU cores)",
     )
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL

@@ -128,6 +128,7 @@ def test_in_process_stage_maps_exit_messages_and_errors(
 ) -> None:
     """``SystemExit("message")`` is exit code 1 with the message on stderr (as the interpreter does); an
     exception propagates with its traceback after a line saying how to resume; ``sys.argv`` is restored."""
+    import logging
     import sys
 
     from scripts.demo import REPO_ROOT, run
@@ -135,16 +136,19 @@ def test_in_process_stage_maps_exit_messages_and_errors(
     (tmp_path / "stage_exit.py").write_text("import sys\nraise SystemExit('bad input: ' + sys.argv[1])\n")
     (tmp_path / "stage_raise.py").write_text("raise ValueError('broken')\n")
     (tmp_path / "stage_ok.py").write_text(
-        "import os, sys\nassert __name__ == '__main__' and sys.argv[1:] == ['x', 'y']\n"
+        "import logging, os, sys\nassert __name__ == '__main__' and sys.argv[1:] == ['x', 'y']\n"
         "open(sys.argv[0] + '.cwd', 'w').write(os.getcwd())\n"
+        "logging.getLogger('stage_ok').addHandler(logging.FileHandler(sys.argv[0] + '.log'))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    argv = list(sys.argv)
+    argv, main_module = list(sys.argv), sys.modules["__main__"]
     logged: list[str] = []
     run("ok", ["stage_ok", "x", "y"], logged.append)
     # Run from the repo root (the stage commands name repo-relative configs); the caller's cwd is restored.
     assert (tmp_path / "stage_ok.py.cwd").read_text() == str(REPO_ROOT) and Path.cwd() == tmp_path
+    # A log file the stage opened is closed with the stage, as a process exit would close it.
+    assert not logging.getLogger("stage_ok").handlers and sys.modules["__main__"] is main_module
     with pytest.raises(SystemExit, match="exit code 1"):
         run("exit", ["stage_exit", "z"], logged.append)
     assert "bad input: z" in capsys.readouterr().err

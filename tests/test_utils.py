@@ -134,4 +134,6 @@ def test_create_logger_replaces_and_closes_a_previous_runs_handlers(tmp_path: Pa
     assert second is first and old_file not in second.handlers and old_file.stream is None  # closed
     assert "one" in (tmp_path / "a" / "log.txt").read_text() and "two" not in (tmp_path / "a" / "log.txt").read_text()
     assert "two" in (tmp_path / "b" / "log.txt").read_text()
-    create_logger("test_utils.two_runs", None, is_main=False)  # leaves no open file behind either
+    second_file = next(h for h in second.handlers if isinstance(h, logging.FileHandler))
+    third = create_logger("test_utils.two_runs", None, is_main=False)  # a non-main rank: no file of its own
+    assert second_file.stream is None and not any(isinstance(h, logging.FileHandler) for h in third.handlers)

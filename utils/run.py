@@ -24,8 +24,8 @@ from utils.config import save_yaml
 def create_logger(name: str, folder: str | os.PathLike | None, is_main: bool) -> logging.Logger:
     """Rank 0 logs to stderr and ``folder/log.txt``; other ranks stay silent (warnings still shown)."""
     logger = logging.getLogger(name)
-    # A second run in the same process (the demo runs its stages in-process, tests run trainers
-    # back to back) replaces the previous run's handlers; closing them releases its log.txt.
+    # A second run in the same process (trainers run back to back from a notebook or a test)
+    # replaces the previous run's handlers; closing them releases that run's log.txt.
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
