@@ -8,7 +8,9 @@ command is printed, what a user would type to run that stage alone); by default 
 own process through ``runpy``, which saves a fresh interpreter's ~6–7 s of start-up per stage, and with
 ``--subprocess`` each in its own process. Every stage is skipped when its output already exists — so
 re-running with the same ``--out`` resumes (the trainers themselves resume from their latest checkpoint
-with ``--resume auto``):
+with ``--resume auto``). ``stages.json`` records what each finished stage ran; resuming with other settings
+(another seed, an edited ``--config`` file, ``--quick`` or not) stops with what differs instead of mixing
+old and new outputs:
 
  1. data         the shipped Fashion-MNIST subset → class folders of PNGs (train 6000, test 300);
                  from here on everything goes through the normal image-folder dataset code
@@ -27,13 +29,15 @@ with ``--resume auto``):
                  images judges whether each sample shows the class it was generated for
 
 Outputs in ``--out``: reconstructions.png, samples.png, previews.png, stream.gif, layout.png,
-class_consistency.json, report.json, plus every run folder (configs, metrics.jsonl, checkpoints, logs).
+class_consistency.json, report.json, stages.json, plus every run folder (configs, metrics.jsonl, checkpoints,
+logs).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -182,6 +186,38 @@ def _file_handlers() -> Iterator[tuple[logging.Logger, logging.FileHandler]]:
                 yield logger, handler
 
 
+STAGE_RECORDS = "stages.json"
+
+
+def stage_record(command: list[str], out: Path) -> dict[str, Any]:
+    """What decides a stage's outputs: its command (``--device`` aside: any device resumes any other; the
+    output folder written as ``{out}``, so a moved folder still resumes) and the SHA-256 of each
+    ``--config`` file it names (repo-relative, as the stages run from the repo root)."""
+    kept, configs, skip_next = [], {}, False
+    for previous, arg in zip([None, *command], command):
+        if skip_next:
+            skip_next = False
+            continue
+        if arg == "--device":
+            skip_next = True
+            continue
+        kept.append(arg.replace(str(out), "{out}"))
+        if previous == "--config":
+            configs[arg] = hashlib.sha256((REPO_ROOT / arg).read_bytes()).hexdigest()
+    return {"command": kept, "config_sha256": configs}
+
+
+def stale_stage_message(name: str, then: dict[str, Any], now: dict[str, Any], out: Path) -> str:
+    lines = [f"[{name}] {out} holds this stage's outputs from other settings:"]
+    if then["command"] != now["command"]:
+        lines += [f"  then: python -m {shlex.join(then['command'])}", f"  now:  python -m {shlex.join(now['command'])}"]
+    for path in sorted(set(then["config_sha256"]) | set(now["config_sha256"])):
+        if then["config_sha256"].get(path) != now["config_sha256"].get(path):
+            lines.append(f"  {path} changed since that run")
+    lines.append("Resume it with the settings it was made with, or use a new --out (or delete the folder).")
+    return "\n".join(lines)
+
+
 def latest_checkpoint(run_dir: Path) -> Path:
     pointer = run_dir / "checkpoints" / "latest"
     if not pointer.is_file():
@@ -213,30 +249,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def log(message: str) -> None:
         print(message, flush=True)
 
-    def stage(name: str, done: Callable[[], bool], body: Callable[[], None]) -> None:
+    # What each finished stage ran: resuming with other settings (another --seed, an edited config, a newer
+    # demo passing other flags) would otherwise skip that stage and mix its old outputs with new ones.
+    records_path = out / STAGE_RECORDS
+    records: dict[str, Any] = json.loads(records_path.read_text()) if records_path.is_file() else {}
+
+    def stage(name: str, done: Callable[[], bool], command: list[str]) -> None:
+        record = stage_record(command, out)
         if done():
+            if name in records and records[name] != record:
+                raise SystemExit(stale_stage_message(name, records[name], record, out))
             log(f"[{name}] already done, skipping")
             return
         t0 = time.perf_counter()
-        body()
+        run(name, command, log, args.subprocess)
         timings[name] = round(time.perf_counter() - t0, 1)
+        records[name] = record
+        atomic_write_text(records_path, json.dumps(records, indent=2) + "\n")
 
     # 1. data -----------------------------------------------------------------------------------
     from dataset.fashion_mnist import materialize_fashion_mnist
+    from utils.checkpoint import atomic_write_text
 
     data_dir = out / "data"
-    train_dir = materialize_fashion_mnist(data_dir / "train", "train", limit_per_class=settings.train_per_class)
-    test_dir = materialize_fashion_mnist(data_dir / "test", "test", limit_per_class=settings.test_per_class)
+    try:
+        train_dir = materialize_fashion_mnist(data_dir / "train", "train", limit_per_class=settings.train_per_class)
+        test_dir = materialize_fashion_mnist(data_dir / "test", "test", limit_per_class=settings.test_per_class)
+    except FileExistsError as error:
+        raise SystemExit(f"[data] {error}: {out} was made by a demo with other settings (--quick or not?); "
+                         "resume it with those settings or use a new --out") from error
     device = ["--device", args.device]
 
     # 2. tokenizer ------------------------------------------------------------------------------
     tok_dir = out / "tokenizer"
     tok_final = tok_dir / "final"
     tok_steps = ["--max-steps", str(settings.tokenizer_steps)] if settings.tokenizer_steps else []
-    stage("tokenizer", lambda: (tok_final / "model.safetensors").is_file(), lambda: run("tokenizer", [
+    stage("tokenizer", lambda: (tok_final / "model.safetensors").is_file(), [
         "tokenizer.train", "--config", settings.tokenizer_config, "--data-path", str(train_dir),
         "--results-dir", str(tok_dir), "--resume", "auto", "--seed", str(args.seed), *tok_steps, *device,
-    ], log, args.subprocess))
+    ])
 
     # 3. reconstruct ----------------------------------------------------------------------------
     recon = out / "recon" / "recon.npz"
@@ -245,12 +296,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def recon_done() -> bool:
         return recon_json.is_file() and (out / "reconstructions.png").is_file()
 
-    stage("reconstruct", recon_done, lambda: run("reconstruct", [
+    stage("reconstruct", recon_done, [
         "tokenizer.reconstruct", "--ckpt", str(tok_final), "--data-path", str(test_dir), "--out", str(recon),
         "--image-size", str(settings.image_size), "--num-images", str(settings.recon_images),
         "--grid", str(out / "reconstructions.png"), "--grid-images", "8", "--num-workers", "0",
         "--seed", str(args.seed), "--sampler", settings.sampler, "--labels", *device,
-    ], log, args.subprocess))
+    ])
 
     # 4. rFID -----------------------------------------------------------------------------------
     # Both FIDs compare against the same held-out crops: their Inception features are computed once
@@ -265,49 +316,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.copyfile(HELDOUT_FEATURES_PATH, ref_cache)
         log(f"[rfid] reference features: starting from the shipped {HELDOUT_FEATURES_PATH.name}")
     fid_options = ["--ref-cache", str(ref_cache), "--fid-method", "eigh"]
-    stage("rfid", rfid_json.is_file, lambda: run("rfid", [
+    stage("rfid", rfid_json.is_file, [
         "evaluations.evaluator", str(recon.with_name("recon_ref.npz")), str(recon), "--json", str(rfid_json),
         *fid_options, *device,
-    ], log, args.subprocess))
+    ])
 
     # 5. codes ----------------------------------------------------------------------------------
     codes_dir = out / "codes"
-    stage("codes", lambda: (codes_dir / "manifest.json").is_file(), lambda: run("codes", [
+    stage("codes", lambda: (codes_dir / "manifest.json").is_file(), [
         "tokenizer.extract_codes", "--tokenizer-ckpt", str(tok_final), "--data-path", str(train_dir),
         # Batch 50: on 2 CPU cores the demo encoder runs 930 images/s at 50 and 497 at 250 (cache reuse).
         "--out", str(codes_dir), "--flip", "--image-size", str(settings.image_size), "--batch-size", "50",
         "--shard-size", "2000", "--num-workers", "0", *device,
-    ], log, args.subprocess))
+    ])
 
     # 6. gpt ------------------------------------------------------------------------------------
     gpt_dir = out / "gpt"
     gpt_final = gpt_dir / "final"
     gpt_steps = ["--max-steps", str(settings.gpt_steps)] if settings.gpt_steps else []
-    stage("gpt", lambda: (gpt_final / "model.safetensors").is_file(), lambda: run("gpt", [
+    stage("gpt", lambda: (gpt_final / "model.safetensors").is_file(), [
         "autoregressive.train", "--config", settings.gpt_config, "--code-path", str(codes_dir),
         "--results-dir", str(gpt_dir), "--resume", "auto", "--seed", str(args.seed), *gpt_steps, *device,
-    ], log, args.subprocess))
+    ])
 
     models = ["--gpt-ckpt", str(gpt_final), "--tokenizer-ckpt", str(tok_final)]
 
     # 7. samples --------------------------------------------------------------------------------
     labels = ",".join(str(c) for c in range(NUM_CLASSES))
-    stage("samples", lambda: (out / "stream.gif").is_file(), lambda: run("samples", [
+    stage("samples", lambda: (out / "stream.gif").is_file(), [
         "autoregressive.sample", *models, "--labels", labels, "--samples-per-label", str(settings.samples_per_label),
         "--cfg-scale", settings.cfg_scale, "--seed", str(args.seed), "--out", str(out / "samples.png"),
         "--previews", str(out / "previews.png"), "--previews-per-label", "1", "--gif", str(out / "stream.gif"),
         "--sampler", settings.sampler, *device,
-    ], log, args.subprocess))
+    ])
 
     # 8. layout ---------------------------------------------------------------------------------
     from dataset.images import list_images
 
     reference = list_images(test_dir)[0]  # the first held-out T-shirt
-    stage("layout", lambda: (out / "layout.png").is_file(), lambda: run("layout", [
+    stage("layout", lambda: (out / "layout.png").is_file(), [
         "autoregressive.layout", *models, "--reference", str(reference), "--labels", "0,2,3,4,6",
         "--prefix-groups", "1", "--samples-per-label", "4", "--seed", str(args.seed), "--out", str(out / "layout.png"),
         "--sampler", settings.sampler, *device,
-    ], log, args.subprocess))
+    ])
 
     # 9. generation FID -------------------------------------------------------------------------
     fid_dir = out / "fid"
@@ -317,14 +368,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # thing for any folder, but would run Inception over those images once more.
     reference_npz = recon.with_name("recon_ref.npz")
     fid_json = fid_dir / "fid.json"
-    stage("fid_samples", samples_npz.is_file, lambda: run("fid_samples", [
+    stage("fid_samples", samples_npz.is_file, [
         "autoregressive.sample_ddp", *models, "--num-samples", str(settings.fid_samples),
         "--per-proc-batch-size", "100", "--cfg-scale", settings.cfg_scale, "--seed", str(args.seed),
         "--out", str(fid_dir / "samples"), "--sampler", settings.sampler, *device,
-    ], log, args.subprocess))
-    stage("fid", fid_json.is_file, lambda: run("fid", [
+    ])
+    stage("fid", fid_json.is_file, [
         "evaluations.evaluator", str(reference_npz), str(samples_npz), "--json", str(fid_json), *fid_options, *device,
-    ], log, args.subprocess))
+    ])
 
     # 10. class consistency ---------------------------------------------------------------------
     # The same judge also scores the tokenizer's reconstructions of the held-out images: how much class
@@ -333,11 +384,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with np.load(recon) as data:
         labelled = "labels" in data.files  # False only for a folder resumed from a demo before --labels
     also = ["--also", f"reconstructions={recon}"] if labelled else []
-    stage("classes", classes_json.is_file, lambda: run("classes", [
+    stage("classes", classes_json.is_file, [
         "evaluations.class_consistency", "--train-data", str(train_dir), "--test-data", str(test_dir),
         "--samples", str(samples_npz), *also, "--image-size", str(settings.image_size),
         "--epochs", str(settings.classifier_epochs), "--json", str(classes_json), *device,
-    ], log, args.subprocess))
+    ])
 
     report = build_report(out, settings, timings, time.perf_counter() - started)
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -427,8 +478,8 @@ def quality_statement(classes: dict[str, Any]) -> str | None:
         text += "; below half (judge on real images of the class in brackets): " + ", ".join(
             f"{name} {score:.2f}" + (f" ({real[name]:.2f})" if name in real else "") for score, name in weak
         )
-    return text + (". Look at samples.png: within a 15-minute budget on 2 CPU cores the demo's 32x32 images are blurry; "
-                   "README.md says what the budget allows and what was tried.")
+    return text + (". Look at samples.png: within a 15-minute budget on 2 CPU cores the demo's 32x32 images are "
+                   "blurry; README.md says what the budget allows and what was tried.")
 
 
 def print_summary(report: dict[str, Any], out: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -62,9 +63,16 @@ def test_quick_demo_writes_every_output(tmp_path: Path) -> None:
         assert samples["arr_0"].shape == (20, 32, 32, 3) and samples["arr_0"].dtype == np.uint8
         assert sorted(set(samples["labels"].tolist())) == list(range(10))
 
-    # Re-running with the same folder resumes: every stage is skipped, nothing is recomputed.
-    again = main(["--out", str(out), "--quick", "--device", "cpu"])
+    # Re-running with the same folder resumes: every stage is skipped, nothing is recomputed (on any device).
+    again = main(["--out", str(out), "--quick", "--device", "auto"])
     assert again["stage_seconds"] == {}
+    assert sorted(json.loads((out / "stages.json").read_text())) == sorted(report["stage_seconds"])
+    # Resuming with other settings stops instead of mixing outputs: another seed at the first finished stage,
+    # the full demo at the data stage (the quick demo wrote a 20-per-class subset).
+    with pytest.raises(SystemExit, match=r"(?s)\[tokenizer\] .*then: .*--seed 0.*now: .*--seed 1"):
+        main(["--out", str(out), "--quick", "--device", "cpu", "--seed", "1"])
+    with pytest.raises(SystemExit, match=r"\[data\] .*other settings \(--quick or not\?\)"):
+        main(["--out", str(out), "--device", "cpu"])
 
 
 def test_shipped_heldout_features_match_the_demo_reference_batch(tmp_path: Path) -> None:
@@ -156,3 +164,24 @@ def test_in_process_stage_maps_exit_messages_and_errors(
         run("raise", ["stage_raise"], logged.append)
     assert logged[-1] == "[raise] failed (ValueError); re-run the same command to resume"
     assert sys.argv == argv and Path.cwd() == tmp_path
+
+
+def test_stage_record_ignores_the_device_and_the_folder_and_hashes_configs(tmp_path: Path) -> None:
+    from scripts.demo import REPO_ROOT, stage_record, stale_stage_message
+
+    config = "configs/tokenizer/train_demo.yaml"
+    command = ["tokenizer.train", "--config", config, "--results-dir", str(tmp_path / "tokenizer"), "--seed", "0"]
+    record = stage_record([*command, "--device", "cpu"], tmp_path)
+    assert record == {
+        "command": ["tokenizer.train", "--config", config, "--results-dir", "{out}/tokenizer", "--seed", "0"],
+        "config_sha256": {config: hashlib.sha256((REPO_ROOT / config).read_bytes()).hexdigest()},
+    }
+    moved = tmp_path / "elsewhere"
+    assert stage_record([*command[:4], str(moved / "tokenizer"), *command[5:], "--device", "cuda"], moved) == record
+
+    edited = {**record, "config_sha256": {config: "0" * 64}}
+    message = stale_stage_message("tokenizer", edited, record, tmp_path)
+    assert f"{config} changed since that run" in message and "then:" not in message
+    reseeded = {**record, "command": [*record["command"][:-1], "1"]}
+    message = stale_stage_message("tokenizer", reseeded, record, tmp_path)
+    assert "then: python -m tokenizer.train" in message and "--seed 1" in message.splitlines()[1]
