@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ])
 
     report = build_report(out, settings, timings, time.perf_counter() - started)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     print_summary(report, out)
     return report
 
@@ -457,7 +457,9 @@ def build_report(out: Path, settings: DemoSettings, timings: dict[str, float], s
             "terms; tokenizer.loss_weights lists what it used. Its entropy and pixel terms are not in the paper's "
             "recipe: they keep the codebook in use and stand in for LPIPS (see configs/tokenizer/train_demo.yaml).",
         ],
-        "stage_seconds": timings,
+        # Seconds of each stage when it ran, in this invocation or (resumed) an earlier one.
+        "stage_seconds": {**_read_json(out / "report.json").get("stage_seconds", {}), **timings},
+        "stages_run_this_invocation": list(timings),
         "total_seconds_this_invocation": round(seconds, 1),
     }
 

@@ -34,6 +34,7 @@ def test_quick_demo_writes_every_output(tmp_path: Path) -> None:
 
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
+    assert report["stages_run_this_invocation"] == list(report["stage_seconds"]) and len(report["stage_seconds"]) == 10
     numbers = [
         report["tokenizer"]["psnr"], report["tokenizer"]["ssim"], report["tokenizer"]["rfid"],
         report["generation"]["fid"], report["generation"]["precision"], report["generation"]["recall"],
@@ -65,7 +66,7 @@ def test_quick_demo_writes_every_output(tmp_path: Path) -> None:
 
     # Re-running with the same folder resumes: every stage is skipped, nothing is recomputed (on any device).
     again = main(["--out", str(out), "--quick", "--device", "auto"])
-    assert again["stage_seconds"] == {}
+    assert again["stages_run_this_invocation"] == [] and again["stage_seconds"] == report["stage_seconds"]
     assert sorted(json.loads((out / "stages.json").read_text())) == sorted(report["stage_seconds"])
     # Resuming with other settings stops instead of mixing outputs: another seed at the first finished stage,
     # the full demo at the data stage (the quick demo wrote a 20-per-class subset).
