@@ -122,8 +122,8 @@ def test_resolve_file_local_and_offline_hub(tmp_path: Path, monkeypatch) -> None
 
 
 def test_create_logger_replaces_and_closes_a_previous_runs_handlers(tmp_path: Path) -> None:
-    """Two runs in one process (the demo's in-process stages): the second run's log goes to its own file
-    only, and the first run's log.txt is closed."""
+    """Two runs in one process (trainers run back to back from a notebook or a test): the second run's log
+    goes to its own file only, and the first run's log.txt is closed."""
     from utils.run import create_logger
 
     first = create_logger("test_utils.two_runs", tmp_path / "a", is_main=True)
