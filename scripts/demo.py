@@ -122,8 +122,7 @@ def run(stage: str, args: list[str], log: Callable[[str], None], isolate: bool =
     By default the module runs in this process through ``runpy``, exactly as ``python -m`` runs it
     (``__name__ == "__main__"``, ``sys.argv`` set): each stage then skips the ~6–7 s that a new Python
     process spends importing torch and friends and loading on 2 CPU cores. ``isolate`` runs a child
-    process instead.
-    Either way a failing stage stops the demo with a message saying how to resume.
+    process instead. Either way a failing stage stops the demo with a message saying how to resume.
     """
     log(f"[{stage}] $ python -m {shlex.join(args)}")  # what to type to run this stage by hand
     start = time.perf_counter()
