@@ -29,6 +29,7 @@ from tokenizer.model import DARTokenizer
 from utils.distributed import resolve_device
 from utils.images import save_grid, to_uint8
 from utils.training import autocast
+from utils.errors import run_cli
 
 # Index under which the reconstruction's noise is seeded (image_seed(seed, RECONSTRUCTION_INDEX)); samples
 # use 0..B-1, so a very large index keeps the two apart.
@@ -112,4 +113,4 @@ def main(argv: Sequence[str] | None = None) -> LayoutResult:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

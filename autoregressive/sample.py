@@ -33,6 +33,7 @@ from tokenizer.model import DARTokenizer
 from utils.distributed import resolve_device
 from utils.images import make_grid, save_gif, save_grid, to_uint8
 from utils.training import autocast, default_precision
+from utils.errors import run_cli
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,4 +175,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -42,6 +42,7 @@ from utils.checkpoint import atomic_write, atomic_write_text
 from utils.distributed import all_gather_object, barrier, broadcast_object, cleanup_distributed, setup_distributed
 from utils.images import to_uint8
 from utils.training import autocast
+from utils.errors import run_cli
 
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
@@ -247,4 +248,4 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

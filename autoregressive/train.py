@@ -84,6 +84,7 @@ from utils.training import (
     unwrap_model,
     update_ema,
 )
+from utils.errors import run_cli
 
 # ------------------------------------------------------------------------------------------------
 # Config
@@ -635,4 +636,4 @@ def parse_args(argv: list[str] | None = None) -> tuple[ARTrainConfig, RunOptions
 
 
 if __name__ == "__main__":
-    main(*parse_args())
+    run_cli(lambda: main(*parse_args()))

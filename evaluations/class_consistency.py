@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from dataset.images import CenterCrop, ImageFolderDataset, collate_skip_bad
 from utils.distributed import resolve_device
+from utils.errors import run_cli
 
 
 class SmallConvNet(nn.Module):
@@ -203,4 +204,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -45,6 +45,7 @@ from evaluations.inception import NUM_CLASSES, POOL_DIM, SPATIAL_DIM, FIDIncepti
 from evaluations.metrics import FID_METHODS, feature_statistics, frechet_distance, inception_score, precision_recall
 from utils.checkpoint import atomic_write, atomic_write_text
 from utils.distributed import broadcast_object, cleanup_distributed, is_initialized, resolve_device, setup_distributed
+from utils.errors import run_cli
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 IS_UNAVAILABLE = "unavailable: classifier weights not loaded"
@@ -443,4 +444,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -34,6 +34,7 @@ from evaluations.inception import load_fid_inception
 from evaluations.metrics import feature_statistics
 from utils.checkpoint import atomic_write
 from utils.distributed import resolve_device
+from utils.errors import run_cli
 
 
 @dataclass(frozen=True)
@@ -153,4 +154,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

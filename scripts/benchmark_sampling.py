@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from autoregressive.config import GPT_PRESETS
 from autoregressive.generate import GuidanceSchedule, apply_guidance, draw_uniforms, sample_token
 from autoregressive.model import GPT
+from utils.errors import run_cli
 
 BENCH_CFG = GuidanceSchedule(1.5, 4.0)
 
@@ -169,4 +170,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -35,6 +35,7 @@ from tokenizer.model import DARTokenizer
 from tokenizer.train import LossConfig, WeightFiles, build_loss_networks, loss_terms, term_weights, total_loss
 from utils.distributed import DistEnv
 from utils.training import OptimConfig, autocast, build_optimizer, create_ema, update_ema
+from utils.errors import run_cli
 
 # REPA encoder / discriminator presets that fit each tokenizer preset's REPA head and image size.
 REPA_PRESET = {"tiny": "tiny", "v1": "dinov2_vitb14"}
@@ -159,4 +160,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -55,6 +55,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from utils.errors import run_cli
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
 
@@ -503,4 +505,4 @@ def print_summary(report: dict[str, Any], out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -117,7 +117,7 @@ def test_resolve_file_local_and_offline_hub(tmp_path: Path, monkeypatch) -> None
         resolve_file(tmp_path, "missing.pt")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(WeightsNotFoundError, match="huggingface-cli download"):
+    with pytest.raises(WeightsNotFoundError, match="hf download"):
         resolve_file("showlab/D-AR", "D-AR-tokenizer_v1.pt")
 
 

@@ -58,6 +58,7 @@ from utils.checkpoint import atomic_write_text
 from utils.distributed import DistEnv, barrier, broadcast_object, cleanup_distributed, setup_distributed
 from utils.run import create_logger
 from utils.training import Precision, autocast
+from utils.errors import run_cli
 
 SETTINGS_FILE = "extraction.json"
 # Per-shard bad-file counts, written just before the shard itself, so a resumed run can still
@@ -296,4 +297,4 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(lambda: main(parse_args()))

@@ -46,7 +46,7 @@ from tokenizer.discriminator import (
 from tokenizer.lpips import LPIPS
 from utils.checkpoint import load_state_file
 from utils.config import ConfigError
-from utils.hub import WeightsNotFoundError, resolve_file
+from utils.hub import WeightsNotFoundError, hf_download_command, resolve_file
 
 __all__ = [
     "DISCRIMINATOR_PRESETS",
@@ -222,7 +222,7 @@ def default_weights_file(config: RepaEncoderConfig) -> Path:
         raise WeightsNotFoundError(
             f"REPA needs frozen DINOv2 weights for {config.model_name} and none were found. Provide either "
             f"`{config.hub_filename}` from https://huggingface.co/{config.hub_repo} (into the Hugging Face cache "
-            f"with `huggingface-cli download {config.hub_repo} {config.hub_filename}`, or as a local path) or "
+            f"with `{hf_download_command(config.hub_repo, config.hub_filename)}`, or as a local path) or "
             f"`{config.torch_hub_filename}` from {config.torch_hub_url} (local path, or put it in "
             f"{Path(torch.hub.get_dir()) / 'checkpoints'}), {_REPA_OFF_SWITCH}.\nHub lookup said: {error}"
         ) from error

@@ -43,6 +43,7 @@ from utils.checkpoint import atomic_write, atomic_write_text
 from utils.distributed import barrier, cleanup_distributed, setup_distributed
 from utils.images import save_grid, to_uint8
 from utils.training import autocast
+from utils.errors import run_cli
 
 
 def save_reconstruction_grid(
@@ -209,4 +210,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(lambda: main(parse_args()))

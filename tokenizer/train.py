@@ -108,6 +108,7 @@ from utils.training import (
     unwrap_model,
     update_ema,
 )
+from utils.errors import run_cli
 
 # ------------------------------------------------------------------------------------------------
 # Config
@@ -728,4 +729,4 @@ def parse_args(argv: list[str] | None = None) -> tuple[TokenizerTrainConfig, Run
 
 
 if __name__ == "__main__":
-    main(*parse_args())
+    run_cli(lambda: main(*parse_args()))

@@ -11,15 +11,30 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from utils.errors import PathNotFoundError, UserError
+from utils.fileio import atomic_write, atomic_write_text, sweep_temporaries
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+__all__ = [
+    "CheckpointManager", "CorruptFileError", "StateDictMismatchError", "UnsafeCheckpointError",
+    "atomic_save", "atomic_write", "atomic_write_text", "check_state_dict", "follow_pointer",
+    "load_state_file", "names_list", "safe_torch_load",
+]
+
+POINTER_NAME = "latest"
+_STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
+
+
+class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
     """The file asks to build an object that is not on the allow-list."""
+
+
+class CorruptFileError(UserError, ValueError):
+    """A checkpoint / weights file is truncated or not in the format its name promises."""
 
 
 class _NamespaceStandIn:
@@ -63,70 +78,115 @@ def _plain(obj: Any) -> Any:
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """``torch.load`` with ``weights_only=True``; official config/args pickles become plain dicts."""
+    """``torch.load`` with ``weights_only=True``; official config/args pickles become plain dicts.
+
+    A file that needs any other Python object is refused with :class:`UnsafeCheckpointError` naming
+    the file and the blocked global; a truncated or corrupt file raises :class:`CorruptFileError`
+    naming the file.
+    """
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return _torch_load(path, map_location)
     except pickle.UnpicklingError as first_error:
-        message = str(first_error)
-        if not any(name in message for _, name in _ALLOWED_EXTRA_GLOBALS):
-            raise UnsafeCheckpointError(
-                f"refusing to load {path}: it needs a Python object outside the tensor allow-list "
-                f"(loading it would execute arbitrary code). Details: {_first_line(message)}"
-            ) from None
+        blocked = blocked_global(str(first_error))
+        if blocked not in {name for _, name in _ALLOWED_EXTRA_GLOBALS}:
+            raise _unsafe(path, blocked, first_error) from None
     try:
         with torch.serialization.safe_globals(_ALLOWED_EXTRA_GLOBALS):
-            obj = torch.load(path, map_location=map_location, weights_only=True)
+            obj = _torch_load(path, map_location)
     except pickle.UnpicklingError as error:
-        raise UnsafeCheckpointError(f"refusing to load {path}: {_first_line(str(error))}") from None
+        raise _unsafe(path, blocked_global(str(error)), error) from None
     return _plain(obj)
 
 
-def _first_line(message: str) -> str:
-    match = re.search(r"(Unsupported global:[^\n]*|Unsupported operand[^\n]*)", message)
-    return match.group(1) if match else message.strip().splitlines()[0]
+def _torch_load(path: str | os.PathLike, map_location: Any) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        if isinstance(error, FileNotFoundError):
+            raise PathNotFoundError(path) from None
+        raise CorruptFileError(
+            f"{path} is truncated or not a PyTorch checkpoint ({type(error).__name__}: "
+            f"{_summary(str(error))}); copy or download it again"
+        ) from None
+
+
+def _unsafe(path: str | os.PathLike, blocked: str | None, error: Exception) -> UnsafeCheckpointError:
+    what = f"the Python global {blocked}" if blocked else f"a Python object ({_summary(str(error))})"
+    return UnsafeCheckpointError(
+        f"refusing to load {path}: it needs {what}, which is outside the tensor allow-list "
+        "(loading it could execute arbitrary code); re-save the weights as tensors or safetensors"
+    )
+
+
+def blocked_global(message: str) -> str | None:
+    """The ``module.name`` a weights-only unpickler refused, from torch's message (any wording seen)."""
+    match = re.search(r"GLOBAL\s+([A-Za-z_][\w.]*)", message) or re.search(
+        r"Unsupported global:\s*(?:GLOBAL\s+)?([A-Za-z_][\w.]*)", message)
+    return match.group(1) if match else None
+
+
+def _summary(message: str) -> str:
+    """First sentence of an error message, without torch's advice about ``weights_only``."""
+    lines = [line.strip() for line in message.splitlines() if line.strip() and "weights_only" not in line]
+    first = lines[0] if lines else "unreadable"
+    return first.split(". ")[0].rstrip(".")
+
+
+def follow_pointer(path: str | os.PathLike) -> Path:
+    """A ``checkpoints/latest`` pointer file → the checkpoint it names; any other path unchanged.
+
+    Lets users pass ``RUN/checkpoints/latest`` wherever a checkpoint is expected. A checkpoints folder
+    (one holding ``latest`` or ``step_*.pt`` files) resolves to its newest complete checkpoint.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir() and path.name == "checkpoints":
+        newest = CheckpointManager(path).latest()
+        if newest is None:
+            raise UserError(f"{path} holds no checkpoint yet")
+        return newest
+    if path.name != POINTER_NAME or not path.is_file() or path.stat().st_size > 4096:
+        return path
+    name = path.read_text(encoding="utf-8", errors="replace").strip()
+    if not _STEP_PATTERN.match(name):
+        return path
+    target = path.parent / name
+    if target.is_file():
+        return target
+    newest = CheckpointManager(path.parent).latest()
+    if newest is None:
+        raise PathNotFoundError(target, f"{path} names it but the folder holds no checkpoint")
+    return newest
 
 
 def load_state_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """Read a ``.safetensors`` file (as a state dict) or a torch file through :func:`safe_torch_load`."""
-    path = Path(path)
+    """Read a ``.safetensors`` file (as a state dict) or a torch file through :func:`safe_torch_load`.
+
+    ``checkpoints/latest`` pointers are followed (:func:`follow_pointer`).
+    """
+    path = follow_pointer(path)
+    if not path.exists():
+        raise PathNotFoundError(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise UserError(f"{path} is a folder; pass a checkpoint file inside it")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         device = map_location if isinstance(map_location, str) else "cpu"
-        return load_file(str(path), device=device)
+        try:
+            return load_file(str(path), device=device)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CorruptFileError(
+                f"{path} is truncated or not a safetensors file ({_summary(str(error))}); copy or download it again"
+            ) from None
     return safe_torch_load(path, map_location=map_location)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, then ``os.replace``."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
 
 
 class CheckpointManager:
@@ -149,22 +209,29 @@ class CheckpointManager:
     def save(self, state: dict, step: int) -> Path:
         path = self.path_for(step)
         atomic_save(state, path)
-        atomic_write_text(self.directory / "latest", path.name + "\n")
+        atomic_write_text(self.directory / POINTER_NAME, path.name + "\n")
         self._prune()
         return path
 
     def latest(self) -> Path | None:
-        pointer = self.directory / "latest"
-        if not pointer.is_file():
-            return None
-        name = pointer.read_text(encoding="utf-8").strip()
-        path = self.directory / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{pointer} names {name}, which does not exist")
-        return path
+        """The newest complete checkpoint, None when there is none.
+
+        Every ``step_*.pt`` is complete (it appears only by an atomic rename), so the highest step
+        wins even when ``latest`` lags behind it (a kill between the rename and the pointer update)
+        or is missing.
+        """
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[Path]:
-        return sorted(self.directory.glob("step_*.pt"))
+        """Complete checkpoints, oldest first (by step number, not by name)."""
+        found = [(int(m.group(1)), p) for p in self.directory.glob("step_*.pt")
+                 if (m := _STEP_PATTERN.match(p.name)) and p.is_file()]
+        return [p for _, p in sorted(found)]
+
+    def sweep(self) -> list[Path]:
+        """Delete temporaries of killed checkpoint writes. Call on rank 0 before training starts."""
+        return sweep_temporaries(self.directory, ["step_*.pt", POINTER_NAME])
 
     def _prune(self) -> None:
         for old in self.all_steps()[: -self.keep_last]:
@@ -172,13 +239,13 @@ class CheckpointManager:
 
     def load(self, path: str | os.PathLike | None = None, map_location: Any = "cpu") -> dict | None:
         """Load ``path`` (or ``latest`` when None); None when no checkpoint exists yet."""
-        target = Path(path) if path is not None else self.latest()
+        target = follow_pointer(path) if path is not None else self.latest()
         if target is None:
             return None
         return safe_torch_load(target, map_location=map_location)
 
 
-class StateDictMismatchError(KeyError):
+class StateDictMismatchError(UserError, KeyError):
     """Missing, unexpected, non-tensor or wrongly shaped checkpoint entries; the message names each one."""
 
     def __str__(self) -> str:  # KeyError would print the repr, quoting the message and escaping newlines

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -17,11 +16,14 @@ from typing import Any, TypeVar
 
 import yaml
 
+from utils.errors import UserError
+from utils.fileio import atomic_write_text
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A config mapping does not match its dataclass."""
+class ConfigError(UserError, ValueError):
+    """A config mapping does not match its dataclass (a user error: the message names the key)."""
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -126,18 +128,7 @@ def load_yaml(path: str | os.PathLike) -> dict:
 
 def save_yaml(data: Any, path: str | os.PathLike) -> None:
     """Write YAML atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(dataclass_to_dict(data), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, yaml.safe_dump(dataclass_to_dict(data), sort_keys=False))
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from utils.errors import UserError
+
 T = TypeVar("T")
 
 
@@ -40,14 +42,27 @@ class DistEnv:
 
 
 def resolve_device(device: str | torch.device | None = None, local_rank: int = 0) -> torch.device:
-    """``None``/"auto" picks CUDA (this process's local GPU) when present, else CPU."""
+    """``None``/"auto" picks CUDA (this process's local GPU) when present, else CPU.
+
+    An explicit CUDA device on a machine without a visible GPU, or a device string torch does not
+    know, is a :class:`UserError` (checked before any other input, so it is the first thing said).
+    """
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device {str(device)!r}; pass --device auto, cpu or cuda") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError("CUDA requested but no GPU is visible; pass --device cpu (or --device auto)")
+        if device.index is None:
+            return torch.device("cuda", local_rank % count)
+        if device.index >= count:
+            raise UserError(f"{device} requested but only {count} GPU(s) are visible; pick cuda:0..cuda:{count - 1}")
     return device
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from utils.errors import UserError
+
 OFFICIAL_REPO_ID = "showlab/D-AR"
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(UserError, FileNotFoundError):
     """The requested weights are neither local nor reachable on the hub."""
 
 
@@ -24,7 +26,11 @@ def resolve_file(
     default_filename: str | None = None,
 ) -> Path:
     """Return a local path for ``filename`` in a folder / hub repo, or ``path_or_repo_id`` itself if a file."""
+    from utils.checkpoint import follow_pointer  # torch-heavy; only needed for local paths
+
     path = Path(path_or_repo_id).expanduser()
+    if path.exists():
+        path = follow_pointer(path)
     if path.is_file():
         if filename is not None:
             raise ValueError(f"{path} is a file; do not also pass filename={filename!r}")
@@ -35,12 +41,12 @@ def resolve_file(
             raise ValueError(f"{path} is a folder: pass filename= to choose a file inside it")
         candidate = path / name
         if not candidate.is_file():
-            raise WeightsNotFoundError(f"{candidate} does not exist")
+            raise WeightsNotFoundError(f"{candidate} does not exist; pass the file itself or a folder that holds {name}")
         return candidate
     repo_id = str(path_or_repo_id)
     looks_like_repo = repo_id.count("/") == 1 and not repo_id.startswith((".", "/", "~"))
     if not looks_like_repo:
-        raise WeightsNotFoundError(f"{repo_id} is neither an existing local file/folder nor a hub repo id")
+        raise WeightsNotFoundError(f"{repo_id} does not exist (and is not a hub repo id such as {OFFICIAL_REPO_ID})")
     if name is None:
         raise ValueError(f"hub repo {repo_id}: pass filename= to choose a file")
     try:
@@ -52,8 +58,13 @@ def resolve_file(
     except Exception as error:  # the hub raises many network/cache error types; all mean "not available"
         raise WeightsNotFoundError(
             f"could not get {name!r} from the hub repo {repo_id!r} ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}).\n"
-            f"If this machine is offline, download https://huggingface.co/{repo_id}/resolve/main/{name} "
-            f"on a machine with internet and either pass its local path, or put it in the hub cache with "
-            f"`huggingface-cli download {repo_id} {name}` (then HF_HUB_OFFLINE=1 works)."
+            f"{str(error).splitlines()[0] if str(error) else ''}); if this machine is offline, run "
+            f"`{hf_download_command(repo_id, name)}` on one with internet and pass the file's path, "
+            "or copy the hub cache over and set HF_HUB_OFFLINE=1"
         ) from error
+
+
+def hf_download_command(repo_id: str, filename: str, local_dir: str | None = None) -> str:
+    """The ``hf`` command (huggingface_hub >= 0.34) that fetches one file of a hub repo."""
+    target = f" --local-dir {local_dir}" if local_dir else ""
+    return f"hf download {repo_id} {filename}{target}"
