@@ -1,0 +1,34 @@
+"""The command-line edge: user mistakes become one line and exit status 2 (no traceback)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from utils.distributed import resolve_device
+from utils.errors import UserError, run_cli
+
+
+def test_run_cli_turns_user_errors_into_exit_2_and_keeps_bugs(capsys):
+    def mistake():
+        raise UserError("x does not exist\nsecond line")
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(mistake)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: x does not exist; second line"
+
+    def bug():
+        raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError):
+        run_cli(bug)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no GPU is visible")
+def test_device_cuda_without_gpu_is_a_user_error_and_auto_picks_cpu():
+    with pytest.raises(UserError, match="CUDA requested but no GPU is visible"):
+        resolve_device("cuda")
+    with pytest.raises(UserError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+    assert resolve_device("auto").type == "cpu"
