@@ -141,3 +141,57 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: s
         elif old != new:
             diffs.append(f"{prefix}{key}: {old!r} -> {new!r}")
     return diffs
+
+
+def parse_assignment(text: str) -> tuple[list[str], Any]:
+    """``"train.optim.lr=1e-4"`` → (``["train", "optim", "lr"]``, ``1e-4``); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    path = [part.strip() for part in key.split(".")]
+    if not sep or not all(path):
+        raise ConfigError(f"--set {text!r}: write KEY=VALUE with a dotted key, e.g. --set train.optim.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {text!r}: {raw!r} is not a valid YAML value") from None
+    if isinstance(value, str):
+        # YAML 1.1 reads "1e-4" (no dot) as a string; a number is what anyone typing it means.
+        try:
+            value = float(value) if value.lower() not in ("nan", "inf", "-inf", "infinity", "-infinity") else value
+        except ValueError:
+            pass
+    return path, value
+
+
+def apply_assignments(config: T, assignments: list[str] | tuple[str, ...]) -> T:
+    """Return ``config`` with every ``KEY=VALUE`` applied, type-checked against its dataclasses.
+
+    Any leaf of the (nested) config can be set (``--set train.optim.lr=1e-4``,
+    ``--set model.n_layer=2``, ``--set train.sample.labels=[1,2]``); an unknown key or a value of the
+    wrong type is a :class:`ConfigError` naming the key. Later assignments win.
+    """
+    if not assignments:
+        return config
+    data = dataclass_to_dict(config)
+    for text in assignments:
+        path, value = parse_assignment(text)
+        node: Any = data
+        for depth, part in enumerate(path):
+            where = ".".join(path[: depth + 1])
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {'.'.join(path[:depth])} is a value, not a section")
+            if part not in node:
+                raise ConfigError(
+                    f"--set {text!r}: unknown key {where}; valid keys here: {', '.join(sorted(node))}"
+                )
+            if depth == len(path) - 1:
+                if isinstance(node[part], dict) and not isinstance(value, dict):
+                    raise ConfigError(f"--set {text!r}: {where} is a section; set one of its keys")
+                node[part] = value
+            else:
+                node = node[part]
+    return dataclass_from_dict(type(config), data)
+
+
+def config_to_yaml(config: Any) -> str:
+    """The resolved config as YAML text (what ``--print-config`` shows and ``config.yaml`` stores)."""
+    return yaml.safe_dump(dataclass_to_dict(config), sort_keys=False)
