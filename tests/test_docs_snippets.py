@@ -6,7 +6,8 @@ line directly above its opening fence. Every other block is run: python blocks i
 fresh namespace with a temporary working directory, and shell blocks through bash in that directory,
 with ``python`` meaning the interpreter running the tests. ``from_pretrained`` is patched to load
 tiny random models (the hub is not reachable here), and ``demo_out/`` holds tiny models in the demo's
-layout, so the documented calls run for real on small shapes.
+layout, so the documented calls run for real on small shapes. An unmarked block that would install
+packages or start the test suite or the full demo is refused without being run.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ SKIP = re.compile(r"^\s*<!--\s*skip-test:(.*?)-->\s*$")
 # Inception and official-weights examples, and the demo-model commands. Fewer means a block was lost
 # or skip-marked without need.
 MIN_BLOCKS_RUN = 7
+# Never run unmarked: a block that installs packages or starts the test suite or the full demo.
+NEVER_RUN = re.compile(r"\b(pip|conda|apt-get|pytest)\b|scripts\.demo\b")
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,8 @@ def run_python(block: Block) -> None:
 
 
 def run_shell(block: Block, workdir: Path) -> None:
+    if NEVER_RUN.search(block.code):
+        raise AssertionError("installs packages or runs the test suite / the full demo: mark it skip-test")
     bindir = workdir / ".bin"
     bindir.mkdir(exist_ok=True)
     if not (bindir / "python").exists():
@@ -221,6 +226,9 @@ def test_an_unmarked_block_that_fails_is_reported(tmp_path: Path, monkeypatch: p
     for block in blocks[1:]:
         with pytest.raises((AssertionError, NameError)):
             run_block(block, tmp_path)
+    install = extract_blocks("```bash\npip install -r requirements.txt\n```\n", "doc.md")[0]
+    with pytest.raises(AssertionError, match="mark it skip-test"):
+        run_block(install, tmp_path)  # refused before anything runs
 
 
 def test_markers_must_sit_on_a_fence_and_give_a_reason() -> None:
