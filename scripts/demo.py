@@ -482,7 +482,7 @@ def quality_statement(classes: dict[str, Any]) -> str | None:
             f"{name} {score:.2f}" + (f" ({real[name]:.2f})" if name in real else "") for score, name in weak
         )
     return text + (". Look at samples.png: within a 15-minute budget on 2 CPU cores the demo's 32x32 images are "
-                   "blurry; README.md says what the budget allows and what was tried.")
+                   "blurry; docs/demo.md says what the budget allows and what was tried.")
 
 
 def print_summary(report: dict[str, Any], out: Path) -> None:

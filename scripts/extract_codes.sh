@@ -11,6 +11,7 @@
 # (images per GPU, 64), NPROC_PER_NODE (default: all visible GPUs, else 1), NNODES (1), NODE_RANK
 # (0), MASTER_ADDR (localhost), MASTER_PORT (29500). Runs from the repository root, so relative
 # paths are relative to it; extra arguments go to `python -m tokenizer.extract_codes`.
+# PYTHON picks the interpreter (default `python`; e.g. PYTHON=.venv/bin/python, no activation needed).
 set -euo pipefail
 
 : "${DATA_PATH:?set DATA_PATH to the image folder (class sub-folders give the labels)}"

@@ -11,6 +11,7 @@
 # results/recon_v1.npz), NPROC_PER_NODE (default: all visible GPUs, else 1), NNODES, NODE_RANK,
 # MASTER_ADDR, MASTER_PORT. Runs from the repository root, so relative paths are relative to it;
 # extra arguments go to `python -m tokenizer.reconstruct` (later flags win, e.g. --steps 4).
+# PYTHON picks the interpreter (default `python`; e.g. PYTHON=.venv/bin/python, no activation needed).
 set -euo pipefail
 
 : "${DATA_PATH:?set DATA_PATH to the evaluation image folder}"

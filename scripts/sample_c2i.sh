@@ -9,6 +9,7 @@
 # config), TOKENIZER_CKPT (default: the showlab/D-AR hub repo), CFG, LABELS, SEED, OUT (output
 # prefix). Runs from the repository root, so relative paths are relative to it; extra arguments go
 # to `python -m autoregressive.sample`. Paper settings: temperature 1.0, no top-k / top-p.
+# PYTHON picks the interpreter (default `python`; e.g. PYTHON=.venv/bin/python, no activation needed).
 set -euo pipefail
 
 MODEL="${1:-L}"
@@ -30,9 +31,10 @@ OUT="${OUT:-samples/D-AR-$MODEL}"
 PRESET_ARGS=()
 if [[ -n "$GPT_PRESET" ]]; then PRESET_ARGS=(--gpt-preset "$GPT_PRESET"); fi
 
+source "$(dirname "${BASH_SOURCE[0]}")/_torchrun.sh"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mkdir -p "$(dirname "$OUT")"
-python -m autoregressive.sample \
+"$PYTHON" -m autoregressive.sample \
   --gpt-ckpt "$GPT_CKPT" "${PRESET_ARGS[@]}" --tokenizer-ckpt "$TOKENIZER_CKPT" \
   --labels "$LABELS" --cfg-scale "$CFG" --temperature 1.0 --top-k 0 --top-p 1.0 --seed "$SEED" \
   --out "$OUT.png" --previews "$OUT-previews.png" --gif "$OUT.gif" "$@"

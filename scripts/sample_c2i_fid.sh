@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# 50,000 class-balanced samples with the paper's settings, then the ADM metrics (SPEC §3).
+# 50,000 class-balanced samples with the paper's settings, then the ADM metrics.
 #
 #   REF_BATCH=VIRTUAL_imagenet256_labeled.npz scripts/sample_c2i_fid.sh L
 #   REF_BATCH=... NPROC_PER_NODE=8 BATCH=64 scripts/sample_c2i_fid.sh XL
@@ -12,6 +12,7 @@
 # weights for the evaluator, e.g. "pytorch-fid" or a local .pth: needed for the Inception Score), and the torchrun
 # settings NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT. Runs from the repository
 # root; extra arguments go to `autoregressive.sample_ddp`.
+# PYTHON picks the interpreter (default `python`; e.g. PYTHON=.venv/bin/python, no activation needed).
 set -euo pipefail
 
 MODEL="${1:-L}"
@@ -43,6 +44,6 @@ launch_torchrun autoregressive.sample_ddp \
   --num-samples "$NUM_SAMPLES" --per-proc-batch-size "$BATCH" --out "$OUT" "$@"
 
 if [[ "${NODE_RANK:-0}" == 0 ]]; then
-  python -m evaluations.evaluator "$REF_BATCH" "$OUT/samples.npz" --json "$OUT/metrics.json" \
+  "$PYTHON" -m evaluations.evaluator "$REF_BATCH" "$OUT/samples.npz" --json "$OUT/metrics.json" \
     ${FID_WEIGHTS:+--weights "$FID_WEIGHTS"}
 fi

@@ -12,6 +12,7 @@
 # NPROC_PER_NODE (default: all visible GPUs, else 1), NNODES (1), NODE_RANK (0), MASTER_ADDR
 # (localhost), MASTER_PORT (29500). Runs from the repository root, so relative paths are relative
 # to it; extra arguments go to `python -m autoregressive.train` (e.g. --wandb, --compile, --fsdp).
+# PYTHON picks the interpreter (default `python`; e.g. PYTHON=.venv/bin/python, no activation needed).
 set -euo pipefail
 
 : "${CODE_PATH:?set CODE_PATH to a folder written by scripts/extract_codes.sh}"

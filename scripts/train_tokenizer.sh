@@ -12,6 +12,7 @@
 # (default: all visible GPUs, else 1), NNODES (1), NODE_RANK (0), MASTER_ADDR (localhost),
 # MASTER_PORT (29500). Runs from the repository root, so relative paths are relative to it; extra
 # arguments go to `python -m tokenizer.train` (e.g. --wandb, --compile, --dinov2-weights FILE).
+# PYTHON picks the interpreter (default `python`; e.g. PYTHON=.venv/bin/python, no activation needed).
 set -euo pipefail
 
 : "${DATA_PATH:?set DATA_PATH to the training image folder}"

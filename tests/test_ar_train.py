@@ -6,6 +6,7 @@ import dataclasses
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -227,7 +228,8 @@ def test_launch_scripts_run_the_entry_points(assets: dict[str, Path], tmp_path: 
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "NPROC_PER_NODE": "1",
            "DATA_PATH": str(assets["images"]), "TOKENIZER_CKPT": str(assets["tokenizer"]),
            "CODE_PATH": str(tmp_path / "codes"), "IMAGE_SIZE": str(IMAGE_SIZE), "BATCH_SIZE": "8",
-           "CONFIG": "configs/ar/tiny.yaml", "RESULTS_DIR": str(tmp_path / "run")}
+           "CONFIG": "configs/ar/tiny.yaml", "RESULTS_DIR": str(tmp_path / "run"),
+           "PYTHON": sys.executable}  # the interpreter running the tests, whatever PATH holds
     env.pop("PYTHONPATH", None)  # the launchers must not need it
     for script, extra in (("extract_codes.sh", ["--num-workers", "0"]), ("train_c2i.sh", ["--max-steps", "2"])):
         env["MASTER_PORT"] = str(free_port())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,8 @@ def test_cli_rejects_bad_labels(ckpts: tuple[Path, Path], tmp_path: Path) -> Non
 def test_launcher_script_runs_without_pythonpath(ckpts: tuple[Path, Path], tmp_path: Path) -> None:
     gpt_dir, tok_dir = ckpts
     env = {**os.environ, "GPT_CKPT": str(gpt_dir), "GPT_PRESET": "", "TOKENIZER_CKPT": str(tok_dir),
-           "LABELS": "1,2", "OUT": str(tmp_path / "run"), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+           "LABELS": "1,2", "OUT": str(tmp_path / "run"), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHON": sys.executable}  # the interpreter running the tests, whatever PATH holds
     env.pop("PYTHONPATH", None)
     result = subprocess.run(["bash", str(REPO / "scripts" / "sample_c2i.sh"), "L", "--samples-per-label", "1"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -407,7 +407,8 @@ def test_launch_scripts_train_and_reconstruct(tmp_path: Path) -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "NPROC_PER_NODE": "1",
            "DATA_PATH": str(tmp_path / "images"), "CONFIG": "configs/tokenizer/train_tiny.yaml",
            "RESULTS_DIR": str(tmp_path / "run"), "CKPT": str(tmp_path / "run" / "final"),
-           "OUT": str(tmp_path / "recon.npz")}
+           "OUT": str(tmp_path / "recon.npz"),
+           "PYTHON": sys.executable}  # the interpreter running the tests, whatever PATH holds
     env.pop("PYTHONPATH", None)  # the launchers must not need it
     for script, extra in (("train_tokenizer.sh", ["--max-steps", "2", "--global-batch-size", "2", "--perceptual-weight", "0"]),
                           ("reconstruct.sh", ["--image-size", "32", "--steps", "4", "--num-workers", "0"])):
