@@ -21,15 +21,16 @@ import numpy as np
 import torch
 
 from autoregressive.model import GPT
-from autoregressive.sample import (add_model_args, add_sampling_args, load_models, parse_int_list, precision_of,
-                                   sampling_kwargs)
+from autoregressive.sample import (FlagError, OneLineArgumentParser, add_model_args, add_sampling_args,
+                                   check_label_flag, check_output_path, load_models, non_negative_int,
+                                   parse_int_list, positive_int, precision_of, sampling_kwargs)
 from autoregressive.stream import check_pair, image_seed, sample_images, seeded_noise
-from dataset.images import arr_to_tensor, center_crop_arr, decode_rgb
+from dataset.images import SkipImage, arr_to_tensor, center_crop_arr, decode_rgb
 from tokenizer.model import DARTokenizer
 from utils.distributed import resolve_device
+from utils.errors import UserError, require_path, run_cli
 from utils.images import save_grid, to_uint8
 from utils.training import autocast
-from utils.errors import run_cli
 
 # Index under which the reconstruction's noise is seeded (image_seed(seed, RECONSTRUCTION_INDEX)); samples
 # use 0..B-1, so a very large index keeps the two apart.
@@ -46,7 +47,11 @@ class LayoutResult:
 
 def load_reference(path: str | Path, resolution: int) -> torch.Tensor:
     """Image file → (1, 3, R, R) in [-1, 1] after the ADM centre crop (the tokenizer's training crop)."""
-    image, _ = decode_rgb(path)
+    require_path(path)
+    try:
+        image, _ = decode_rgb(path)
+    except SkipImage as error:
+        raise UserError(f"{path} cannot be used as an image ({error})") from None
     return arr_to_tensor(center_crop_arr(image, resolution))[None]
 
 
@@ -75,25 +80,30 @@ def layout_samples(gpt: GPT, tokenizer: DARTokenizer, reference: torch.Tensor, l
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m autoregressive.layout", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m autoregressive.layout", description=__doc__.split("\n\n")[0])
     add_model_args(parser)
     add_sampling_args(parser)
     parser.add_argument("--reference", required=True, help="reference image file")
     parser.add_argument("--labels", required=True, type=parse_int_list, help="class labels, e.g. 207,360")
-    parser.add_argument("--prefix-groups", type=int, required=True, help="code groups taken from the reference")
-    parser.add_argument("--samples-per-label", type=int, default=4)
+    parser.add_argument("--prefix-groups", type=non_negative_int, required=True,
+                        help="code groups taken from the reference")
+    parser.add_argument("--samples-per-label", type=positive_int, default=4)
     parser.add_argument("--out", required=True, help="grid PNG: reference | reconstruction | samples, per label")
-    args = parser.parse_args(argv)
-    if args.samples_per_label < 1:
-        parser.error("--samples-per-label must be positive")
-    return args
+    return parser.parse_args(argv)
 
 
 @torch.no_grad()  # sampling only; a decorator, not a global switch, so in-process callers keep autograd
 def main(argv: Sequence[str] | None = None) -> LayoutResult:
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device)  # first: a missing GPU is the first thing to say
+    require_path(args.reference, "--reference")
+    check_output_path(args.out, "--out")
     gpt, tokenizer = load_models(args, device)
+    check_label_flag(args.labels, gpt)
+    num_groups = tokenizer.config.num_query_groups
+    if args.prefix_groups > num_groups:
+        raise FlagError(f"--prefix-groups {args.prefix_groups} is too large: prefix_groups must be in "
+                        f"0..{num_groups} (the tokenizer's code groups)")
 
     reference = load_reference(args.reference, tokenizer.config.sampling_resolution)
     n = args.samples_per_label

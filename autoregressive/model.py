@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,11 @@ import torch.nn.functional as F
 from autoregressive.config import GPT_PRESETS, GPTConfig, find_multiple
 from autoregressive.generate import GuidanceSchedule, draw_uniforms, generate_codes
 from utils.checkpoint import StateDictMismatchError, atomic_write, check_state_dict, load_state_file
+from utils.checkpoint_kind import GPT as GPT_KIND
+from utils.checkpoint_kind import TOKENIZER as TOKENIZER_KIND
+from utils.checkpoint_kind import WrongModelError, kind_of_folder, kind_of_keys, kind_of_object, run_folder_hint
 from utils.config import dataclass_from_dict, dataclass_to_dict, load_yaml, save_yaml
+from utils.errors import UserError
 from utils.hub import OFFICIAL_REPO_ID, resolve_file
 
 CONFIG_FILENAME = "config.yaml"
@@ -29,6 +34,34 @@ OFFICIAL_FILES = {"GPT-L": "D-AR-L-360K.pt", "GPT-XL": "D-AR-XL-360K.pt"}
 # ModelArgs fields that exist only for the text-to-image variant or for LlamaGen's own cache sizing;
 # they do not change a c2i network, so official configs may carry them.
 _OFFICIAL_IGNORED_FIELDS = ("caption_dim", "max_batch_size", "max_seq_len")
+# How GPT.from_pretrained's messages name its arguments; a CLI substitutes its flags (GPTLoadError.for_flags).
+PYTHON_ARGUMENT_NAMES = {"preset": "preset=", "ema": "ema=True", "filename": "filename="}
+_TOKENIZER_HINT = "load it with DARTokenizer.from_pretrained and pass a GPT checkpoint here"
+
+
+class LabelRangeError(UserError, ValueError):
+    """Class labels outside the range the model (or sampling) accepts."""
+
+
+class GPTLoadError(UserError, ValueError):
+    """A GPT checkpoint / argument mismatch whose message names an argument of :meth:`GPT.from_pretrained`.
+
+    The message is a template with ``{preset}``, ``{ema}`` and ``{filename}`` placeholders: ``str()``
+    fills in the Python keywords, :meth:`for_flags` the flags of a command line.
+    """
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        super().__init__(self._fill(PYTHON_ARGUMENT_NAMES))
+
+    def _fill(self, names: dict[str, str]) -> str:
+        text = self.template
+        for key, name in names.items():  # str.replace: paths may contain braces
+            text = text.replace("{" + key + "}", name)
+        return text
+
+    def for_flags(self, names: dict[str, str]) -> UserError:
+        return UserError(self._fill({**PYTHON_ARGUMENT_NAMES, **names}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -279,6 +312,7 @@ class GPT(nn.Module):
 
     # -- input checks ----------------------------------------------------------------------------
     def check_labels(self, labels: torch.Tensor, allow_null: bool = True) -> None:
+        """Integer (B,) labels in [0, num_classes), plus the null class when ``allow_null`` (training, guidance)."""
         if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(
                 f"labels must be an integer tensor of shape (B,), got {tuple(labels.shape)} {labels.dtype}"
@@ -288,7 +322,11 @@ class GPT(nn.Module):
         upper = self.config.num_classes + int(allow_null and self.config.has_null_class)
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= upper:
-            raise ValueError(f"labels must be in [0, {upper}), got values in [{low}, {high}]")
+            null = ""
+            if not allow_null and self.config.has_null_class and high == self.config.num_classes:
+                null = f"; {high} is the null class, which guidance adds itself (use cfg_scale for its strength)"
+            raise LabelRangeError(f"labels must be in [0, {upper}) (the model has {self.config.num_classes} "
+                                  f"classes), got values in [{low}, {high}]{null}")
 
     def check_codes(self, codes: torch.Tensor, name: str = "codes") -> None:
         if codes.ndim != 2 or codes.dtype.is_floating_point or codes.dtype == torch.bool:
@@ -405,7 +443,11 @@ class GPT(nn.Module):
         Randomness (pick one): ``seeds`` (B,) or ``generators`` (one per sample) make each sample depend
         only on its own seed and label; ``generator`` draws all uniforms from one generator; with none
         of them the global RNG of the labels' device is used. See :func:`autoregressive.generate.generate_codes`.
+        Labels must be real classes, in [0, num_classes).
         """
+        # The null class is guidance's business (it adds those rows itself); asked for here it would
+        # silently give unconditional samples. generate_codes, the low-level loop, still takes it.
+        self.check_labels(labels, allow_null=False)
         n = self.config.block_size if num_tokens is None else num_tokens
         uniforms = draw_uniforms(labels.shape[0], n, seeds=seeds, generators=generators,
                                  generator=generator, device=labels.device)
@@ -440,23 +482,31 @@ class GPT(nn.Module):
         """Load our files (folder from save_pretrained, .safetensors, .pt with config) or official ones.
 
         Official ``.pt`` layouts are read in the official sampler's order: ``model``, ``module``,
-        ``state_dict``, bare; ``ema=True`` reads ``ema`` instead (an error if absent). A file without
-        a config needs ``preset``; for the hub repo showlab/D-AR the preset also picks the file
-        (GPT-L → D-AR-L-360K.pt, GPT-XL → D-AR-XL-360K.pt) and vice versa. Returns an eval-mode model.
+        ``state_dict``, bare; ``ema=True`` reads ``ema`` instead, falling back to those with a warning
+        when the checkpoint has none (a run trained with EMA off). A file without a config needs
+        ``preset``; for the hub repo showlab/D-AR the preset also picks the file (GPT-L →
+        D-AR-L-360K.pt, GPT-XL → D-AR-XL-360K.pt) and vice versa. ``RUN/checkpoints/latest`` (or the
+        ``checkpoints`` folder) loads the newest training checkpoint. Returns an eval-mode model.
         """
+        if preset is not None and preset not in GPT_PRESETS:
+            raise GPTLoadError(f"unknown preset {preset!r}; choose from {', '.join(GPT_PRESETS)}")
         path = Path(path_or_repo_id).expanduser()
+        official = OFFICIAL_FILES.get(preset) if str(path_or_repo_id) == OFFICIAL_REPO_ID else None
+        if path.is_dir() and filename is None and official is None:
+            _check_gpt_folder(path)
         if path.is_dir() and filename is None and (path / WEIGHTS_FILENAME).is_file():
             file = path / WEIGHTS_FILENAME
         else:
-            if filename is None and preset in OFFICIAL_FILES and str(path_or_repo_id) == OFFICIAL_REPO_ID:
-                filename = OFFICIAL_FILES[preset]
+            if filename is None and official is not None:
+                filename = official
+            if filename is not None and path.is_file():
+                raise GPTLoadError(f"{path} is a file; drop {{filename}} (it picks a file inside a folder or hub repo)")
             file = resolve_file(path_or_repo_id, filename)
-        if preset is not None and preset not in GPT_PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(GPT_PRESETS)}")
 
-        state, config = _read_gpt_file(file, ema)
+        state, config = _read_gpt_file(file, ema, shown_as=path_or_repo_id)
         if config is not None and preset is not None and config != GPT_PRESETS[preset]:
-            raise ValueError(f"{file} stores its own GPT config, which differs from preset {preset!r}; drop preset=")
+            raise GPTLoadError(f"{file} stores its own GPT config, which differs from preset {preset!r}; "
+                               "drop {preset}")
         if preset is None:
             preset = next((p for p, f in OFFICIAL_FILES.items() if file.name == f), None)
         if config is None:
@@ -466,7 +516,8 @@ class GPT(nn.Module):
             elif preset is not None:
                 config = GPT_PRESETS[preset]
             else:
-                raise ValueError(f"{file} does not store a GPT config: pass preset= (one of {', '.join(GPT_PRESETS)})")
+                raise GPTLoadError(f"{file} does not store a GPT config: pass {{preset}} "
+                                   f"(one of {', '.join(GPT_PRESETS)})")
         return build_gpt(config, state).to(map_location)
 
 
@@ -488,34 +539,58 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _read_gpt_file(file: Path, ema: bool) -> tuple[dict[str, torch.Tensor], GPTConfig | None]:
-    """(state_dict, config or None) from any supported GPT file layout."""
+def _check_gpt_folder(folder: Path) -> None:
+    """Name what a folder is when it cannot be a GPT checkpoint folder (a tokenizer's, a run's)."""
+    if kind_of_folder(folder) == TOKENIZER_KIND:
+        raise WrongModelError(folder, TOKENIZER_KIND, GPT_KIND, _TOKENIZER_HINT)
+    if (folder / WEIGHTS_FILENAME).is_file() or folder.name == "checkpoints":
+        return  # a save_pretrained folder; a checkpoints folder resolves to its newest checkpoint
+    hint = run_folder_hint(folder)
+    if hint is not None:
+        raise UserError(hint)
+    raise GPTLoadError(f"{folder} holds no {WEIGHTS_FILENAME}; pass a GPT file (or a save_pretrained folder), "
+                       "or {filename} to pick a file inside it")
+
+
+def _read_gpt_file(file: Path, ema: bool, shown_as: Any = None) -> tuple[dict[str, torch.Tensor], GPTConfig | None]:
+    """(state_dict, config or None) from any supported GPT file layout; ``shown_as`` names it in errors."""
+    shown_as = file if shown_as is None else shown_as
     if file.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(file), framework="pt") as f:
             metadata = f.metadata() or {}
+            keys = list(f.keys())
+        if "gpt_config" not in metadata and ((file.parent / "tokenizer_config.yaml").is_file()
+                                             or kind_of_keys(keys) == TOKENIZER_KIND):
+            raise WrongModelError(shown_as, TOKENIZER_KIND, GPT_KIND, _TOKENIZER_HINT)
         if ema:
-            raise ValueError(f"{file} holds one set of weights; ema=True applies to training checkpoints only")
+            raise GPTLoadError(f"{file} holds one set of weights (a save_pretrained export); {{ema}} applies to "
+                               "training checkpoints only: drop it (a run's EMA export is its final_ema folder)")
         config = metadata.get("gpt_config")
         config = dataclass_from_dict(GPTConfig, json.loads(config)) if config else None
         return load_state_file(file), config
 
     obj = load_state_file(file)
     if not isinstance(obj, dict):
-        raise ValueError(f"{file}: expected a dict checkpoint, got {type(obj).__name__}")
+        raise GPTLoadError(f"{file}: expected a dict checkpoint, got {type(obj).__name__}")
+    if kind_of_object(obj) == TOKENIZER_KIND:
+        raise WrongModelError(shown_as, TOKENIZER_KIND, GPT_KIND, _TOKENIZER_HINT)
     config = _config_in_checkpoint(obj)
     if ema:
-        if not _is_state_dict(obj.get("ema")):
-            raise KeyError(f"{file} has no 'ema' weights (top-level keys: {', '.join(map(str, obj))})")
-        return obj["ema"], config
+        if _is_state_dict(obj.get("ema")):
+            return obj["ema"], config
+        # The paper recipes train without EMA, so --ema on their checkpoints is an easy slip: the raw
+        # weights are what such a run has, and a warning says so.
+        warnings.warn(f"{file} has no EMA weights (trained with EMA off?); loading its raw weights instead",
+                      UserWarning, stacklevel=3)
     for key in ("model", "module", "state_dict"):
         if _is_state_dict(obj.get(key)):
             return obj[key], config
     if _is_state_dict(obj):
         return obj, None
-    raise ValueError(f"{file}: no GPT weights under 'model', 'module' or 'state_dict' and not a bare "
-                     f"state dict (top-level keys: {', '.join(map(str, obj))})")
+    raise GPTLoadError(f"{file}: no GPT weights under 'model', 'module' or 'state_dict' and not a bare "
+                       f"state dict (top-level keys: {', '.join(map(str, obj))})")
 
 
 def _config_in_checkpoint(obj: dict) -> GPTConfig | None:

@@ -19,37 +19,97 @@ not change when other labels are added or the batch size changes.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
 
 from autoregressive.generate import GuidanceSchedule
 from autoregressive.config import GPT_PRESETS
-from autoregressive.model import GPT
-from autoregressive.stream import image_seed, sample_images, stream
+from autoregressive.model import GPT, GPTLoadError
+from autoregressive.stream import check_pair, image_seed, sample_images, stream
 from tokenizer.model import DARTokenizer
+from utils.checkpoint_kind import WrongModelError
 from utils.distributed import resolve_device
+from utils.errors import USER_ERROR_EXIT_CODE, UserError, run_cli
 from utils.images import make_grid, save_gif, save_grid, to_uint8
 from utils.training import autocast, default_precision
-from utils.errors import run_cli
+
+# What the model flags accept, for messages about a checkpoint of the wrong model.
+GPT_CKPT_ACCEPTS = ("a GPT save_pretrained folder such as RUN/final, a .safetensors/.pt file, "
+                    "RUN/checkpoints/latest of autoregressive.train, or showlab/D-AR with --gpt-preset")
+TOKENIZER_CKPT_ACCEPTS = ("a tokenizer save_pretrained folder such as RUN/final, a .safetensors/.pt file, "
+                          "RUN/checkpoints/latest of tokenizer.train, or showlab/D-AR")
+GPT_FLAGS = {"preset": "--gpt-preset", "ema": "--ema", "filename": "--gpt-file"}
 
 
 # ------------------------------------------------------------------------------------------------
 # Shared by the sampling CLIs (sample, layout, sample_ddp)
 # ------------------------------------------------------------------------------------------------
+class FlagError(UserError, ValueError):
+    """A flag whose value is wrong for the models it is used with (checked after they are loaded)."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose complaints are one ``error:`` line and exit status 2, like every other user mistake.
+
+    Raising a :class:`UserError` here would change what ``main(argv)`` callers get for a bad command
+    line (argparse's ``SystemExit``), so the line is printed here, as argparse itself does.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_EXIT_CODE)
+
+
+def _number(kind: Callable[[str], float], check: Callable[[float], bool], requirement: str) -> Callable[[str], float]:
+    """An argparse ``type`` converting with ``kind`` and refusing values that fail ``check``."""
+
+    def convert(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                              f"got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in some messages
+    return convert
+
+
+positive_int = _number(int, lambda v: v >= 1, ">= 1")
+non_negative_int = _number(int, lambda v: v >= 0, ">= 0")
+non_negative_float = _number(float, lambda v: v >= 0, ">= 0 (0 = greedy)")  # also refuses nan
+top_p_float = _number(float, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)")
+
+
+def cfg_scale_arg(text: str) -> GuidanceSchedule:
+    """argparse ``type`` of ``--cfg-scale``: "S" or "START,END"."""
+    try:
+        return GuidanceSchedule.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error} (e.g. 4.0 or 1.2,8.0)") from None
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Checkpoint, device and precision flags."""
     group = parser.add_argument_group("models")
     group.add_argument("--gpt-ckpt", required=True,
-                       help="GPT: save_pretrained folder, .safetensors/.pt file, or hub repo id (showlab/D-AR)")
+                       help="GPT: save_pretrained folder, .safetensors/.pt file, RUN/checkpoints/latest, "
+                            "or hub repo id (showlab/D-AR)")
     group.add_argument("--gpt-file", default=None, help="file inside --gpt-ckpt when it is a hub repo")
     group.add_argument("--gpt-preset", default=None, choices=sorted(GPT_PRESETS),
                        help="architecture for files that carry no config (official .pt files)")
     group.add_argument("--ema", action="store_true", help="load the 'ema' weights of a training checkpoint")
     group.add_argument("--tokenizer-ckpt", required=True,
-                       help="tokenizer: save_pretrained folder, .safetensors/.pt file, or hub repo id")
+                       help="tokenizer: save_pretrained folder, .safetensors/.pt file, RUN/checkpoints/latest, "
+                            "or hub repo id")
     group.add_argument("--tokenizer-file", default=None, help="file inside --tokenizer-ckpt when it is a hub repo")
     group.add_argument("--tokenizer-config", default=None, help="tokenizer preset or YAML overriding the stored one")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
@@ -61,22 +121,75 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     """Guidance, token-selection and pixel-sampler flags (paper defaults: no top-k/top-p, T = 1)."""
     group = parser.add_argument_group("sampling")
-    group.add_argument("--cfg-scale", default="1.0", type=GuidanceSchedule.parse,
+    group.add_argument("--cfg-scale", default="1.0", type=cfg_scale_arg,
                        help="guidance scale: 'S' constant or 'START,END' linear over the codes (paper: 1.1,8.0)")
-    group.add_argument("--temperature", type=float, default=1.0)
-    group.add_argument("--top-k", type=int, default=0, help="0 = off")
-    group.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    group.add_argument("--temperature", type=non_negative_float, default=1.0)
+    group.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off")
+    group.add_argument("--top-p", type=top_p_float, default=1.0, help="in (0, 1]; 1.0 = off")
     group.add_argument("--sampler", default="adams2", choices=("adams2", "euler"), help="pixel-decoder ODE solver")
-    group.add_argument("--seed", type=int, default=0, help="global seed; image i uses image_seed(seed, i)")
+    group.add_argument("--seed", type=non_negative_int, default=0,
+                       help="global seed; image i uses image_seed(seed, i)")
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """Mistakes in the model flags that need no loading (call after the device check)."""
+    for ckpt, name, file_flag in ((args.gpt_ckpt, args.gpt_file, "--gpt-file"),
+                                  (args.tokenizer_ckpt, args.tokenizer_file, "--tokenizer-file")):
+        if name is not None and Path(ckpt).expanduser().is_file():
+            raise UserError(f"{ckpt} is a file; drop {file_flag} (it picks a file inside a folder or hub repo)")
+
+
+def check_output_path(path: str | os.PathLike, flag: str, folder: bool = False) -> None:
+    """Refuse an output path that cannot be written, before any work (and before any output) is done.
+
+    A file output must not be an existing folder (a folder output not an existing file); the nearest
+    existing ancestor must be a writable folder (missing folders are created when writing).
+    """
+    target = Path(path).expanduser()
+    if folder and target.exists() and not target.is_dir():
+        raise UserError(f"{flag} {path} is a file; pass a folder (it is created if missing)")
+    if not folder and target.is_dir():
+        raise UserError(f"{flag} {path} is a folder; pass a file name inside it")
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{flag} {path}: {ancestor} is a file, so no folder can be made under it")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {ancestor} is not writable; pick another location")
 
 
 def load_models(args: argparse.Namespace, device: torch.device) -> tuple[GPT, DARTokenizer]:
-    """The eval-mode GPT and tokenizer named by :func:`add_model_args` flags, on ``device``."""
-    gpt = GPT.from_pretrained(args.gpt_ckpt, filename=args.gpt_file, preset=args.gpt_preset, ema=args.ema,
-                              map_location=device)
-    tokenizer = DARTokenizer.from_pretrained(args.tokenizer_ckpt, filename=args.tokenizer_file,
-                                             config=args.tokenizer_config, device=device)
+    """The eval-mode GPT and tokenizer named by :func:`add_model_args` flags, on ``device``.
+
+    Library messages name ``from_pretrained``'s arguments; here they are reworded with the flags.
+    """
+    check_model_args(args)
+    try:
+        gpt = GPT.from_pretrained(args.gpt_ckpt, filename=args.gpt_file, preset=args.gpt_preset, ema=args.ema,
+                                  map_location=device)
+    except WrongModelError as error:
+        raise error.for_flag("--gpt-ckpt", GPT_CKPT_ACCEPTS) from None
+    except GPTLoadError as error:
+        raise error.for_flags(GPT_FLAGS) from None
+    try:
+        tokenizer = DARTokenizer.from_pretrained(args.tokenizer_ckpt, filename=args.tokenizer_file,
+                                                 config=args.tokenizer_config, device=device)
+    except WrongModelError as error:
+        raise error.for_flag("--tokenizer-ckpt", TOKENIZER_CKPT_ACCEPTS) from None
+    check_pair(gpt, tokenizer)
     return gpt.eval(), tokenizer.eval()
+
+
+def check_label_flag(labels: Sequence[int], gpt: GPT, flag: str = "--labels") -> None:
+    """Sampling labels must be real classes of this GPT: [0, num_classes); the null class is guidance's."""
+    num_classes = gpt.config.num_classes
+    bad = sorted({label for label in labels if not 0 <= label < num_classes})
+    if bad:
+        null = (f"; {num_classes} is the null class, which --cfg-scale uses internally"
+                if num_classes in bad and gpt.config.has_null_class else "")
+        raise FlagError(f"{flag} must be in [0, {num_classes}) for this GPT ({num_classes} classes), "
+                        f"got {', '.join(map(str, bad))}{null}")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -104,20 +217,18 @@ def parse_int_list(text: str) -> list[int]:
 # This CLI
 # ------------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m autoregressive.sample", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m autoregressive.sample", description=__doc__.split("\n\n")[0])
     add_model_args(parser)
     add_sampling_args(parser)
     parser.add_argument("--labels", required=True, type=parse_int_list, help="class labels, e.g. 207,360,387")
-    parser.add_argument("--samples-per-label", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=32, help="samples per forward pass")
+    parser.add_argument("--samples-per-label", type=positive_int, default=4)
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="samples per forward pass")
     parser.add_argument("--out", required=True, help="grid PNG: one row per label")
     parser.add_argument("--previews", default=None, help="PNG strip: one row per sample, one column per group")
     parser.add_argument("--previews-per-label", type=int, default=None,
                         help="rows of --previews per label: its first K samples (default: all)")
     parser.add_argument("--gif", default=None, help="animated GIF of the whole grid, one frame per group")
     args = parser.parse_args(argv)
-    if args.samples_per_label < 1 or args.batch_size < 1:
-        parser.error("--samples-per-label and --batch-size must be positive")
     if args.previews_per_label is not None:
         if not 1 <= args.previews_per_label <= args.samples_per_label:
             parser.error(f"--previews-per-label must be in 1..{args.samples_per_label} (--samples-per-label), "
@@ -150,8 +261,12 @@ def generate_grid(gpt: GPT, tokenizer: DARTokenizer, labels: torch.Tensor, seeds
 @torch.no_grad()  # sampling only; a decorator, not a global switch, so in-process callers keep autograd
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device)  # first: a missing GPU is the first thing to say
+    for flag in ("out", "previews", "gif"):
+        if getattr(args, flag):
+            check_output_path(getattr(args, flag), f"--{flag}")
     gpt, tokenizer = load_models(args, device)
+    check_label_flag(args.labels, gpt)
 
     n = args.samples_per_label
     labels = torch.tensor([label for label in args.labels for _ in range(n)], device=device)

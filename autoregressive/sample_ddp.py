@@ -14,7 +14,10 @@ Output contract (everything under ``--out``):
   shard file exists exactly when it is complete.
 - ``manifest.json``: every setting that changes the pixels. A rerun with the same ``--out`` skips
   the shards that exist and generates the rest (any number of processes); different settings are
-  an error rather than a silently mixed sample set.
+  an error rather than a silently mixed sample set. A ``checkpoints/latest`` pointer is recorded as
+  the checkpoint it names, so a rerun after more training is refused too.
+- Hidden ``.NAME.*.tmp`` files are writes a killed process left behind (a shard, or ``samples.npz``
+  itself); each run deletes them at start.
 
 Image i has label i mod C (C = ``--num-classes``: 50 per class for 50,000 images and 1,000
 classes) and seed ``image_seed(--seed, i)`` for both its codes and its pixel noise
@@ -36,13 +39,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from autoregressive.sample import add_model_args, add_sampling_args, load_models, precision_of, sampling_kwargs
+from autoregressive.sample import (FlagError, OneLineArgumentParser, add_model_args, add_sampling_args,
+                                   check_output_path, load_models, non_negative_int, positive_int, precision_of,
+                                   sampling_kwargs)
 from autoregressive.stream import image_seed, sample_images
-from utils.checkpoint import atomic_write, atomic_write_text
+from utils.checkpoint import atomic_write, atomic_write_text, follow_pointer
 from utils.distributed import all_gather_object, barrier, broadcast_object, cleanup_distributed, setup_distributed
+from utils.errors import UserError, run_cli
+from utils.fileio import sweep_temporaries
 from utils.images import to_uint8
 from utils.training import autocast
-from utils.errors import run_cli
 
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
@@ -80,11 +86,14 @@ def check_manifest(out: Path, manifest: dict) -> None:
     """Write ``manifest.json`` on the first run; on a rerun, raise if any setting differs."""
     path = out / MANIFEST
     if path.is_file():
-        stored = json.loads(path.read_text())
+        try:
+            stored = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{path} is not valid JSON (not written by this tool?); use a new --out") from None
         changed = sorted(k for k in set(stored) | set(manifest) if stored.get(k) != manifest.get(k))
         if changed:
             details = ", ".join(f"{k}: {stored.get(k)!r} → {manifest.get(k)!r}" for k in changed)
-            raise ValueError(f"{out} was started with other settings ({details}); use a new --out")
+            raise UserError(f"{out} was started with other settings ({details}); use a new --out")
         return
     atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
@@ -157,21 +166,30 @@ def assemble(out: Path, num_samples: int, shard_size: int) -> Path:
 # CLI
 # ------------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m autoregressive.sample_ddp", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m autoregressive.sample_ddp",
+                                   description=__doc__.split("\n\n")[0])
     add_model_args(parser)
     add_sampling_args(parser)
-    parser.add_argument("--num-samples", type=int, default=50_000)
-    parser.add_argument("--per-proc-batch-size", type=int, default=32, help="images per batch = per shard")
-    parser.add_argument("--num-classes", type=int, default=None, help="labels cycle over 0..C-1 (default: the GPT's)")
+    parser.add_argument("--num-samples", type=positive_int, default=50_000)
+    parser.add_argument("--per-proc-batch-size", type=positive_int, default=32, help="images per batch = per shard")
+    parser.add_argument("--num-classes", type=positive_int, default=None,
+                        help="labels cycle over 0..C-1, C in 1..the GPT's classes (default: all of them)")
     parser.add_argument("--out", required=True, help="output folder (shards, manifest, samples.npz)")
-    parser.add_argument("--max-shards", type=int, default=None,
+    parser.add_argument("--max-shards", type=non_negative_int, default=None,
                         help="stop after this many shards per process (time-limited jobs); rerun to continue")
-    args = parser.parse_args(argv)
-    if args.num_samples < 1 or args.per_proc_batch_size < 1:
-        parser.error("--num-samples and --per-proc-batch-size must be positive")
-    if args.max_shards is not None and args.max_shards < 0:
-        parser.error("--max-shards must be >= 0")
-    return args
+    return parser.parse_args(argv)
+
+
+def pinned_checkpoint(path: str | None) -> str | None:
+    """A ``checkpoints/latest`` pointer as the checkpoint it names now, for the manifest.
+
+    Recording the pointer itself would let a rerun after more training mix two models' samples.
+    """
+    if path is None or not Path(path).expanduser().exists():
+        return path
+    local = Path(path).expanduser()
+    target = follow_pointer(local)
+    return path if target == local else str(target)
 
 
 def run_manifest(args: argparse.Namespace, num_classes: int, precision: str, resolution: int) -> dict:
@@ -181,8 +199,9 @@ def run_manifest(args: argparse.Namespace, num_classes: int, precision: str, res
         "num_classes": num_classes, "cfg_scale": [schedule.start, schedule.final],
         "cfg_official_start_quirk": schedule.official_start_quirk, "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p, "sampler": args.sampler, "precision": precision,
-        "gpt_ckpt": args.gpt_ckpt, "gpt_file": args.gpt_file, "gpt_preset": args.gpt_preset, "ema": args.ema,
-        "tokenizer_ckpt": args.tokenizer_ckpt, "tokenizer_file": args.tokenizer_file,
+        "gpt_ckpt": pinned_checkpoint(args.gpt_ckpt), "gpt_file": args.gpt_file, "gpt_preset": args.gpt_preset,
+        "ema": args.ema,
+        "tokenizer_ckpt": pinned_checkpoint(args.tokenizer_ckpt), "tokenizer_file": args.tokenizer_file,
         "tokenizer_config": args.tokenizer_config, "resolution": resolution,
     }
 
@@ -191,12 +210,14 @@ def run_manifest(args: argparse.Namespace, num_classes: int, precision: str, res
 def main(argv: Sequence[str] | None = None) -> Path | None:
     """Returns the path of ``samples.npz`` on rank 0 once complete, else None."""
     args = parse_args(argv)
-    env = setup_distributed(args.device)
+    env = setup_distributed(args.device)  # first: a missing GPU is the first thing to say
     try:
+        check_output_path(args.out, "--out", folder=True)
         gpt, tokenizer = load_models(args, env.device)
-        num_classes = args.num_classes or gpt.config.num_classes
+        num_classes = gpt.config.num_classes if args.num_classes is None else args.num_classes
         if not 1 <= num_classes <= gpt.config.num_classes:
-            raise ValueError(f"--num-classes must be in 1..{gpt.config.num_classes}, got {num_classes}")
+            raise FlagError(f"--num-classes must be in 1..{gpt.config.num_classes} (the GPT's classes), "
+                            f"got {num_classes}")
         precision = precision_of(args, env.device)
         out, size, n = Path(args.out), args.per_proc_batch_size, args.num_samples
 
@@ -204,16 +225,17 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         state: tuple[str | None, list[int]] = (None, [])
         if env.is_main:
             try:
-                out.joinpath(SHARD_DIR).mkdir(parents=True, exist_ok=True)
+                # Left by killed writes: shards, and samples.npz itself (as large as all shards together).
+                sweep_temporaries(out, [SAMPLES, MANIFEST])
+                sweep_temporaries(out / SHARD_DIR)
                 check_manifest(out, run_manifest(args, num_classes, precision, tokenizer.config.sampling_resolution))
-                for stale in out.joinpath(SHARD_DIR).glob(".*.tmp"):  # left by a killed process
-                    stale.unlink()
+                out.joinpath(SHARD_DIR).mkdir(parents=True, exist_ok=True)
                 state = (None, pending_shards(out, n, size))
-            except (ValueError, OSError) as err:
+            except (UserError, OSError) as err:
                 state = (str(err), [])
         error, pending = broadcast_object(state)
         if error is not None:
-            raise SystemExit(f"sample_ddp: {error}")
+            raise UserError(error)
 
         mine = pending[env.rank :: env.world_size]
         stopped_early = args.max_shards is not None and len(mine) > args.max_shards

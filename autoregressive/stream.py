@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from autoregressive.generate import GuidanceSchedule, draw_uniforms, generate_codes, iter_codes
+from utils.errors import UserError
 
 if TYPE_CHECKING:
     from autoregressive.model import GPT
@@ -57,13 +58,18 @@ class StreamStep:
         return self.groups == self.num_groups
 
 
+class ModelPairError(UserError, ValueError):
+    """The GPT was not trained on this tokenizer's codes."""
+
+
 def check_pair(gpt: "GPT", tokenizer: "DARTokenizer") -> int:
     """Raise unless the GPT models this tokenizer's codes; return the codes per group (N / G)."""
     tok, cfg = tokenizer.config, gpt.config
     if cfg.block_size != tok.num_all_queries or cfg.vocab_size != tok.vq_codebook_size:
-        raise ValueError(
+        raise ModelPairError(
             f"GPT (block_size {cfg.block_size}, vocab {cfg.vocab_size}) does not match the tokenizer "
-            f"({tok.num_all_queries} codes from a codebook of {tok.vq_codebook_size})"
+            f"({tok.num_all_queries} codes from a codebook of {tok.vq_codebook_size}); pass the tokenizer "
+            "whose codes the GPT was trained on"
         )
     if tok.num_all_queries % tok.num_query_groups:
         raise ValueError(f"{tok.num_all_queries} codes do not split into {tok.num_query_groups} equal groups")
@@ -126,6 +132,7 @@ def _sampling_inputs(gpt: "GPT", tokenizer: "DARTokenizer", labels: torch.Tensor
     """(labels on the GPT's device, uniforms (B, N), noise) after checking the labels' shape."""
     if not isinstance(labels, torch.Tensor) or labels.ndim != 1:
         raise ValueError(f"labels must be a (B,) tensor, got {labels!r}")
+    gpt.check_labels(labels, allow_null=False)  # real classes only: guidance adds the null class itself
     labels = labels.to(gpt.device)
     uniforms, noise = draw_randomness(gpt, tokenizer, labels.shape[0], seeds=seeds, generator=generator,
                                       noise=noise, device=labels.device)

@@ -17,6 +17,7 @@ from evaluations.evaluator import load_images
 from tests.extraction_testing import make_tokenizer, run_module
 from tests.gpt_testing import random_gpt
 from tokenizer import DARTokenizer
+from utils.errors import UserError
 from utils.images import to_uint8
 
 N, BATCH = 11, 3  # 4 shards, the last one short
@@ -94,7 +95,7 @@ def test_resume_with_other_settings_is_refused(ckpts: tuple[Path, Path], tmp_pat
     main(args(ckpts, tmp_path / "run", "--max-shards", "0"))
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["num_samples"] == N and manifest["cfg_scale"] == [1.5, 3.0]
-    with pytest.raises(SystemExit, match="other settings.*temperature"):
+    with pytest.raises(UserError, match="other settings.*temperature"):
         main(args(ckpts, tmp_path / "run", "--temperature", "0.5"))
 
 

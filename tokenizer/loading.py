@@ -18,7 +18,10 @@ from tokenizer.config import TOKENIZER_PRESETS, TokenizerConfig, from_official, 
 from tokenizer.model import DARTokenizer
 from tokenizer.pixel_decoder import build_repa_head
 from utils.checkpoint import StateDictMismatchError, names_list, atomic_write, check_state_dict, load_state_file
+from utils.checkpoint_kind import (GPT, TOKENIZER, WrongModelError, kind_of_folder, kind_of_keys, kind_of_object,
+                                   run_folder_hint)
 from utils.config import dataclass_from_dict, dataclass_to_dict, save_yaml
+from utils.errors import UserError
 from utils.hub import OFFICIAL_REPO_ID, resolve_file
 
 OFFICIAL_TOKENIZER_FILENAME = "D-AR-tokenizer_v1.pt"
@@ -27,6 +30,7 @@ CONFIG_NAME = "tokenizer_config.yaml"
 
 _USAGE_KEY = "quantize.codebook_used"  # training statistic; inference never reads it
 _REPA_PREFIX = "diff_decoder.net.repa_out."  # training-only REPA head
+_GPT_HINT = "load it with GPT.from_pretrained and pass a tokenizer checkpoint here"
 
 
 def convert_official_state_dict(state_dict: dict[str, Any], model: DARTokenizer) -> tuple[dict[str, Tensor], set[str]]:
@@ -123,11 +127,16 @@ def load_tokenizer(
 ) -> DARTokenizer:
     """Implementation of :meth:`DARTokenizer.from_pretrained` (see there)."""
     folder = Path(path_or_repo_id).expanduser()
+    if folder.is_dir() and filename is None:
+        _check_tokenizer_folder(folder)
     if folder.is_dir() and filename is None and (folder / CONFIG_NAME).is_file():
         path = folder / WEIGHTS_NAME
     else:
         path = resolve_file(path_or_repo_id, filename, default_filename=OFFICIAL_TOKENIZER_FILENAME)
     obj = load_state_file(path)
+    kind = kind_of_keys(obj) if path.suffix == ".safetensors" else kind_of_object(obj)
+    if kind == GPT:
+        raise WrongModelError(path_or_repo_id, GPT, TOKENIZER, _GPT_HINT)
     if path.suffix == ".safetensors":
         state_dict, embedded = obj, None
         sibling = path.parent / CONFIG_NAME
@@ -139,6 +148,17 @@ def load_tokenizer(
         config = load_tokenizer_config(config)
     resolved = config or embedded or TOKENIZER_PRESETS["v1"]
     return build_from_state_dict(resolved, state_dict, device=device)
+
+
+def _check_tokenizer_folder(folder: Path) -> None:
+    """Name what a folder is when it cannot be a tokenizer checkpoint folder (a GPT's, a run's)."""
+    if kind_of_folder(folder) == GPT:
+        raise WrongModelError(folder, GPT, TOKENIZER, _GPT_HINT)
+    if (folder / CONFIG_NAME).is_file() or (folder / OFFICIAL_TOKENIZER_FILENAME).is_file():
+        return
+    hint = run_folder_hint(folder)
+    if hint is not None:
+        raise UserError(hint)
 
 
 def save_tokenizer(model: DARTokenizer, directory: str | os.PathLike) -> Path:

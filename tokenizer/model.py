@@ -412,6 +412,9 @@ class DARTokenizer(nn.Module):
           ``weights_only=True``; only the official config / args objects are allow-listed.
         - A hub repo id: ``filename`` in that repo (default ``D-AR-tokenizer_v1.pt``), through the
           ``huggingface_hub`` cache; offline without a cached copy raises ``WeightsNotFoundError``.
+        - A training checkpoint of ``tokenizer.train``, also as ``RUN/checkpoints/latest`` (the newest one).
+
+        A GPT checkpoint or a training run folder given here raises a ``UserError`` that says so.
 
         ``config`` (a :class:`TokenizerConfig`, preset name or YAML path) overrides any stored config.
         Loading is strict; see :func:`tokenizer.loading.convert_official_state_dict`.
