@@ -21,13 +21,14 @@ import numpy as np
 import torch
 
 from autoregressive.model import GPT
-from autoregressive.sample import (FlagError, OneLineArgumentParser, add_model_args, add_sampling_args,
+from autoregressive.sample import (FlagError, add_model_args, add_sampling_args,
                                    check_label_flag, check_output_path, load_models, non_negative_int,
                                    parse_int_list, positive_int, precision_of, sampling_kwargs)
 from autoregressive.stream import check_pair, image_seed, sample_images, seeded_noise
 from dataset.images import SkipImage, arr_to_tensor, center_crop_arr, decode_rgb
 from tokenizer.model import DARTokenizer
 from utils.distributed import resolve_device
+from utils.cli import OneLineArgumentParser
 from utils.errors import UserError, require_path, run_cli
 from utils.images import save_grid, to_uint8
 from utils.training import autocast

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 import torch
@@ -35,7 +33,8 @@ from autoregressive.stream import check_pair, image_seed, sample_images, stream
 from tokenizer.model import DARTokenizer
 from utils.checkpoint_kind import WrongModelError
 from utils.distributed import resolve_device
-from utils.errors import USER_ERROR_EXIT_CODE, UserError, run_cli
+from utils.cli import OneLineArgumentParser, non_negative_float, non_negative_int, positive_int, top_p_float
+from utils.errors import UserError, run_cli
 from utils.images import make_grid, save_gif, save_grid, to_uint8
 from utils.training import autocast, default_precision
 
@@ -52,41 +51,6 @@ GPT_FLAGS = {"preset": "--gpt-preset", "ema": "--ema", "filename": "--gpt-file"}
 # ------------------------------------------------------------------------------------------------
 class FlagError(UserError, ValueError):
     """A flag whose value is wrong for the models it is used with (checked after they are loaded)."""
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse whose complaints are one ``error:`` line and exit status 2, like every other user mistake.
-
-    Raising a :class:`UserError` here would change what ``main(argv)`` callers get for a bad command
-    line (argparse's ``SystemExit``), so the line is printed here, as argparse itself does.
-    """
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
-        raise SystemExit(USER_ERROR_EXIT_CODE)
-
-
-def _number(kind: Callable[[str], float], check: Callable[[float], bool], requirement: str) -> Callable[[str], float]:
-    """An argparse ``type`` converting with ``kind`` and refusing values that fail ``check``."""
-
-    def convert(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                              f"got {text!r}") from None
-        if not check(value):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
-        return value
-
-    convert.__name__ = kind.__name__  # argparse names the type in some messages
-    return convert
-
-
-positive_int = _number(int, lambda v: v >= 1, ">= 1")
-non_negative_int = _number(int, lambda v: v >= 0, ">= 0")
-non_negative_float = _number(float, lambda v: v >= 0, ">= 0 (0 = greedy)")  # also refuses nan
-top_p_float = _number(float, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)")
 
 
 def cfg_scale_arg(text: str) -> GuidanceSchedule:

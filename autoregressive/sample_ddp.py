@@ -39,12 +39,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from autoregressive.sample import (FlagError, OneLineArgumentParser, add_model_args, add_sampling_args,
+from autoregressive.sample import (FlagError, add_model_args, add_sampling_args,
                                    check_output_path, load_models, non_negative_int, positive_int, precision_of,
                                    sampling_kwargs)
 from autoregressive.stream import image_seed, sample_images
 from utils.checkpoint import atomic_write, atomic_write_text, follow_pointer
 from utils.distributed import all_gather_object, barrier, broadcast_object, cleanup_distributed, setup_distributed
+from utils.cli import OneLineArgumentParser
 from utils.errors import UserError, run_cli
 from utils.fileio import sweep_temporaries
 from utils.images import to_uint8

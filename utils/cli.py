@@ -1,0 +1,50 @@
+"""Command-line helpers shared by every entry point: one-line argparse errors and checked numeric types.
+
+A bad command line is a user mistake like any other: one ``error:`` line naming the flag and exit
+status 2 (:data:`utils.errors.USER_ERROR_EXIT_CODE`), not argparse's usage block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from utils.errors import USER_ERROR_EXIT_CODE
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose complaints are one ``error:`` line and exit status 2, like every other user mistake.
+
+    Raising a :class:`UserError` here would change what ``main(argv)`` callers get for a bad command
+    line (argparse's ``SystemExit``), so the line is printed here, as argparse itself does.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_EXIT_CODE)
+
+
+def checked_number(kind: Callable[[str], float], check: Callable[[float], bool], requirement: str) -> Callable[[str], float]:
+    """An argparse ``type`` converting with ``kind`` and refusing values that fail ``check``."""
+
+    def convert(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                              f"got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in some messages
+    return convert
+
+
+positive_int = checked_number(int, lambda v: v >= 1, ">= 1")
+non_negative_int = checked_number(int, lambda v: v >= 0, ">= 0")
+non_negative_float = checked_number(float, lambda v: v >= 0, ">= 0")  # also refuses nan
+top_p_float = checked_number(float, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)")
+positive_float = checked_number(float, lambda v: v > 0 and v != float("inf"), "a finite number > 0")
