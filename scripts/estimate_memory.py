@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import types
 import weakref
 from collections.abc import Callable, Iterator
@@ -74,10 +75,7 @@ def load_recipe(path: str | Path) -> Recipe:
     if "model" not in data:
         raise UserError(f"--config {path} has no 'model' entry; pass a training recipe (configs/ar/*.yaml or "
                         "configs/tokenizer/train_*.yaml), not a model file")
-    from autoregressive.config import GPT_PRESETS
-
-    model = data["model"]
-    if isinstance(model, dict) and ("dim" in model or model.get("preset") in GPT_PRESETS):
+    if _is_gpt_model_section(data["model"]):
         from autoregressive.train import load_ar_config
 
         cfg = load_ar_config(path)
@@ -93,8 +91,20 @@ def load_recipe(path: str | Path) -> Recipe:
                   t.optim.ema_decay > 0, _gpu_precision(t.precision), cfg)
 
 
-def _with_depth(recipe: Recipe, n_layer: int) -> Recipe:
-    return replace(recipe, config=replace(recipe.config, model=replace(recipe.config.model, n_layer=n_layer)))
+def _is_gpt_model_section(model: Any) -> bool:
+    """A GPT recipe's ``model:`` is a GPTConfig mapping; a tokenizer's is a preset, a file or a TokenizerConfig one."""
+    from autoregressive.config import GPT_PRESETS, GPTConfig
+    from tokenizer.config import TokenizerConfig
+
+    if not isinstance(model, dict):
+        return False
+    keys = set(model) - {"preset"}
+    gpt_only = {f.name for f in dataclasses.fields(GPTConfig)} - {f.name for f in dataclasses.fields(TokenizerConfig)}
+    if keys & gpt_only:
+        return True
+    if keys:
+        return False
+    return model.get("preset") in GPT_PRESETS  # a bare preset: "tiny" exists for both, GPT recipes use this form
 
 
 def _gpu_precision(precision: str) -> str:
