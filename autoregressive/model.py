@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from autoregressive.config import GPT_PRESETS, GPTConfig, find_multiple
 from autoregressive.generate import GuidanceSchedule, draw_uniforms, generate_codes
@@ -271,9 +272,12 @@ def gpt_config_from_official(official: dict[str, Any]) -> GPTConfig:
 class GPT(nn.Module):
     """Decoder-only Llama: [class token, codes] → next-code logits. Shapes: B batch, N codes, V vocab."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, activation_checkpointing: bool = False) -> None:
         super().__init__()
         self.config = config
+        # Not a GPTConfig field: it trades compute for memory without changing the network, so saved
+        # configs (and checkpoints) must not depend on it.
+        self.activation_checkpointing = activation_checkpointing
         self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.tok_dropout = nn.Dropout(config.token_dropout_p)
@@ -309,6 +313,11 @@ class GPT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def set_activation_checkpointing(self, enabled: bool) -> "GPT":
+        """Recompute each transformer block in backward instead of keeping its activations (training only)."""
+        self.activation_checkpointing = bool(enabled)
+        return self
 
     # -- input checks ----------------------------------------------------------------------------
     def check_labels(self, labels: torch.Tensor, allow_null: bool = True) -> None:
@@ -365,8 +374,11 @@ class GPT(nn.Module):
         h = torch.cat([self.cls_embedding(labels), self.tok_embeddings(codes[:, : n - 1])], dim=1)  # (B, N, D)
         h = self.tok_dropout(h)
         rope = self._rope_on(h.device)[:n]
+        # Only when a backward will follow: in eval or under no_grad there is nothing to save.
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            h = layer(h, rope)
+            # checkpoint() restores the RNG state for the recomputation, so dropout draws the same masks.
+            h = checkpoint(layer, h, rope, use_reentrant=False) if recompute else layer(h, rope)
         return self._head(h)
 
     def forward_cached(self, input_pos: torch.Tensor, codes: torch.Tensor | None = None,

@@ -191,6 +191,9 @@ class TokenizerTrainSettings:
     sample_every: int = 5000
     num_sample_images: int = 8
     compile: bool = False
+    # Same switch name as the GPT recipe; null leaves the model's grad_checkpointing (encoder, code decoder
+    # and pixel decoder) as it is, true / false overrides it everywhere (with_activation_checkpointing).
+    activation_checkpointing: bool | None = None
     init_from: str | None = None  # fine-tune: tokenizer weights (official file, our checkpoint/folder, hub id)
 
 
@@ -234,6 +237,15 @@ def load_train_config(path: str | Path) -> TokenizerTrainConfig:
     model = resolve_model_section(data["model"], Path(path).parent)
     train = dataclass_from_dict(TokenizerTrainSettings, data.get("train") or {}, _where="train")
     return TokenizerTrainConfig(model=model, train=train)
+
+
+def with_activation_checkpointing(cfg: TokenizerTrainConfig) -> TokenizerTrainConfig:
+    """``train.activation_checkpointing`` (when set) written into the model's ``grad_checkpointing`` flags."""
+    flag = cfg.train.activation_checkpointing
+    if flag is None:
+        return cfg
+    pixel = replace(cfg.model.diff_decoder, grad_checkpointing=flag)
+    return replace(cfg, model=replace(cfg.model, grad_checkpointing=flag, diff_decoder=pixel))
 
 
 def check_settings(cfg: TokenizerTrainConfig) -> None:
@@ -427,6 +439,7 @@ def main(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
 def _train(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
     """The body of :func:`main`, which tears the process group down after it."""
     check_settings(cfg)
+    cfg = with_activation_checkpointing(cfg)
 
     # -- distributed -------------------------------------------------------------------------
     env = setup_distributed(opts.device)
@@ -685,6 +698,7 @@ def apply_overrides(cfg: TokenizerTrainConfig, args: argparse.Namespace) -> Toke
     if args.grad_checkpointing is not None:
         flag = args.grad_checkpointing == "on"
         model = replace(model, grad_checkpointing=flag, diff_decoder=replace(model.diff_decoder, grad_checkpointing=flag))
+        changes["activation_checkpointing"] = flag  # the flag beats the recipe's train.activation_checkpointing
     return TokenizerTrainConfig(model=model, train=replace(t, optim=optim, loss=loss, data=data, **changes))
 
 
