@@ -32,3 +32,25 @@ def test_device_cuda_without_gpu_is_a_user_error_and_auto_picks_cpu():
     with pytest.raises(UserError, match="unknown device 'gpu'"):
         resolve_device("gpu")
     assert resolve_device("auto").type == "cpu"
+
+
+def test_a_missing_local_path_with_one_slash_is_not_taken_for_a_hub_repo(tmp_path, monkeypatch):
+    from utils.hub import WeightsNotFoundError, resolve_file
+
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WeightsNotFoundError, match=r"^runs/final does not exist"):
+        resolve_file("runs/final", default_filename="model.safetensors")
+
+
+def test_yaml_mistakes_name_the_file(tmp_path):
+    from utils.config import ConfigError, load_yaml
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  dim: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml is not valid YAML at line"):
+        load_yaml(bad)
+    with pytest.raises(ConfigError, match=r"missing\.yaml does not exist"):
+        load_yaml(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_yaml(tmp_path)

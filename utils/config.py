@@ -117,8 +117,21 @@ def dataclass_to_dict(obj: Any) -> Any:
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
-    with open(path, "r", encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+    """A YAML mapping; a missing file, a folder or a syntax error is a :class:`ConfigError` naming the file."""
+    if not Path(path).exists():
+        raise ConfigError(f"{path} does not exist")
+    if Path(path).is_dir():
+        raise ConfigError(f"{path} is a folder; pass a YAML file")
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text YAML file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

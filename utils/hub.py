@@ -14,6 +14,7 @@ from pathlib import Path
 from utils.errors import UserError
 
 OFFICIAL_REPO_ID = "showlab/D-AR"
+_FILE_SUFFIXES = {".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz", ".yaml"}
 
 
 class WeightsNotFoundError(UserError, FileNotFoundError):
@@ -44,9 +45,11 @@ def resolve_file(
             raise WeightsNotFoundError(f"{candidate} does not exist; pass the file itself or a folder that holds {name}")
         return candidate
     repo_id = str(path_or_repo_id)
-    looks_like_repo = repo_id.count("/") == 1 and not repo_id.startswith((".", "/", "~"))
+    # "runs/final" with an existing "runs/" folder is a local path that is missing, not a hub repo id.
+    looks_like_repo = (repo_id.count("/") == 1 and not repo_id.startswith((".", "/", "~"))
+                       and not path.parent.is_dir() and path.suffix not in _FILE_SUFFIXES)
     if not looks_like_repo:
-        raise WeightsNotFoundError(f"{repo_id} does not exist (and is not a hub repo id such as {OFFICIAL_REPO_ID})")
+        raise WeightsNotFoundError(f"{repo_id} does not exist (nor is it a hub repo id such as {OFFICIAL_REPO_ID})")
     if name is None:
         raise ValueError(f"hub repo {repo_id}: pass filename= to choose a file")
     try:
