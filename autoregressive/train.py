@@ -34,6 +34,7 @@ resume each other); ``train.grad_accum_steps`` splits each rank's batch into mic
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,20 +45,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from autoregressive.config import GPTConfig
-from autoregressive.model import GPT, TransformerBlock, build_gpt, gpt_config_from_yaml
+from autoregressive.config import GPT_PRESETS, GPTConfig
+from autoregressive.model import GPT, TransformerBlock, build_gpt
 from autoregressive.stream import image_seed, sample_images
-from dataset.codes import CodeDataset
-from dataset.images import ImageBatch, ImageFolderDataset, RandomTenCrop, collate_skip_bad
+from dataset.codes import MANIFEST, CodeDataset
+from dataset.images import BadFileStats, ImageBatch, ImageFolderDataset, RandomTenCrop, collate_skip_bad
 from dataset.sampler import ResumableDistributedSampler
+from tokenizer.config import TOKENIZER_PRESETS, TokenizerConfig
 from tokenizer.model import DARTokenizer
 from utils.checkpoint import CheckpointManager
-from utils.config import ConfigError, config_differences, dataclass_from_dict, dataclass_to_dict, load_yaml
+from utils.config import ConfigError, config_differences, dataclass_from_dict, dataclass_to_dict, keys_fit, load_yaml
 from utils.distributed import (
     DistEnv,
     all_reduce_mean,
     all_reduce_sum,
     gradient_sync,
+    resolve_device,
     run_then_cleanup,
     seed_everything,
     setup_distributed,
@@ -72,6 +75,14 @@ from utils.training import (
     WandbLogger,
     add_common_train_args,
     all_ranks_agree,
+    check_finite_weights,
+    check_fresh_start,
+    check_optim,
+    check_positive_ints,
+    check_results_dir,
+    check_run_options,
+    check_weights_source,
+    open_image_folder,
     autocast,
     build_optimizer,
     create_ema,
@@ -84,7 +95,7 @@ from utils.training import (
     unwrap_model,
     update_ema,
 )
-from utils.errors import run_cli
+from utils.errors import PathNotFoundError, UserError, require_path, run_cli
 
 # ------------------------------------------------------------------------------------------------
 # Config
@@ -159,14 +170,46 @@ class ARTrainConfig:
     train: ARTrainSettings
 
 
+RECIPE_EXAMPLE = "configs/ar/tiny.yaml"
+
+
+def resolve_model_section(value: Any, path: str | Path) -> GPTConfig:
+    """``model:`` of a recipe → :class:`GPTConfig`: a preset name or a mapping (optional ``preset:`` + overrides)."""
+    if isinstance(value, str) and value in GPT_PRESETS:
+        return GPT_PRESETS[value]
+    if isinstance(value, str) and (value in TOKENIZER_PRESETS or Path(value).suffix in (".yaml", ".yml")):
+        raise ConfigError(f"{path} is a tokenizer training recipe (for tokenizer.train); pass a GPT training "
+                          f"recipe such as {RECIPE_EXAMPLE}")
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: model: expected a GPT preset ({', '.join(GPT_PRESETS)}) or a mapping of "
+                          f"GPTConfig fields, got {value!r}")
+    section = dict(value)
+    preset = section.pop("preset", None)
+    if preset is not None:
+        if preset not in GPT_PRESETS:
+            raise ConfigError(f"{path}: unknown GPT preset {preset!r}; choose from {', '.join(GPT_PRESETS)}")
+        section = {**dataclass_to_dict(GPT_PRESETS[preset]), **section}
+    return dataclass_from_dict(GPTConfig, section, _where="model")
+
+
 def load_ar_config(path: str | Path) -> ARTrainConfig:
-    """Strictly load a recipe: top-level ``model`` (required) and ``train`` (paper defaults if absent)."""
+    """Strictly load a recipe: top-level ``model`` and ``train`` (both required)."""
     data = load_yaml(path)
+    model = data.get("model")
+    if keys_fit(TokenizerConfig, data) or (keys_fit(TokenizerConfig, model) and not keys_fit(GPTConfig, model)):
+        raise ConfigError(f"{path} is a tokenizer config; autoregressive.train needs a GPT training recipe such as "
+                          f"{RECIPE_EXAMPLE}")
+    if keys_fit(GPTConfig, data) or (set(data) == {"model"} and isinstance(model, dict)):
+        raise ConfigError(f"{path} is a model config; pass a training recipe such as {RECIPE_EXAMPLE} "
+                          "(model: and train: sections)")
     unknown = sorted(set(data) - {"model", "train"})
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; expected 'model' and 'train'")
+    if "model" not in data:
+        raise ConfigError(f"{path}: a GPT training recipe needs a 'model' entry (see {RECIPE_EXAMPLE})")
+    gpt = resolve_model_section(model, path)
     train = dataclass_from_dict(ARTrainSettings, data.get("train") or {}, _where="train")
-    return ARTrainConfig(model=gpt_config_from_yaml(path), train=train)
+    return ARTrainConfig(model=gpt, train=train)
 
 
 def apply_overrides(cfg: ARTrainConfig, args: argparse.Namespace) -> ARTrainConfig:
@@ -198,26 +241,42 @@ def apply_overrides(cfg: ARTrainConfig, args: argparse.Namespace) -> ARTrainConf
 
 
 def check_settings(t: ARTrainSettings) -> None:
+    """Every setting in range before anything is built or written (a :class:`ConfigError` names the flag)."""
     d = t.data
     if (d.code_path is None) == (d.data_path is None):
-        raise ValueError("give exactly one data source: --code-path DIR (extracted codes) or --data-path IMAGES")
+        raise ConfigError("give exactly one data source: --code-path DIR (extracted codes) or --data-path IMAGES")
     if d.data_path is not None and d.tokenizer_ckpt is None:
-        raise ValueError("--data-path encodes images on the fly and needs --tokenizer-ckpt")
+        raise ConfigError("--data-path encodes images on the fly and needs --tokenizer-ckpt")
     if d.code_path is not None and d.tokenizer_ckpt is not None and t.sample.every == 0:
-        raise ValueError("--tokenizer-ckpt with --code-path only decodes sample grids: set --sample-every too")
+        raise ConfigError("--tokenizer-ckpt with --code-path only decodes sample grids: set --sample-every too")
     if t.sample.every > 0 and d.tokenizer_ckpt is None:
-        raise ValueError("--sample-every needs --tokenizer-ckpt to decode the sampled codes")
+        raise ConfigError("--sample-every needs --tokenizer-ckpt to decode the sampled codes")
     if t.sample.every < 0 or (t.sample.every > 0 and not t.sample.labels):
-        raise ValueError("train.sample.every must be >= 0 and, when on, train.sample.labels non-empty")
-    for name in ("global_batch_size", "grad_accum_steps", "epochs", "log_every", "ckpt_every"):
-        if getattr(t, name) < 1:
-            raise ValueError(f"train.{name} must be positive, got {getattr(t, name)}")
-    if t.max_steps is not None and t.max_steps < 1:
-        raise ValueError(f"train.max_steps must be positive, got {t.max_steps}")
+        raise ConfigError("--sample-every (train.sample.every) must be >= 0 and, when on, train.sample.labels "
+                          "non-empty")
+    check_positive_ints(t, {"global_batch_size": "--global-batch-size", "grad_accum_steps": "--grad-accum-steps",
+                            "epochs": "--epochs", "log_every": "--log-every", "ckpt_every": "--ckpt-every"})
+    if t.max_steps is not None:
+        check_positive_ints(t, {"max_steps": "--max-steps"})
+    check_positive_ints(d, {"num_workers": "--num-workers"}, "data.", minimum=0)
+    check_positive_ints(d, {"image_size": None}, "data.")
+    check_optim(t.optim)
     if t.precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"train.precision {t.precision!r}: use fp32 or bf16 (fp16 would need loss scaling)")
-    if t.decay_epochs < 0:
-        raise ValueError(f"train.decay_epochs must be >= 0, got {t.decay_epochs}")
+        raise ConfigError(f"train.precision {t.precision!r}: use fp32 or bf16 (fp16 would need loss scaling)")
+    if not (math.isfinite(t.decay_epochs) and t.decay_epochs >= 0):
+        raise ConfigError(f"train.decay_epochs must be a finite number >= 0, got {t.decay_epochs}")
+
+
+def check_inputs(d: ARDataConfig) -> None:
+    """The data source and tokenizer exist (before the run folder is created)."""
+    if d.code_path is not None:
+        require_path(d.code_path, "--code-path", "pass the folder written by python -m tokenizer.extract_codes")
+        if not (Path(d.code_path).expanduser() / MANIFEST).is_file():
+            raise PathNotFoundError(Path(d.code_path) / MANIFEST, "--code-path must be a folder written by "
+                                    "python -m tokenizer.extract_codes (extract codes first)")
+    if d.data_path is not None:
+        require_path(d.data_path, "--data-path")
+    check_weights_source(d.tokenizer_ckpt, "--tokenizer-ckpt")
 
 
 def resolve_schedule(t: ARTrainSettings, steps_per_epoch: int) -> ARTrainSettings:
@@ -276,7 +335,9 @@ def build_data(
         source, collate = CodeSource(env.device), None
         what = f"codes in {d.code_path}"
     else:
-        dataset = ImageFolderDataset(d.data_path, RandomTenCrop(d.image_size, d.crop_ratio), seed=t.seed)
+        dataset = open_image_folder(
+            lambda: ImageFolderDataset(d.data_path, RandomTenCrop(d.image_size, d.crop_ratio), seed=t.seed),
+            d.data_path)
         seq_len, vocab = tokenizer.config.num_all_queries, tokenizer.config.vq_codebook_size
         max_label = max(dataset.labels)
         source, collate = CodeSource(env.device, tokenizer), collate_skip_bad
@@ -294,7 +355,7 @@ def build_data(
             tokenizer.config.num_all_queries, tokenizer.config.vq_codebook_size) != (seq_len, vocab):
         problems.append(f"the sampling tokenizer {d.tokenizer_ckpt} does not match the codes")
     if problems:
-        raise ValueError(f"{what} do not fit the model: " + "; ".join(problems))
+        raise ConfigError(f"{what} do not fit the model: " + "; ".join(problems))
     return dataset, source, collate, tokenizer
 
 
@@ -438,41 +499,71 @@ def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
 
 def _train(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
     """The body of :func:`main`, which tears the process group down after it."""
-    check_settings(cfg.train)
-
-    # -- distributed -------------------------------------------------------------------------
+    # -- distributed (first: --device cuda without a GPU is the first thing to say) -------------
     env = setup_distributed(opts.device)
+
+    # -- every input is checked before the run folder is created --------------------------------
+    check_settings(cfg.train)
+    check_run_options(opts.keep_last, opts.stop_after_step)
+    check_inputs(cfg.train.data)
     t = cfg.train
     precision = default_precision(env.device) if t.precision == "auto" else t.precision
     t = replace(t, precision=precision)
     if t.global_batch_size % (env.world_size * t.grad_accum_steps):
-        raise ValueError(f"global batch {t.global_batch_size} is not divisible by world size {env.world_size} "
-                         f"x grad_accum_steps {t.grad_accum_steps}")
+        raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by world size "
+                          f"{env.world_size} x grad_accum_steps {t.grad_accum_steps}")
     if t.fsdp and not env.distributed:
-        raise ValueError("train.fsdp needs several ranks (torchrun); one process trains unsharded")
+        raise ConfigError("train.fsdp needs several ranks (torchrun); one process trains unsharded")
     batch_size = t.global_batch_size // (env.world_size * t.grad_accum_steps)  # per rank, per micro-batch
-
-    # -- run folder ----------------------------------------------------------------------------
-    run = RunFolder(opts.results_dir, env.is_main)
-    logger = create_logger("autoregressive.train", run.root if env.is_main else None, env.is_main)
+    check_results_dir(opts.results_dir)
+    run = RunFolder(opts.results_dir, env.is_main, create=False)
     manager = CheckpointManager(run.checkpoints, keep_last=opts.keep_last)
     resume_path = resolve_resume(opts.resume, manager)
-    if resume_path is None and manager.all_steps():
-        raise FileExistsError(f"{run.checkpoints} already holds checkpoints: pass --resume auto or a new --results-dir")
+    check_fresh_start(resume_path, manager)
 
-    # -- data (first: the schedule depends on the dataset size) --------------------------------
+    # -- data (the schedule depends on the dataset size) ----------------------------------------
     dataset, source, collate, tokenizer = build_data(t, cfg.model, env)
-    if isinstance(dataset, CodeDataset) and dataset.num_augs < 10:
-        views = {1: "the centre crop only", 2: "the centre crop and its mirror"}.get(dataset.num_augs, "")
-        logger.info(f"codes hold {dataset.num_augs} view(s) per image ({views}); the paper recipe trains on "
-                    "ten-crop codes (tokenizer.extract_codes --ten-crop)")
     sampler = ResumableDistributedSampler(len(dataset), env.world_size, env.rank, seed=t.seed, shuffle=True,
                                           drop_last=True)
     steps_per_epoch = sampler.num_samples // (batch_size * t.grad_accum_steps)
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} samples give no full batch of {t.global_batch_size}")
+        raise ConfigError(f"{len(dataset)} samples give no full batch of {t.global_batch_size}; pass a smaller "
+                          "--global-batch-size")
+
+    # -- run folder ----------------------------------------------------------------------------
+    run.create()
+    if env.is_main:
+        manager.sweep()  # temporaries of checkpoint writes a kill interrupted (no other rank writes yet)
+    logger = create_logger("autoregressive.train", run.root if env.is_main else None, env.is_main)
+    if resume_path is None:
+        run.truncate_metrics(0)  # lines of an earlier launch that died before its first checkpoint
+    if isinstance(dataset, CodeDataset) and dataset.num_augs < 10:
+        views = {1: "the centre crop only", 2: "the centre crop and its mirror"}.get(dataset.num_augs, "")
+        logger.info(f"codes hold {dataset.num_augs} view(s) per image ({views}); the paper recipe trains on "
+                    "ten-crop codes (tokenizer.extract_codes --ten-crop)")
+    # Bad-file counts of on-the-fly encoding: this rank's since the last sync, and the epoch's global
+    # total up to that sync (synced at checkpoints too, so a resumed run still reports whole epochs).
+    on_the_fly = tokenizer is not None and t.data.data_path is not None
+    bad = {"local": BadFileStats(), "synced": BadFileStats()}
+
+    def sync_bad_files() -> None:
+        if on_the_fly:
+            bad["synced"].update(bad["local"].all_reduce(env.device))
+            bad["local"] = BadFileStats()
+
+    def on_epoch_end(epoch: int) -> None:
+        if not on_the_fly:
+            return
+        sync_bad_files()
+        total = bad["synced"]
+        logger.info(f"epoch {epoch} done: {total.summary()}")
+        if total.seen > 0 and total.num_skipped == total.seen:
+            raise UserError(f"epoch {epoch}: every one of the {total.seen} files in {t.data.data_path} was skipped "
+                            f"({total.summary()}); check the folder holds readable images")
+        bad["synced"] = BadFileStats()
+
     loader = InfiniteLoader(dataset, sampler, batch_size, env.world_size, num_workers=t.data.num_workers,
-                            collate_fn=collate, pin_memory=env.device.type == "cuda")
+                            collate_fn=collate, pin_memory=env.device.type == "cuda", on_epoch_end=on_epoch_end)
     t = resolve_schedule(t, steps_per_epoch)
     cfg = replace(cfg, train=t)
     run.save_config(cfg)
@@ -517,6 +608,8 @@ def _train(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
         guard.load_state_dict(state["guard"])
         window = dict(state["window"])
         empty_batches = int(state["empty_batches"])
+        if on_the_fly and "bad_files" in state:
+            bad["synced"] = BadFileStats(**state["bad_files"])
         diffs = config_differences(state["config"], dataclass_to_dict(cfg)) if "config" in state else []
         for diff in diffs:
             logger.warning(f"config changed since the checkpoint: {diff}")
@@ -528,8 +621,11 @@ def _train(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
         holders = [h for h in (*modules.values(), *optimizers.values()) if hasattr(h, "gather")]
         for holder in holders:
             holder.gather()
+        sync_bad_files()
         extra = {"loader": loader.state_dict(), "guard": guard.state_dict(), "window": dict(window),
                  "empty_batches": empty_batches, "config": dataclass_to_dict(cfg), "steps_per_epoch": steps_per_epoch}
+        if on_the_fly:
+            extra["bad_files"] = dataclasses.asdict(bad["synced"])
         # Top-level "model" / "ema" + "gpt_config" make the file loadable by GPT.from_pretrained
         # (ema=True for the EMA). They share storage with "modules", so torch.save writes them once.
         aliases = None
@@ -552,9 +648,13 @@ def _train(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         micro_losses: list[torch.Tensor] = []
         while len(micro_losses) < t.grad_accum_steps:
-            codes, labels = source(next(loader))  # (B, N), (B,)
+            batch = next(loader)
+            if isinstance(batch, ImageBatch):
+                bad["local"].update(batch.stats)
+            codes, labels = source(batch)  # (B, N), (B,)
             if not all_ranks_agree(labels.numel() > 0, env.device):
                 empty_batches += 1  # some rank drew only bad files: every rank skips this batch together
+                logger.warning(f"step {step + 1}: skipped a batch without decodable images on some rank")
                 continue
             with gradient_sync(trained, len(micro_losses) == t.grad_accum_steps - 1):
                 with autocast(env.device, precision):
@@ -608,7 +708,9 @@ def _train(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
         for name, module in final.items():
             state = full_state_dict(module, t.fsdp)
             if env.is_main:
-                build_gpt(cfg.model, state).save_pretrained(run.root / name)
+                gpt = build_gpt(cfg.model, state)
+                check_finite_weights(gpt, f"the GPT weights to {run.root / name}")
+                gpt.save_pretrained(run.root / name)
         logger.info(f"done: {step} steps; inference weights in {run.root / 'final'}")
     else:
         logger.info(f"stopped after step {step} of {t.max_steps}; continue with --resume auto")
@@ -632,6 +734,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ARTrainConfig, RunOptions
     parser.add_argument("--stop-after-step", type=int, default=None,
                         help="checkpoint and exit after this step without changing the LR schedule (time-limited jobs)")
     args = parser.parse_args(argv)
+    resolve_device(args.device)  # --device cuda without a GPU is said before anything else
     cfg = apply_overrides(load_ar_config(args.config), args)
     opts = RunOptions(results_dir=args.results_dir, resume=args.resume, device=args.device, keep_last=args.keep_last,
                       stop_after_step=args.stop_after_step, wandb=args.wandb, wandb_project=args.wandb_project)

@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 
 from dataset.seeding import randint, sample_generator
 from utils.checkpoint import atomic_write, atomic_write_text
+from utils.errors import UserError
 
 FORMAT_NAME = "dar-codes"
 FORMAT_VERSION = 1
@@ -193,6 +194,9 @@ class CodeDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.num_items: int = self.manifest["num_items"]
+        if self.num_items == 0:
+            raise UserError(f"{self.root} has 0 items: its shards hold no codes; extract codes from a non-empty "
+                            "image folder (python -m tokenizer.extract_codes)")
         self.seq_len: int = self.manifest["seq_len"]
         self.vocab_size: int = self.manifest["vocab_size"]
         self.num_augs: int = self.manifest["num_augs"]

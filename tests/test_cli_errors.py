@@ -48,9 +48,9 @@ def test_yaml_mistakes_name_the_file(tmp_path):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  dim: [1, 2\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml is not valid YAML at line"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml is not valid YAML \(line"):
         load_yaml(bad)
-    with pytest.raises(ConfigError, match=r"missing\.yaml does not exist"):
+    with pytest.raises(UserError, match=r"missing\.yaml does not exist"):
         load_yaml(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="is a folder"):
         load_yaml(tmp_path)

@@ -381,13 +381,16 @@ def test_two_rank_run_learns_and_a_killed_run_resumes_exactly(tmp_path: Path) ->
     assert read_metrics(killed / "metrics.jsonl") != [] and (killed / "final").is_dir()
 
 
-def test_init_from_starts_fine_tuning_from_the_given_weights(tmp_path: Path) -> None:
+def test_init_from_starts_fine_tuning_from_the_given_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenizer.train import main
+
     make_image_folder(tmp_path / "images", per_class=(2, 2), bad=None)
     source = make_tokenizer(tmp_path / "source")
     recipe = write_recipe(tmp_path / "r.yaml", global_batch_size=2, max_steps=1, loss={"perceptual_weight": 0.0})
     out = tmp_path / "run"
-    # lr 0: AdamW leaves the weights (and so the EMA) exactly where --init-from put them.
-    run_module("tokenizer.train", train_args(recipe, tmp_path / "images", out, "--init-from", str(source), "--lr", "0"))
+    # No optimizer step (--lr 0 is refused): the weights (and so the EMA) stay exactly where --init-from put them.
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, closure=None: None)
+    main(*parse_args(train_args(recipe, tmp_path / "images", out, "--init-from", str(source))))
     expected = DARTokenizer.from_pretrained(source).state_dict()
     for key, value in DARTokenizer.from_pretrained(out / "final").state_dict().items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0)

@@ -76,18 +76,20 @@ from tokenizer.flow import TIME_SAMPLINGS, TimeSampling
 from tokenizer.model import DARTokenizer, TokenizerTrainOutput
 from tokenizer.reconstruct import save_reconstruction_grid
 from utils.checkpoint import CheckpointManager
-from utils.config import ConfigError, config_differences, dataclass_from_dict, dataclass_to_dict, load_yaml
+from autoregressive.config import GPTConfig
+from utils.config import ConfigError, config_differences, dataclass_from_dict, dataclass_to_dict, keys_fit, load_yaml
 from utils.distributed import (
     DistEnv,
     all_reduce_mean,
     all_reduce_sum,
     barrier,
     gradient_sync,
+    resolve_device,
     run_then_cleanup,
     seed_everything,
     setup_distributed,
 )
-from utils.run import RunFolder, create_logger
+from utils.run import RunFolder, create_logger, start_log_file
 from utils.training import (
     InfiniteLoader,
     NonFiniteGuard,
@@ -96,6 +98,15 @@ from utils.training import (
     WandbLogger,
     add_common_train_args,
     all_ranks_agree,
+    check_finite_weights,
+    check_fresh_start,
+    check_optim,
+    check_positive_ints,
+    check_results_dir,
+    check_run_options,
+    check_weights_source,
+    open_image_folder,
+    require_setting,
     autocast,
     build_optimizer,
     create_ema,
@@ -108,7 +119,7 @@ from utils.training import (
     unwrap_model,
     update_ema,
 )
-from utils.errors import run_cli
+from utils.errors import UserError, require_path, run_cli
 
 # ------------------------------------------------------------------------------------------------
 # Config
@@ -216,6 +227,9 @@ def resolve_model_section(value: Any, recipe_dir: Path) -> TokenizerConfig:
         if value in TOKENIZER_PRESETS:
             return TOKENIZER_PRESETS[value]
         path = Path(value) if Path(value).is_absolute() else recipe_dir / value
+        if not path.is_file():
+            raise ConfigError(f"model: {value!r} is neither a tokenizer preset ({', '.join(TOKENIZER_PRESETS)}) nor "
+                              f"a model YAML ({path} does not exist)")
         return load_tokenizer_config(path)
     if isinstance(value, dict):
         section = dict(value)
@@ -226,9 +240,19 @@ def resolve_model_section(value: Any, recipe_dir: Path) -> TokenizerConfig:
     raise ConfigError(f"model: expected a preset name, a YAML path or a mapping, got {value!r}")
 
 
+RECIPE_EXAMPLE = "configs/tokenizer/train_tiny.yaml"
+
+
 def load_train_config(path: str | Path) -> TokenizerTrainConfig:
     """Strictly load a recipe: top-level ``model`` (required) and ``train`` (official defaults if absent)."""
     data = load_yaml(path)
+    if keys_fit(TokenizerConfig, data):
+        raise ConfigError(f"{path} is a model config; pass a training recipe such as {RECIPE_EXAMPLE} "
+                          "(its model: entry may name this file)")
+    model = data.get("model")
+    if keys_fit(GPTConfig, data) or (keys_fit(GPTConfig, model) and not keys_fit(TokenizerConfig, model)):
+        raise ConfigError(f"{path} is a GPT config (for autoregressive.train); pass a tokenizer training recipe "
+                          f"such as {RECIPE_EXAMPLE}")
     unknown = sorted(set(data) - {"model", "train"})
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; expected 'model' and 'train'")
@@ -249,35 +273,44 @@ def with_activation_checkpointing(cfg: TokenizerTrainConfig) -> TokenizerTrainCo
 
 
 def check_settings(cfg: TokenizerTrainConfig) -> None:
+    """Every setting in range before anything is built or written (a :class:`ConfigError` names the flag)."""
     t, w = cfg.train, cfg.train.loss
     if t.data.data_path is None:
-        raise ValueError("no training images: pass --data-path (or set train.data.data_path)")
-    for name in ("image_size", "global_batch_size", "max_steps", "grad_accum_steps", "flow_draws", "log_every",
-                 "ckpt_every", "sample_every"):
-        if getattr(t, name) < 1:
-            raise ValueError(f"train.{name} must be positive, got {getattr(t, name)}")
-    if t.num_sample_images < 0:
-        raise ValueError("train.num_sample_images must be >= 0")
+        raise ConfigError("no training images: pass --data-path (or set train.data.data_path)")
+    check_positive_ints(t, {"image_size": "--image-size", "global_batch_size": "--global-batch-size",
+                            "max_steps": "--max-steps", "grad_accum_steps": "--grad-accum-steps",
+                            "flow_draws": "--flow-draws", "log_every": "--log-every", "ckpt_every": "--ckpt-every",
+                            "sample_every": "--sample-every"})
+    check_positive_ints(t, {"num_sample_images": None}, minimum=0)
+    check_positive_ints(t.data, {"num_workers": "--num-workers", "min_size": None}, "data.", minimum=0)
+    check_positive_ints(w, {"gan_start_step": "--gan-start-step"}, "loss.", minimum=0)
+    check_optim(t.optim)
+    check_optim(w.disc_optim, "loss.disc_optim.", lr_flag=None)
     if t.time_sampling not in TIME_SAMPLINGS:
-        raise ValueError(f"train.time_sampling {t.time_sampling!r}: choose one of {', '.join(TIME_SAMPLINGS)}")
+        raise ConfigError(f"train.time_sampling {t.time_sampling!r}: choose one of {', '.join(TIME_SAMPLINGS)}")
     if t.precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"train.precision {t.precision!r}: use fp32 or bf16 (fp16 would need loss scaling)")
+        raise ConfigError(f"train.precision {t.precision!r}: use fp32 or bf16 (fp16 would need loss scaling)")
+    flags = {"perceptual_weight": "--perceptual-weight", "pixel_weight": "--pixel-weight",
+             "repa_weight": "--repa-weight", "gan_weight": "--gan-weight", "entropy_weight": "--entropy-weight"}
     for name in ("flow_weight", "codebook_weight", "commitment_weight", "entropy_weight", "perceptual_weight",
                  "pixel_weight", "repa_weight", "gan_weight"):
-        if getattr(w, name) < 0:
-            raise ValueError(f"train.loss.{name} must be >= 0, got {getattr(w, name)}")
-    if w.entropy_temperature <= 0:
-        raise ValueError(f"train.loss.entropy_temperature must be positive, got {w.entropy_temperature}")
+        value = getattr(w, name)
+        require_setting(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, f"loss.{name}",
+                        value, "a finite number >= 0", flags.get(name))
+    require_setting(math.isfinite(w.entropy_temperature) and w.entropy_temperature > 0, "loss.entropy_temperature",
+                    w.entropy_temperature, "a finite number > 0 (must be positive)")
     if w.repa_weight > 0 and not cfg.model.diff_decoder.has_repa_head:
-        raise ValueError("train.loss.repa_weight > 0 but the model has no REPA head (diff_decoder.depth <= repa_layer)")
+        raise ConfigError("train.loss.repa_weight > 0 but the model has no REPA head (diff_decoder.depth <= "
+                          "repa_layer); pass --repa-weight 0")
     if w.repa_encoder not in REPA_ENCODER_PRESETS:
-        raise ValueError(f"unknown REPA encoder {w.repa_encoder!r}; choose from {', '.join(REPA_ENCODER_PRESETS)}")
+        raise ConfigError(f"unknown REPA encoder {w.repa_encoder!r}; choose from {', '.join(REPA_ENCODER_PRESETS)}")
     if w.discriminator not in DISCRIMINATOR_PRESETS:
-        raise ValueError(f"unknown discriminator {w.discriminator!r}; choose from {', '.join(DISCRIMINATOR_PRESETS)}")
+        raise ConfigError(f"unknown discriminator {w.discriminator!r}; choose from {', '.join(DISCRIMINATOR_PRESETS)}")
     if not 0 < t.data.min_crop_frac <= t.data.max_crop_frac <= 1:
-        raise ValueError("train.data crop fractions must satisfy 0 < min_crop_frac <= max_crop_frac <= 1")
+        raise ConfigError("train.data crop fractions must satisfy 0 < min_crop_frac <= max_crop_frac <= 1")
     if t.image_size % cfg.model.encoder_patch_size or t.image_size % cfg.model.diff_decoder.patch_size:
-        raise ValueError(f"image_size {t.image_size} must be a multiple of both patch sizes")
+        raise ConfigError(f"--image-size {t.image_size} must be a multiple of both patch sizes "
+                          f"({cfg.model.encoder_patch_size} and {cfg.model.diff_decoder.patch_size})")
 
 
 def term_weights(w: LossConfig) -> dict[str, float]:
@@ -438,38 +471,61 @@ def main(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
 
 def _train(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
     """The body of :func:`main`, which tears the process group down after it."""
-    check_settings(cfg)
-    cfg = with_activation_checkpointing(cfg)
-
-    # -- distributed -------------------------------------------------------------------------
+    # -- distributed (first: --device cuda without a GPU is the first thing to say) -------------
     env = setup_distributed(opts.device)
+
+    # -- every input is checked before the run folder is created --------------------------------
+    check_settings(cfg)
+    check_run_options(opts.keep_last, opts.stop_after_step)
+    cfg = with_activation_checkpointing(cfg)
     t = cfg.train
+    d = t.data
+    require_path(d.data_path, "--data-path")
+    check_weights_source(t.init_from, "--init-from")
     precision = default_precision(env.device) if t.precision == "auto" else t.precision
     t = replace(t, precision=precision)
     cfg = replace(cfg, train=t)
     if t.global_batch_size % (env.world_size * t.grad_accum_steps):
-        raise ValueError(f"global batch {t.global_batch_size} is not divisible by world size {env.world_size} "
-                         f"x grad_accum_steps {t.grad_accum_steps}")
+        raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by world size "
+                          f"{env.world_size} x grad_accum_steps {t.grad_accum_steps}")
     batch_size = t.global_batch_size // (env.world_size * t.grad_accum_steps)  # per rank, per micro-batch
     weights = term_weights(t.loss)
     entropy_temperature = t.loss.entropy_temperature if t.loss.entropy_weight > 0 else None
-
-    # -- run folder ----------------------------------------------------------------------------
-    run = RunFolder(opts.results_dir, env.is_main)
-    logger = create_logger("tokenizer.train", run.root if env.is_main else None, env.is_main)
+    check_results_dir(opts.results_dir)
+    run = RunFolder(opts.results_dir, env.is_main, create=False)
     manager = CheckpointManager(run.checkpoints, keep_last=opts.keep_last)
     resume_path = resolve_resume(opts.resume, manager)
-    if resume_path is None and manager.all_steps():
-        raise FileExistsError(f"{run.checkpoints} already holds checkpoints: pass --resume auto or a new --results-dir")
+    check_fresh_start(resume_path, manager)
+    if env.is_main:
+        manager.sweep()  # temporaries of checkpoint writes a kill interrupted (before any rank can write)
+    logger = create_logger("tokenizer.train", None, env.is_main, defer_file=True)
+    seed_everything(t.seed)  # identical initialisation on every rank
+    nets = build_loss_networks(t.loss, opts.weights, env, logger)  # first: missing weight files fail fast
+    transform = RandomCropFlip(t.image_size, d.min_crop_frac, d.max_crop_frac, d.flip)
+    dataset = open_image_folder(lambda: ImageFolderDataset(d.data_path, transform, with_labels=False, seed=t.seed,
+                                                           min_size=d.min_size), d.data_path)
+    sampler = ResumableDistributedSampler(len(dataset), env.world_size, env.rank, seed=t.seed, drop_last=True)
+    steps_per_epoch = sampler.num_samples // (batch_size * t.grad_accum_steps)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{d.data_path} holds {len(dataset)} images, no full batch of {t.global_batch_size}; "
+                          "pass a smaller --global-batch-size")
+    init_state = None
+    if t.init_from is not None and resume_path is None:
+        # Fine-tuning starts from the source's EMA weights (from_pretrained prefers them), strictly.
+        init_state = DARTokenizer.from_pretrained(t.init_from, config=cfg.model).state_dict()
+
+    # -- run folder ----------------------------------------------------------------------------
+    run.create()
+    if env.is_main:
+        start_log_file(logger, run.root)
+    if resume_path is None:
+        run.truncate_metrics(0)  # lines of an earlier launch that died before its first checkpoint
     run.save_config(cfg)
 
     # -- model / EMA / loss networks -----------------------------------------------------------
-    seed_everything(t.seed)  # identical initialisation on every rank
-    nets = build_loss_networks(t.loss, opts.weights, env, logger)  # first: missing weight files fail fast
     model = DARTokenizer(cfg.model)
-    if t.init_from is not None and resume_path is None:
-        # Fine-tuning starts from the source's EMA weights (from_pretrained prefers them), strictly.
-        model.load_state_dict(DARTokenizer.from_pretrained(t.init_from, config=cfg.model).state_dict(), strict=True)
+    if init_state is not None:
+        model.load_state_dict(init_state, strict=True)
         logger.info(f"initialised from {t.init_from}")
     model.to(env.device).train()
     if t.loss.repa_weight == 0 and cfg.model.diff_decoder.has_repa_head:
@@ -499,13 +555,6 @@ def _train(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
         optimizers["disc_optimizer"] = build_optimizer(disc, t.loss.disc_optim, env.device)
 
     # -- data ----------------------------------------------------------------------------------
-    d = t.data
-    transform = RandomCropFlip(t.image_size, d.min_crop_frac, d.max_crop_frac, d.flip)
-    dataset = ImageFolderDataset(d.data_path, transform, with_labels=False, seed=t.seed, min_size=d.min_size)
-    sampler = ResumableDistributedSampler(len(dataset), env.world_size, env.rank, seed=t.seed, drop_last=True)
-    steps_per_epoch = sampler.num_samples // (batch_size * t.grad_accum_steps)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} images give no full batch of {t.global_batch_size}")
     # Bad-file counts: this rank's since the last sync, and the epoch's global total up to that sync
     # (synced at checkpoints too, so a resumed run still reports whole epochs).
     bad = {"local": BadFileStats(), "synced": BadFileStats()}
@@ -523,7 +572,8 @@ def _train(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
         run.log_metrics({"step": state["step"] + 1, "epoch_end": epoch,
                          **{f"bad_files/{k}": v for k, v in total.to_dict().items()}})
         if total.seen > 0 and total.num_skipped == total.seen:
-            raise RuntimeError(f"epoch {epoch}: every one of the {total.seen} files was skipped ({total.summary()})")
+            raise UserError(f"epoch {epoch}: every one of the {total.seen} files in {d.data_path} was skipped "
+                            f"({total.summary()}); check the folder holds readable images")
         bad["synced"] = BadFileStats()
 
     loader = InfiniteLoader(dataset, sampler, batch_size, env.world_size, num_workers=d.num_workers,
@@ -661,7 +711,9 @@ def _train(cfg: TokenizerTrainConfig, opts: RunOptions) -> dict[str, Any]:
     # -- save ----------------------------------------------------------------------------------
     if state["step"] >= t.max_steps:
         if env.is_main:
-            unwrap_model(ema if ema is not None else model).save_pretrained(run.root / "final")
+            final = unwrap_model(ema if ema is not None else model)
+            check_finite_weights(final, f"the final tokenizer weights to {run.root / 'final'}")
+            final.save_pretrained(run.root / "final")
         logger.info(f"done: {state['step']} steps; bad files this epoch so far: {bad['synced'].summary()}; "
                     f"inference weights in {run.root / 'final'}")
     else:
@@ -733,6 +785,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TokenizerTrainConfig, Run
     parser.add_argument("--stop-after-step", type=int, default=None,
                         help="checkpoint and exit after this step without changing the schedule (time-limited jobs)")
     args = parser.parse_args(argv)
+    resolve_device(args.device)  # --device cuda without a GPU is said before anything else
     cfg = apply_overrides(load_train_config(args.config), args)
     opts = RunOptions(
         results_dir=args.results_dir, resume=args.resume, device=args.device, keep_last=args.keep_last,

@@ -8,6 +8,7 @@ built recursively and YAML lists become tuples so configs stay hashable and immu
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from utils.errors import UserError
+from utils.errors import PathNotFoundError, UserError
 from utils.fileio import atomic_write_text
 
 T = TypeVar("T")
@@ -94,8 +95,10 @@ def dataclass_from_dict(cls: type[T], data: dict, _where: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     prefix = f"{_where}." if _where else ""
     if unknown:
+        guesses = [f"{k} -> {close[0]}?" for k in unknown if (close := difflib.get_close_matches(k, fields, n=1))]
+        hint = f" (did you mean {', '.join(guesses)})" if guesses else ""
         raise ConfigError(
-            f"unknown key(s) for {cls.__name__}: {', '.join(prefix + k for k in unknown)}; "
+            f"unknown key(s) for {cls.__name__}: {', '.join(prefix + k for k in unknown)}{hint}; "
             f"valid keys: {', '.join(sorted(fields))}"
         )
     hints = typing.get_type_hints(cls)
@@ -116,22 +119,33 @@ def dataclass_to_dict(obj: Any) -> Any:
     return obj
 
 
+def keys_fit(cls: type, data: Any) -> bool:
+    """True when ``data`` is a non-empty mapping whose keys are all fields of the dataclass ``cls``.
+
+    Lets a loader recognise the wrong kind of YAML (a model config where a training recipe belongs)
+    and say so in one line instead of listing every key it does not know.
+    """
+    if not isinstance(data, dict) or not data:
+        return False
+    return set(data) <= {f.name for f in dataclasses.fields(cls) if f.init}
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
-    """A YAML mapping; a missing file, a folder or a syntax error is a :class:`ConfigError` naming the file."""
-    if not Path(path).exists():
-        raise ConfigError(f"{path} does not exist")
-    if Path(path).is_dir():
+    """The top-level mapping of a YAML file; a missing file or broken YAML is a :class:`UserError`."""
+    if not Path(path).expanduser().exists():
+        raise PathNotFoundError(path, "pass an existing YAML file")
+    if Path(path).expanduser().is_dir():
         raise ConfigError(f"{path} is a folder; pass a YAML file")
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(Path(path).expanduser(), "r", encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(error, "problem", None) or type(error).__name__
         raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not a text YAML file") from None
+        raise ConfigError(f"{path} is not a text (YAML) file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import math
 import os
 import random
@@ -21,8 +22,16 @@ import torch
 from utils.config import save_yaml
 
 
-def create_logger(name: str, folder: str | os.PathLike | None, is_main: bool) -> logging.Logger:
-    """Rank 0 logs to stderr and ``folder/log.txt``; other ranks stay silent (warnings still shown)."""
+_FORMAT = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+
+
+def create_logger(name: str, folder: str | os.PathLike | None, is_main: bool,
+                  defer_file: bool = False) -> logging.Logger:
+    """Rank 0 logs to stderr and ``folder/log.txt``; other ranks stay silent (warnings still shown).
+
+    ``defer_file``: no folder exists yet (inputs are still being checked); lines are held in memory
+    and written to ``log.txt`` by :func:`start_log_file` once the run folder is created.
+    """
     logger = logging.getLogger(name)
     # A second run in the same process (trainers run back to back from a notebook or a test)
     # replaces the previous run's handlers; closing them releases that run's log.txt.
@@ -30,33 +39,55 @@ def create_logger(name: str, folder: str | os.PathLike | None, is_main: bool) ->
         logger.removeHandler(handler)
         handler.close()
     logger.propagate = False
-    fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     if is_main:
         logger.setLevel(logging.INFO)
         stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(fmt)
+        stream.setFormatter(_FORMAT)
         logger.addHandler(stream)
         if folder is not None:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            file_handler = logging.FileHandler(Path(folder) / "log.txt")
-            file_handler.setFormatter(fmt)
-            logger.addHandler(file_handler)
+            logger.addHandler(_file_handler(folder))
+        elif defer_file:
+            logger.addHandler(logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1))
     else:
         logger.setLevel(logging.WARNING)
         logger.addHandler(logging.NullHandler())
     return logger
 
 
+def _file_handler(folder: str | os.PathLike) -> logging.FileHandler:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(Path(folder) / "log.txt")
+    handler.setFormatter(_FORMAT)
+    return handler
+
+
+def start_log_file(logger: logging.Logger, folder: str | os.PathLike) -> None:
+    """Write the lines held by ``create_logger(defer_file=True)`` and every later one to ``folder/log.txt``."""
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.handlers.MemoryHandler):
+            file_handler = _file_handler(folder)
+            handler.setTarget(file_handler)
+            handler.flush()
+            logger.removeHandler(handler)
+            handler.close()
+            logger.addHandler(file_handler)
+
+
 class RunFolder:
     """Paths of one run plus its config and metrics writers."""
 
-    def __init__(self, root: str | os.PathLike, is_main: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike, is_main: bool = True, create: bool = True) -> None:
         self.root = Path(root)
         self.is_main = is_main
         self.checkpoints = self.root / "checkpoints"
         self.samples = self.root / "samples"
         self.metrics_path = self.root / "metrics.jsonl"
-        if is_main:
+        if create:
+            self.create()
+
+    def create(self) -> None:
+        """Make the folders (rank 0). Trainers call it only once every input has been checked."""
+        if self.is_main:
             for folder in (self.root, self.checkpoints, self.samples):
                 folder.mkdir(parents=True, exist_ok=True)
 
@@ -65,7 +96,11 @@ class RunFolder:
             save_yaml(config, self.root / "config.yaml")
 
     def truncate_metrics(self, after_step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so the file reads as one clean run."""
+        """Drop lines logged after ``after_step`` so the file reads as one clean run.
+
+        Trainers call it on every start: with the resumed step, or with 0 on a fresh start (a run killed
+        before its first checkpoint left lines that the new run would otherwise repeat).
+        """
         if not self.is_main or not self.metrics_path.is_file():
             return
         kept = []

@@ -23,14 +23,17 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from utils.checkpoint import CheckpointManager, safe_torch_load
+from utils.checkpoint import CheckpointManager, check_state_dict, follow_pointer, load_state_file
+from utils.config import ConfigError
 from utils.distributed import DistEnv, all_gather_object, is_initialized
+from utils.errors import PathNotFoundError, UserError, require_path
 from utils.run import capture_rng_state, restore_rng_state
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -53,6 +56,72 @@ class OptimConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.0
     max_bad_steps: int = 20
+
+
+def _setting(name: str, flag: str | None) -> str:
+    return f"{flag} (train.{name})" if flag else f"train.{name}"
+
+
+def require_setting(ok: bool, name: str, value: Any, valid: str, flag: str | None = None) -> None:
+    """Raise :class:`ConfigError` ``"<flag> (train.<name>) must be <valid>, got <value>"`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{_setting(name, flag)} must be {valid}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_positive_ints(settings: Any, names: dict[str, str | None], prefix: str = "", minimum: int = 1) -> None:
+    """Every ``settings.<name>`` is an integer >= ``minimum``; ``names`` maps field -> CLI flag (or None)."""
+    for name, flag in names.items():
+        value = getattr(settings, name)
+        require_setting(_is_int(value) and value >= minimum, prefix + name, value, f"an integer >= {minimum}", flag)
+
+
+def check_optim(cfg: OptimConfig, prefix: str = "optim.", lr_flag: str | None = "--lr") -> None:
+    """Every optimizer setting finite and in range, so a typo cannot train to NaN weights and exit 0."""
+    flags = {"lr": lr_flag, "max_bad_steps": "--max-bad-steps" if lr_flag else None,
+             "ema_decay": "--ema-decay" if lr_flag else None}
+    require_setting(_is_number(cfg.lr) and cfg.lr > 0, prefix + "lr", cfg.lr, "a finite number > 0", flags["lr"])
+    require_setting(_is_number(cfg.min_lr) and 0 <= cfg.min_lr, prefix + "min_lr", cfg.min_lr, "a finite number >= 0")
+    require_setting(len(cfg.betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in cfg.betas), prefix + "betas",
+                    cfg.betas, "two numbers in [0, 1)")
+    require_setting(_is_number(cfg.eps) and cfg.eps > 0, prefix + "eps", cfg.eps, "a finite number > 0")
+    require_setting(_is_number(cfg.weight_decay) and cfg.weight_decay >= 0, prefix + "weight_decay",
+                    cfg.weight_decay, "a finite number >= 0")
+    require_setting(_is_number(cfg.grad_clip) and cfg.grad_clip >= 0, prefix + "grad_clip", cfg.grad_clip,
+                    "a finite number >= 0 (0 = no clipping)")
+    require_setting(_is_number(cfg.ema_decay) and 0 <= cfg.ema_decay < 1, prefix + "ema_decay", cfg.ema_decay,
+                    "in [0, 1) (0 = no EMA)", flags["ema_decay"])
+    require_setting(cfg.schedule in ("constant", "cosine", "linear"), prefix + "schedule", cfg.schedule,
+                    "constant, cosine or linear")
+    check_positive_ints(cfg, {"warmup_steps": None, "decay_start_step": None}, prefix, minimum=0)
+    check_positive_ints(cfg, {"max_bad_steps": flags["max_bad_steps"]}, prefix)
+
+
+def check_run_options(keep_last: int, stop_after_step: int | None) -> None:
+    """The per-launch flags both trainers share."""
+    if not (_is_int(keep_last) and keep_last >= 1):
+        raise ConfigError(f"--keep-last must be an integer >= 1, got {keep_last!r}")
+    if stop_after_step is not None and not (_is_int(stop_after_step) and stop_after_step >= 1):
+        raise ConfigError(f"--stop-after-step must be an integer >= 1, got {stop_after_step!r}")
+
+
+def check_finite_weights(module: nn.Module, what: str) -> None:
+    """Refuse to export weights holding NaN / inf: inference files must never carry a diverged model."""
+    bad = [name for name, tensor in unwrap_model(module).state_dict().items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise FloatingPointError(
+            f"refusing to export {what}: {len(bad)} tensor(s) hold NaN or inf ({shown}); training diverged. "
+            "Lower --lr (or lower --max-bad-steps to stop earlier) and resume from an earlier checkpoint."
+        )
 
 
 def learning_rate(step: int, max_steps: int, cfg: OptimConfig) -> float:
@@ -296,17 +365,23 @@ def load_train_checkpoint(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Restore modules (strict), optimizers and this rank's RNG; returns the checkpoint's ``extra`` + step."""
-    state = safe_torch_load(path, map_location="cpu")
-    if state.get("format") != "dar-train-v1":
-        raise ValueError(f"{path} is not a training checkpoint of this codebase (no 'format': 'dar-train-v1')")
+    state = load_state_file(path, map_location="cpu")
+    if not isinstance(state, dict) or state.get("format") != "dar-train-v1":
+        raise UserError(f"--resume {path} is not a training checkpoint of this codebase (no 'format': "
+                        "'dar-train-v1'); pass --resume auto or a RUN/checkpoints/step_*.pt file written by this trainer")
     missing = sorted(set(modules) - set(state["modules"]))
     if missing:
-        raise KeyError(f"{path} has no state for module(s) {missing}")
+        raise UserError(f"{path} has no state for module(s) {missing}: it was written by another trainer or "
+                        "recipe; resume with the recipe that wrote it")
     for name, module in modules.items():
-        unwrap_model(module).load_state_dict(state["modules"][name], strict=True)
+        target = unwrap_model(module)
+        if not hasattr(target, "gather"):  # FSDP stand-ins hold no state until gathered (collective)
+            check_state_dict(state["modules"][name], target.state_dict(), f"{path} ({name})")
+        target.load_state_dict(state["modules"][name], strict=True)
     missing_opt = sorted(set(optimizers) - set(state["optimizers"]))
     if missing_opt:
-        raise KeyError(f"{path} has no state for optimizer(s) {missing_opt}")
+        raise UserError(f"{path} has no state for optimizer(s) {missing_opt}: it was written with another "
+                        "recipe (e.g. without the GAN); resume with the recipe that wrote it")
     for name, optimizer in optimizers.items():
         optimizer.load_state_dict(state["optimizers"][name])
     if state["world_size"] == env.world_size:
@@ -382,12 +457,68 @@ def add_common_train_args(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_resume(resume: str | None, manager: CheckpointManager) -> str | None:
+    """The checkpoint to resume from: None (fresh start), the newest in ``manager`` or the given one.
+
+    ``auto`` takes the highest complete ``step_*.pt`` even when the ``latest`` pointer is missing or
+    lags (a kill between a checkpoint's rename and the pointer write); it is None on a fresh folder.
+    An explicit path may be a checkpoint, a ``checkpoints/latest`` pointer or a ``checkpoints`` folder.
+    """
     if resume is None:
         return None
     if resume == "auto":
         latest = manager.latest()
         return str(latest) if latest is not None else None
-    return resume
+    if not Path(resume).expanduser().exists():
+        raise PathNotFoundError(resume, "pass --resume auto or an existing checkpoint (RUN/checkpoints/step_*.pt)")
+    path = follow_pointer(resume)
+    if path.is_dir():
+        raise UserError(f"--resume {resume} is a folder; pass --resume auto or a checkpoint file "
+                        "(RUN/checkpoints/step_*.pt or RUN/checkpoints/latest)")
+    if path.suffix == ".safetensors":  # inference weights: no optimizer, data position or RNG to resume
+        raise UserError(f"--resume {path} is not a training checkpoint (inference weights); pass --resume auto or "
+                        "a RUN/checkpoints/step_*.pt file written by this trainer")
+    return str(path)
+
+
+def check_weights_source(value: str | None, flag: str) -> None:
+    """A local weights path given to ``flag`` must exist; a hub repo id (``owner/name``) is resolved later."""
+    if value is None:
+        return
+    path = Path(value).expanduser()
+    looks_like_repo = str(value).count("/") == 1 and not str(value).startswith((".", "/", "~"))
+    if not path.exists() and not looks_like_repo:
+        raise PathNotFoundError(f"{flag} {value}", "pass a weights file, a save_pretrained folder, a run's "
+                                "checkpoints/latest or a hub repo id (owner/name)")
+
+
+def open_image_folder(make: Callable[[], Any], path: str, flag: str = "--data-path") -> Any:
+    """Build an image dataset on ``path``; a missing, non-folder or image-less path is a :class:`UserError`."""
+    require_path(path, flag)
+    if not Path(path).expanduser().is_dir():
+        raise UserError(f"{flag} {path} is a file; pass a folder of images (class subfolders or flat)")
+    try:
+        return make()
+    except UserError:
+        raise
+    except (FileNotFoundError, ValueError) as error:  # what the folder scan raises for an unusable tree
+        raise UserError(f"{flag} {path}: {error}") from None
+
+
+class RunExistsError(UserError, FileExistsError):
+    """A fresh start was asked for in a run folder that already holds checkpoints."""
+
+
+def check_fresh_start(resume_path: str | None, manager: CheckpointManager) -> None:
+    """A run that does not resume must not overwrite another run's checkpoints."""
+    if resume_path is None and manager.all_steps():
+        raise RunExistsError(f"{manager.directory} already holds checkpoints: pass --resume auto to continue "
+                             "that run, or a new --results-dir")
+
+
+def check_results_dir(results_dir: str) -> None:
+    path = Path(results_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--results-dir {results_dir} is a file; pass a folder (it is created if missing)")
 
 
 def all_ranks_agree(flag: bool, device: torch.device) -> bool:
