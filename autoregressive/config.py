@@ -1,4 +1,4 @@
-"""Architecture of the class-conditional Llama GPT (SPEC §2, CHECKPOINT_FORMAT §4).
+"""Architecture of the class-conditional Llama GPT (docs/method.md §2, docs/checkpoint_format.md §4).
 
 Field names are the official ``ModelArgs`` names so that official configs map onto this dataclass
 one to one; only fields that change the c2i architecture or its training-time behaviour are kept.
@@ -90,7 +90,7 @@ class GPTConfig:
 
 _IMAGENET = GPTConfig(vocab_size=16384, block_size=256, num_classes=1000)
 
-# Sizes of CHECKPOINT_FORMAT §4.1; "tiny" matches golden_tiny.pt's gpt.config.
+# Sizes of docs/checkpoint_format.md §4.1; "tiny" matches golden_tiny.pt's gpt.config.
 GPT_PRESETS: dict[str, GPTConfig] = {
     "GPT-B": replace(_IMAGENET, dim=768, n_layer=12, n_head=12),
     "GPT-L": replace(_IMAGENET, dim=1024, n_layer=24, n_head=16),

@@ -1,4 +1,6 @@
-"""Sampling codes from the GPT with its static KV cache (SPEC §2 "Sampling", CHECKPOINT_FORMAT §4.5).
+"""Sampling codes from the GPT with its static KV cache.
+
+The method is docs/method.md §2 "Sampling"; the official conventions followed are docs/checkpoint_format.md §4.5.
 
 Small pure functions in the gpt-fast style: :func:`prefill` (class token and forced prefix),
 :func:`decode_one_token` (the hot step, optionally compiled), :func:`iter_decode` /
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
 # Lowest temperature: the official sampler divides by max(temperature, 1e-5), so 0 means greedy.
 MIN_TEMPERATURE = 1e-5
 # The official sampler raises a schedule start of exactly 1.0 to this so that guidance is on from
-# the first token (CHECKPOINT_FORMAT §4.5); D-AR's published numbers were made with it.
+# the first token (docs/checkpoint_format.md §4.5); D-AR's published numbers were made with it.
 OFFICIAL_START_BUMP = 1.001
 
 

@@ -1,4 +1,4 @@
-"""Zero-shot layout control (SPEC §2 "Layout control"): keep a reference image's first code groups.
+"""Zero-shot layout control (docs/method.md §2 "Layout control"): keep a reference image's first code groups.
 
     python -m autoregressive.layout --gpt-ckpt showlab/D-AR --gpt-preset GPT-L --tokenizer-ckpt showlab/D-AR \\
         --reference dog.jpg --labels 207,360 --prefix-groups 2 --cfg-scale 1.2,8.0 --out layout.png

@@ -1,4 +1,4 @@
-"""Class-conditional Llama GPT over tokenizer codes (SPEC §2, CHECKPOINT_FORMAT §4).
+"""Class-conditional Llama GPT over tokenizer codes (docs/method.md §2, docs/checkpoint_format.md §4).
 
 Module and parameter names equal the official ``Transformer`` keys, so official weights load with no
 renaming beyond :func:`convert_official_state_dict`. The same blocks serve training (full causal
@@ -75,7 +75,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 statistics even under bf16, then back to the input dtype (CHECKPOINT_FORMAT §4.3).
+        # fp32 statistics even under bf16, then back to the input dtype (docs/checkpoint_format.md §4.3).
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight

@@ -8,7 +8,7 @@ Outputs (all uint8 through :func:`utils.images.to_uint8`):
 
 - ``--out``: one row per label, ``--samples-per-label`` images per row.
 - ``--previews``: one row per sample, one column per code group: the preview after k groups
-  (SPEC §1 "Groups"); the last column is the final image. ``--previews-per-label K`` keeps the first
+  (docs/method.md §1 "Groups"); the last column is the final image. ``--previews-per-label K`` keeps the first
   K samples of each label (the same images as in the grid), so a strip stays readable for many samples.
 - ``--gif``: one frame per code group, each frame the whole grid at that point of the stream.
 

@@ -1,4 +1,4 @@
-"""Sample many images for FID with any number of processes; resumable (SPEC §3).
+"""Sample many images for FID with any number of processes; resumable (docs/method.md §3).
 
     torchrun --nproc_per_node=8 -m autoregressive.sample_ddp --gpt-ckpt showlab/D-AR --gpt-preset GPT-L \\
         --tokenizer-ckpt showlab/D-AR --cfg-scale 1.1,8.0 --num-samples 50000 --per-proc-batch-size 64 \\

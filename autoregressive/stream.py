@@ -1,4 +1,4 @@
-"""Class label → image, streamed group by group (SPEC intro and §1 "Groups": consistent previews).
+"""Class label → image, streamed group by group: consistent previews (docs/method.md intro, §1 "Groups").
 
 Because denoising step k of the tokenizer's pixel decoder reads only code group k (and the code
 decoder is causal), an image can be shown while the GPT is still writing its codes: after each group

@@ -1,4 +1,4 @@
-"""Train the class-conditional GPT on tokenizer codes (SPEC §2).
+"""Train the class-conditional GPT on tokenizer codes (docs/method.md §2 "Training recipe").
 
     torchrun --nproc_per_node=8 -m autoregressive.train --config configs/ar/gpt_l.yaml \
         --code-path codes/imagenet256 --results-dir results/gpt_l
@@ -100,8 +100,9 @@ from utils.errors import PathNotFoundError, UserError, require_path, run_cli
 # ------------------------------------------------------------------------------------------------
 # Config
 # ------------------------------------------------------------------------------------------------
-# SPEC §2 paper recipe: AdamW 4e-4, betas (0.9, 0.95), wd 0.05 on matrices, clip 1.0, linear decay to
-# 1e-5 over the last 50 of 300 epochs; EMA optional (0.9999 when on, 0 = off).
+# Paper recipe (docs/method.md §2 "Training recipe"): AdamW 4e-4, betas (0.9, 0.95), wd 0.05 on
+# matrices, clip 1.0, linear decay to 1e-5 over the last 50 of 300 epochs; EMA optional (0.9999 when
+# on, 0 = off).
 PAPER_OPTIM = OptimConfig(
     lr=4e-4, betas=(0.9, 0.95), weight_decay=0.05, decay_matrices_only=True, schedule="linear", min_lr=1e-5,
     grad_clip=1.0, ema_decay=0.0,
@@ -131,7 +132,7 @@ class ARSampleConfig:
 
     every: int = 0
     labels: tuple[int, ...] = (207, 360, 387, 974, 88, 979, 417, 279)
-    cfg_scale: tuple[float, float] = (1.1, 8.0)  # linear over the codes (SPEC §2, GPT-L setting)
+    cfg_scale: tuple[float, float] = (1.1, 8.0)  # linear over the codes (docs/method.md §2 "Sampling", GPT-L setting)
     seed: int = 0
 
 

@@ -17,7 +17,10 @@ def load_golden() -> dict:
 
 
 def assert_max_close(ours: torch.Tensor, golden: torch.Tensor) -> None:
-    """GOLDEN.md acceptance, also used for fast-vs-reference paths: max|Δ| ≤ 1e-6 + 2e-5·max|golden|."""
+    """Golden acceptance, also used for fast-vs-reference paths: max|Δ| ≤ 1e-6 + 2e-5·max|golden|.
+
+    The tolerance for tests/data/golden_tiny.pt (docs/checkpoint_format.md, "Companion data").
+    """
     bound = 1e-6 + 2e-5 * golden.abs().max().item()
     err = (ours - golden).abs().max().item()
     assert err <= bound, f"max deviation {err:.3g} exceeds {bound:.3g}"

@@ -1,4 +1,4 @@
-"""The GPT reproduces the official forward passes and greedy generations (GOLDEN.md, gpt.*)."""
+"""The GPT reproduces the official forward passes and greedy generations (golden_tiny.pt, gpt.*)."""
 
 from __future__ import annotations
 

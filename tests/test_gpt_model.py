@@ -15,7 +15,7 @@ from tests.gpt_testing import assert_max_close, random_gpt, tiny_config
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "ar"
 
-# CHECKPOINT_FORMAT §4.1
+# docs/checkpoint_format.md §4.1
 SIZES = {
     "GPT-B": (2048, 110_888_448),
     "GPT-L": (2816, 342_910_976),

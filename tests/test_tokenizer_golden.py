@@ -1,6 +1,6 @@
 """Our tokenizer on the official golden weights reproduces every ``tok.*`` tensor of golden_tiny.pt.
 
-Tolerance from GOLDEN.md: floats max|ours − golden| ≤ 1e-6 + 2e-5·max|golden|; codes exact.
+Tolerance (docs/checkpoint_format.md): floats max|ours − golden| ≤ 1e-6 + 2e-5·max|golden|; codes exact.
 """
 
 from __future__ import annotations

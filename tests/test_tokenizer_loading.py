@@ -27,7 +27,7 @@ from utils.hub import WeightsNotFoundError
 DATA = Path(__file__).parent / "data"
 CONFIGS = Path(__file__).parent.parent / "configs" / "tokenizer"
 
-# The `model:` section of the official configs/tokenizer_v1.yaml, as listed in CHECKPOINT_FORMAT §2.
+# The `model:` section of the official configs/tokenizer_v1.yaml, as listed in docs/checkpoint_format.md §2.
 OFFICIAL_V1 = {
     "encoder_patch_size": 16, "num_encoder_layers": 8, "num_decoder_layers": 8, "query_low_rank": True,
     "encoder_dim": 768, "decoder_dim": 768, "vq_dim": 8, "vq_codebook_size": 16384, "num_denoising_steps": 8,

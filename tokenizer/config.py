@@ -1,4 +1,4 @@
-"""Configuration of the sequential diffusion tokenizer (SPEC §1, CHECKPOINT_FORMAT §2).
+"""Configuration of the sequential diffusion tokenizer (docs/method.md §1, docs/checkpoint_format.md §2).
 
 Field names follow the official ``model:`` section of ``configs/tokenizer_v1.yaml`` where one exists,
 so a reader can map one onto the other; every size the official code hard-codes (head dim, RoPE axis
@@ -22,7 +22,7 @@ def _check_rope_axes(axes_dim: tuple[int, ...], head_dim: int) -> None:
 
 @dataclass(frozen=True)
 class PixelDecoderConfig:
-    """The flow-matching pixel decoder (``diff_decoder`` in the official YAML, CHECKPOINT_FORMAT §3.5)."""
+    """The flow-matching pixel decoder (``diff_decoder`` in the official YAML, docs/checkpoint_format.md §3.5)."""
 
     channels: int = 3  # official in_dim == out_dim
     dim: int = 768
@@ -52,7 +52,7 @@ class PixelDecoderConfig:
         _check_rope_axes(self.rope_axes_dim, self.head_dim)
         if self.mlp_head and not self.share_time_encoding:
             # The official final adaLN layer consumes an embedded time vector, which only exists when
-            # the time embedding is shared (CHECKPOINT_FORMAT §2).
+            # the time embedding is shared (docs/checkpoint_format.md §2).
             raise ConfigError("diff_decoder.mlp_head=true requires share_time_encoding=true")
         if self.data_std <= 0 or self.time_shift <= 0:
             raise ConfigError("diff_decoder.data_std and time_shift must be positive")
@@ -144,7 +144,7 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
     ),
 }
 
-# Official ``model:`` keys and ``model.diff_decoder:`` keys (CHECKPOINT_FORMAT §2) → our field names.
+# Official ``model:`` keys and ``model.diff_decoder:`` keys (docs/checkpoint_format.md §2) → our field names.
 _OFFICIAL_TOP_KEYS = {
     "encoder_patch_size": "encoder_patch_size",
     "num_encoder_layers": "num_encoder_layers",

@@ -1,4 +1,4 @@
-"""Optional PatchGAN adversarial loss for tokenizer training (SPEC §1: non-saturating, weight 0.5, from step 20k).
+"""Optional PatchGAN loss for tokenizer training: non-saturating, weight 0.5, from step 20k (docs/method.md §1).
 
 The discriminator is the pix2pix / taming-transformers ``NLayerDiscriminator``: a 4x4 stride-2 conv
 and LeakyReLU(0.2), ``num_layers - 1`` more stride-2 convs with normalisation, one stride-1 conv with

@@ -1,9 +1,9 @@
-"""The sequential flow-matching objective, kept apart from the pixel-decoder network (SPEC §1 "Flow"/"Groups").
+"""The sequential flow-matching objective, apart from the pixel-decoder network (docs/method.md §1 "Flow").
 
 Everything here is network-agnostic: the time warp, the linear path and its target velocity, the
 choice of condition window for training (from the unwarped time u) and for sampling (fixed grid with
 a clip to N − Q), the loss, and a step-wise Euler / Adams–Bashforth-2 sampler whose every step also
-yields the "preview" clean-image estimate (CHECKPOINT_FORMAT §3.4).
+yields the "preview" clean-image estimate (docs/checkpoint_format.md §3.4).
 
 Conventions: the network works in *data_std-scaled* space (x1 = image · data_std, x0 ~ N(0, I));
 times handed to the network are *warped* (sigma); images come back through ``x / data_std``.
@@ -56,7 +56,7 @@ def flow_loss(velocity: Tensor, target: Tensor, data_std: float) -> dict[str, Te
 class GroupSchedule:
     """Which condition tokens each denoising step sees, and the warped time grid.
 
-    num_steps S, num_groups G, num_tokens N, tokens_per_step Q, time_shift s (CHECKPOINT_FORMAT §3.4).
+    num_steps S, num_groups G, num_tokens N, tokens_per_step Q, time_shift s (docs/checkpoint_format.md §3.4).
     """
 
     num_steps: int

@@ -1,4 +1,4 @@
-"""Strict, safe loading of official and own tokenizer checkpoints (CHECKPOINT_FORMAT §1.1, §5).
+"""Strict, safe loading of official and own tokenizer checkpoints (docs/checkpoint_format.md §1.1, §5).
 
 Official key conversion happens in exactly one function, :func:`convert_official_state_dict`.
 Nothing is ever unpickled beyond tensors and the two allow-listed official config objects
@@ -37,7 +37,7 @@ def convert_official_state_dict(state_dict: dict[str, Any], model: DARTokenizer)
     """Official (or own) key names → this model's; returns (converted, keys the checkpoint may lack).
 
     Our parameter names equal the official ones, so conversion is a filter. Two entries are optional
-    in both directions (CHECKPOINT_FORMAT §1.1): the usage statistic ``quantize.codebook_used`` (its
+    in both directions (docs/checkpoint_format.md §1.1): the usage statistic ``quantize.codebook_used`` (its
     size is not checked either) and the REPA head ``diff_decoder.net.repa_out.*`` (absent from the
     golden file, present in official files, dropped when this config has no REPA tap). A leading
     ``_orig_mod.`` left by ``torch.compile`` is stripped.

@@ -1,4 +1,4 @@
-"""Auxiliary losses of tokenizer training (SPEC §1): LPIPS, REPA, optional PatchGAN.
+"""Auxiliary losses of tokenizer training: LPIPS, REPA, optional PatchGAN (docs/method.md §1).
 
 Every network here is frozen except the discriminator; every loss returns one scalar term that the
 trainer names, weights and logs (flow matching, codebook and commitment live with the model):

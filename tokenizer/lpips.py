@@ -1,4 +1,4 @@
-"""LPIPS v0.1 with the VGG16 backbone (Zhang et al. 2018), frozen, as a training loss (SPEC §1).
+"""LPIPS v0.1 with the VGG16 backbone (Zhang et al. 2018), frozen, as a training loss (docs/method.md §1).
 
 The distance between two images in [-1, 1] is computed exactly as the LPIPS reference: a fixed
 per-channel affine ("scaling layer") maps the inputs to ImageNet statistics, torchvision's VGG16

@@ -1,4 +1,4 @@
-"""The sequential diffusion tokenizer: image ↔ 1-D code sequence (SPEC §1, CHECKPOINT_FORMAT §3).
+"""The sequential diffusion tokenizer: image ↔ 1-D code sequence (docs/method.md §1, docs/checkpoint_format.md §3).
 
 Parameter names equal the official ones (``encoder_layers.*``, ``quantize.embedding.weight``,
 ``diff_decoder.net.*``, ...), so official state dicts load after a filter (see
@@ -92,7 +92,7 @@ class Quantizer(nn.Module):
         """Codebook and β·commitment MSE averaged over tokens n < prefix_len[b] of every image b (pooled).
 
         Tokens after the trained group cannot influence this training step's flow loss, so pulling
-        them towards the codebook would only add noise (SPEC §1, "Quantizer").
+        them towards the codebook would only add noise (docs/method.md §1 "Quantizer").
         """
         positions = torch.arange(z.shape[1], device=z.device)
         mask = (positions[None] < prefix_len[:, None]).to(z.dtype)  # (B, n)

@@ -1,6 +1,6 @@
 """Transformer building blocks shared by the tokenizer's encoder, code decoder and pixel decoder.
 
-Numerics follow CHECKPOINT_FORMAT §3.1: separate q/k/v linears with bias, per-head LayerNorm on q and
+Numerics follow docs/checkpoint_format.md §3.1: separate q/k/v linears with bias, per-head LayerNorm on q and
 k *before* RoPE, SDPA with the default 1/sqrt(head_dim) scale, and Flux-style 2-D RoPE on adjacent
 channel pairs (first half of each head rotated by the row index, second half by the column index).
 """
@@ -117,7 +117,7 @@ class GatedBlock(nn.Module):
         self.mlp = Mlp(dim, dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        # Zero gates make every block start as the identity (SPEC §1).
+        # Zero gates make every block start as the identity (docs/method.md §1 "Encoder").
         self.gate1 = nn.Parameter(torch.zeros(dim))
         self.gate2 = nn.Parameter(torch.zeros(dim))
         self.grad_checkpointing = grad_checkpointing

@@ -1,4 +1,4 @@
-"""The flow-matching pixel decoder network (official ``diff_decoder.net``, CHECKPOINT_FORMAT §3.5).
+"""The flow-matching pixel decoder network (official ``diff_decoder.net``, docs/checkpoint_format.md §3.5).
 
 It only maps (x_t, warped time, condition tokens of the current group) to a velocity; the path,
 schedule and samplers live in :mod:`tokenizer.flow`.
@@ -138,7 +138,7 @@ class PixelDecoder(nn.Module):
             self.linear_out = FinalLayer(dim, patch_channels, cfg.norm_eps)
         else:
             self.conv_out = nn.Conv2d(dim, patch_channels, 1)
-            # Zero output projection: the untrained decoder predicts zero velocity (SPEC §1).
+            # Zero output projection: the untrained decoder predicts zero velocity (docs/method.md §1 "Pixel decoder").
             nn.init.zeros_(self.conv_out.weight)
             nn.init.zeros_(self.conv_out.bias)
         self.blocks = nn.ModuleList(SiTBlock(cfg) for _ in range(cfg.depth))

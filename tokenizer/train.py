@@ -1,4 +1,4 @@
-"""Train the sequential diffusion tokenizer with the full D-AR objective (SPEC §1 "Tokenizer training losses").
+"""Train the sequential diffusion tokenizer with all D-AR losses (docs/method.md §1 "Tokenizer training losses").
 
     torchrun --nproc_per_node=8 -m tokenizer.train --config configs/tokenizer/train_v1.yaml \
         --data-path /data/imagenet/train --results-dir results/tokenizer_v1
@@ -124,8 +124,8 @@ from utils.errors import UserError, require_path, run_cli
 # ------------------------------------------------------------------------------------------------
 # Config
 # ------------------------------------------------------------------------------------------------
-# SPEC §1 official recipe: AdamW 2e-4, wd 0, betas (0.9, 0.95), 500 warmup steps then constant,
-# clip 1.0, EMA 0.999.
+# Official recipe (docs/method.md §1 "Tokenizer training recipe"): AdamW 2e-4, wd 0, betas (0.9, 0.95),
+# 500 warmup steps then constant, clip 1.0, EMA 0.999.
 OFFICIAL_OPTIM = OptimConfig(
     lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, decay_matrices_only=False, warmup_steps=500,
     schedule="constant", grad_clip=1.0, ema_decay=0.999,
@@ -153,7 +153,8 @@ class LossConfig:
     repa_weight: float = 0.5
     repa_encoder: str = "dinov2_vitb14"  # key of tokenizer.losses.REPA_ENCODER_PRESETS
     repa_pretrained: bool = True  # false: random-init encoder, same caveat as above
-    # The paper's tokenizer recipe trains without a GAN; SPEC §1 documents 0.5 from step 20k as the option.
+    # The paper's tokenizer recipe has no GAN; the option is weight 0.5 from step 20k (docs/method.md §1
+    # "Tokenizer training losses").
     gan_weight: float = 0.0
     gan_start_step: int = 20000
     gan_loss: Literal["non_saturating", "hinge"] = "non_saturating"

@@ -1,7 +1,7 @@
 """Decoded images → 8-bit arrays, grids, PNGs and GIFs: the one place that converts model output to pixels.
 
 The tokenizer decodes to roughly [-1, 1] without clamping; the official sampling scripts turn that
-into bytes with clamp(127.5·x + 128, 0, 255) (CHECKPOINT_FORMAT §3.4; note the 128, not 127.5) and
+into bytes with clamp(127.5·x + 128, 0, 255) (docs/checkpoint_format.md §3.4; note the 128, not 127.5) and
 truncate. Every CLI that writes pixels (grids, previews, GIFs, the FID ``.npz``) goes through
 :func:`to_uint8`, so an image looks the same byte for byte wherever it is saved.
 """
