@@ -15,18 +15,36 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
-
-if TYPE_CHECKING:
-    from autoregressive.model import GPT
 
 # Lowest temperature: the official sampler divides by max(temperature, 1e-5), so 0 means greedy.
 MIN_TEMPERATURE = 1e-5
 # The official sampler raises a schedule start of exactly 1.0 to this so that guidance is on from
 # the first token (docs/checkpoint_format.md §4.5); D-AR's published numbers were made with it.
 OFFICIAL_START_BUMP = 1.001
+
+
+class CachedDecoder(Protocol):
+    """What sampling needs of a model: gpt-fast's cached-forward interface (``autoregressive.model.GPT``).
+
+    Declared here so that this module imports no model: the model imports these functions for its
+    ``generate`` method, as a Hugging Face model imports its generation mixin.
+    """
+
+    config: Any  # block_size, has_null_class, null_class
+    training: bool
+
+    def setup_caches(self, max_batch: int, max_len: int, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> None: ...
+
+    def forward_cached(self, input_pos: torch.Tensor, codes: torch.Tensor | None = None,
+                       labels: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def check_labels(self, labels: torch.Tensor, allow_null: bool = True) -> None: ...
+
+    def check_codes(self, codes: torch.Tensor, name: str = "codes") -> None: ...
 
 
 @dataclass(frozen=True)
@@ -175,21 +193,21 @@ def draw_uniforms(
 # ------------------------------------------------------------------------------------------------
 # Cached decoding
 # ------------------------------------------------------------------------------------------------
-def prefill(model: "GPT", labels: torch.Tensor, prefix_codes: torch.Tensor | None = None) -> torch.Tensor:
+def prefill(model: CachedDecoder, labels: torch.Tensor, prefix_codes: torch.Tensor | None = None) -> torch.Tensor:
     """Feed the class token (position 0) and forced codes (positions 1..k) → last logits (B, V)."""
     k = 0 if prefix_codes is None else prefix_codes.shape[1]
     input_pos = torch.arange(k + 1, device=labels.device)
     return model.forward_cached(input_pos, codes=prefix_codes if k else None, labels=labels)[:, -1]
 
 
-def guided_logits(model: "GPT", tokens: torch.Tensor, input_pos: torch.Tensor, scale: torch.Tensor,
+def guided_logits(model: CachedDecoder, tokens: torch.Tensor, input_pos: torch.Tensor, scale: torch.Tensor,
                   guided: bool) -> torch.Tensor:
     """The model half of a decode step: feed tokens (B', 1) at input_pos (1,) → logits (B, V), guided."""
     logits = model.forward_cached(input_pos, codes=tokens)[:, -1]  # (B', V)
     return apply_guidance(logits, scale) if guided else logits
 
 
-def decode_one_token(model: "GPT", tokens: torch.Tensor, input_pos: torch.Tensor, scale: torch.Tensor,
+def decode_one_token(model: CachedDecoder, tokens: torch.Tensor, input_pos: torch.Tensor, scale: torch.Tensor,
                      uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float,
                      guided: bool) -> torch.Tensor:
     """Feed tokens (B', 1) at input_pos (1,) and pick the next token (B,); B' = 2B when guided."""
@@ -199,7 +217,7 @@ def decode_one_token(model: "GPT", tokens: torch.Tensor, input_pos: torch.Tensor
 DecodeStep = Callable[..., torch.Tensor]
 
 
-def iter_decode(model: "GPT", first: torch.Tensor, start_pos: int, scales: torch.Tensor,
+def iter_decode(model: CachedDecoder, first: torch.Tensor, start_pos: int, scales: torch.Tensor,
                 uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float, guided: bool,
                 step: DecodeStep = decode_one_token) -> Iterator[torch.Tensor]:
     """From token first (B,) at position start_pos, yield uniforms.shape[1] more tokens (B,) one by one.
@@ -217,7 +235,7 @@ def iter_decode(model: "GPT", first: torch.Tensor, start_pos: int, scales: torch
         input_pos = input_pos + 1
 
 
-def decode_n_tokens(model: "GPT", first: torch.Tensor, start_pos: int, scales: torch.Tensor,
+def decode_n_tokens(model: CachedDecoder, first: torch.Tensor, start_pos: int, scales: torch.Tensor,
                     uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float, guided: bool,
                     step: DecodeStep = decode_one_token) -> torch.Tensor:
     """:func:`iter_decode` collected into (B, n)."""
@@ -249,7 +267,7 @@ def compiled_decode_one_token(device_type: str, split: bool | None = None, backe
         else:
             logits_fn = torch.compile(guided_logits, mode=mode, fullgraph=True, backend=backend)
 
-            def step(model: "GPT", tokens: torch.Tensor, input_pos: torch.Tensor, scale: torch.Tensor,
+            def step(model: CachedDecoder, tokens: torch.Tensor, input_pos: torch.Tensor, scale: torch.Tensor,
                      uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float,
                      guided: bool) -> torch.Tensor:
                 # clone: under CUDA graphs the next replay overwrites the graph's output buffer.
@@ -285,7 +303,7 @@ def _expand_prefix(prefix_codes: torch.Tensor | None, batch: int, num_tokens: in
 
 
 def iter_codes(
-    model: "GPT",
+    model: CachedDecoder,
     labels: torch.Tensor,
     uniforms: torch.Tensor,
     *,
@@ -322,7 +340,7 @@ def iter_codes(
 
 
 @torch.no_grad()
-def _decode_stream(model: "GPT", labels: torch.Tensor, uniforms: torch.Tensor, guidance: GuidanceSchedule,
+def _decode_stream(model: CachedDecoder, labels: torch.Tensor, uniforms: torch.Tensor, guidance: GuidanceSchedule,
                    temperature: float, top_k: int, top_p: float, prefix: torch.Tensor | None,
                    step: DecodeStep) -> Iterator[torch.Tensor]:
     """The body of :func:`iter_codes` on validated inputs (prefix (B, k) or None)."""
@@ -351,7 +369,7 @@ def _decode_stream(model: "GPT", labels: torch.Tensor, uniforms: torch.Tensor, g
 
 
 def generate_codes(
-    model: "GPT",
+    model: CachedDecoder,
     labels: torch.Tensor,
     uniforms: torch.Tensor,
     *,

@@ -2,8 +2,8 @@
 
 from tokenizer.config import TOKENIZER_PRESETS, PixelDecoderConfig, TokenizerConfig, from_official, load_tokenizer_config
 from tokenizer.flow import GroupSchedule, SequentialSampler
-from tokenizer.loading import StateDictMismatchError, convert_official_state_dict, load_tokenizer_from_official
-from tokenizer.model import DARTokenizer, TokenizerTrainOutput
+from tokenizer.loading import StateDictMismatchError, convert_official_state_dict
+from tokenizer.model import DARTokenizer, TokenizerTrainOutput, load_tokenizer_from_official
 
 __all__ = [
     "TOKENIZER_PRESETS",

@@ -2,7 +2,7 @@
 
 Parameter names equal the official ones (``encoder_layers.*``, ``quantize.embedding.weight``,
 ``diff_decoder.net.*``, ...), so official state dicts load after a filter (see
-:func:`tokenizer.loading.convert_official_state_dict`).
+:func:`tokenizer.loading.convert_official_state_dict`); :func:`build_from_state_dict` builds a model from them.
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from tokenizer import flow
-from tokenizer.config import TokenizerConfig
+from tokenizer.config import TokenizerConfig, from_official
+from tokenizer.loading import (REPA_PREFIX, USAGE_KEY, convert_official_state_dict, read_tokenizer_checkpoint,
+                               write_tokenizer_files)
 from tokenizer.modules import GatedBlock, RopeTable
-from tokenizer.pixel_decoder import PixelDecoder
+from tokenizer.pixel_decoder import PixelDecoder, build_repa_head
+from utils.checkpoint import StateDictMismatchError, check_state_dict, names_list
 
 
 class Quantizer(nn.Module):
@@ -419,12 +422,54 @@ class DARTokenizer(nn.Module):
         ``config`` (a :class:`TokenizerConfig`, preset name or YAML path) overrides any stored config.
         Loading is strict; see :func:`tokenizer.loading.convert_official_state_dict`.
         """
-        from tokenizer.loading import load_tokenizer
-
-        return load_tokenizer(path_or_repo_id, filename, config=config, device=device)
+        state_dict, resolved = read_tokenizer_checkpoint(path_or_repo_id, filename, config=config)
+        return build_from_state_dict(resolved, state_dict, device=device)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``model.safetensors`` and ``tokenizer_config.yaml`` that :meth:`from_pretrained` reads back."""
-        from tokenizer.loading import save_tokenizer
+        return write_tokenizer_files(self.state_dict(), self.config, directory)
 
-        return save_tokenizer(self, directory)
+
+def build_from_state_dict(
+    config: TokenizerConfig, state_dict: dict[str, Any], device: str | torch.device | None = None
+) -> DARTokenizer:
+    """Build ``config`` without initialising it (meta device), then load ``state_dict`` strictly.
+
+    Skipping the random init matters for the 307M-parameter v1 model. Optional entries that the
+    checkpoint lacks are initialised normally (REPA head) or zeroed (usage statistic). Tensors are
+    cast to float32 and moved to ``device`` (default: where they are).
+    """
+    with torch.device("meta"):
+        model = DARTokenizer(config)
+    converted, optional = convert_official_state_dict(state_dict, model)
+    check_state_dict(converted, model.state_dict(), "tokenizer checkpoint", optional=optional)
+    repa_expected = {k for k in optional if k.startswith(REPA_PREFIX)}
+    repa_given = {k for k in converted if k.startswith(REPA_PREFIX)}
+    if repa_given and repa_given != repa_expected:
+        absent = names_list(sorted(repa_expected - repa_given))
+        raise StateDictMismatchError(f"incomplete REPA head, missing keys: {absent}")
+    target = torch.device(device) if device is not None else None
+    tensors = {}
+    for key, value in converted.items():
+        if not value.is_floating_point():
+            raise StateDictMismatchError(f"{key} has dtype {value.dtype}; the tokenizer stores float tensors")
+        value = value.to(dtype=torch.float32, device=target or value.device)
+        tensors[key] = value
+    # Strictness was enforced by check_state_dict above; strict=False here only lets the two optional
+    # entries (usage statistic, REPA head) be absent, and they are filled in just below.
+    model.load_state_dict(tensors, strict=False, assign=True)
+    device_of_rest = model.decoder_embedding.weight.device
+    if USAGE_KEY not in converted:
+        model.quantize.codebook_used = torch.zeros(model.quantize.codebook_used.shape, device=device_of_rest)
+    if config.diff_decoder.has_repa_head and not any(k.startswith(REPA_PREFIX) for k in converted):
+        with torch.device(device_of_rest):
+            model.pixel_decoder.repa_out = build_repa_head(config.diff_decoder)
+    uninitialised = [name for name, t in model.state_dict().items() if t.is_meta]
+    if uninitialised and device_of_rest.type != "meta":  # a guard against silently unloaded weights
+        raise StateDictMismatchError(f"entries left uninitialised: {names_list(uninitialised)}")
+    return model.eval()
+
+
+def load_tokenizer_from_official(state_dict: dict, model_config: dict) -> DARTokenizer:
+    """Official state dict + official ``model:`` config mapping → eval-mode :class:`DARTokenizer` (strict)."""
+    return build_from_state_dict(from_official(model_config), state_dict)
