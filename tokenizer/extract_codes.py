@@ -7,8 +7,9 @@
 
 Output contract
     Shard ``k`` holds the source images ``[k * shard_size, (k + 1) * shard_size)`` of the sorted file
-    list, minus the files that could not be decoded (skipped and counted, never encoded). The shards
-    not yet complete are dealt out round-robin over the ranks; each rank writes its own. Views per
+    list, minus the files that could not be decoded or exceed ``--max-image-pixels`` (skipped and
+    counted, never encoded). The shards not yet complete are dealt out round-robin over the ranks;
+    each rank writes its own. Views per
     image (``num_augs``): 1 (ADM centre crop), 2 with ``--flip`` (centre crop, then its mirror, as
     LlamaGen's extractor) or 10 with ``--ten-crop`` (``dataset.images.TenCrop``: the crops of the
     281-px centre crop and of its mirror; ``--flip`` would only duplicate them, so the two exclude

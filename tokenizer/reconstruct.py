@@ -8,8 +8,9 @@
 Output contract
     ``--out`` (e.g. ``recon.npz``): ``arr_0`` uint8 (N, H, W, 3), the reconstructions of the first
     ``--num-images`` images of the sorted file list (all by default) in file order, minus files
-    that cannot be decoded (skipped and counted). ``--ref-out`` (default ``recon_ref.npz``): ``arr_0`` of the
-    matching ADM centre-cropped inputs, row for row, for the ADM evaluator (rFID) or any metric.
+    that cannot be decoded or have more than ``--max-image-pixels`` pixels (skipped and counted).
+    ``--ref-out`` (default ``recon_ref.npz``): ``arr_0`` of the matching ADM centre-cropped inputs,
+    row for row, for the ADM evaluator (rFID) or any metric.
     With ``--labels`` (class-folder trees only) both files also hold ``labels`` int64 (N,), each image's
     class index in sorted class-folder order, so ``evaluations.class_consistency`` can judge whether the
     reconstructions still show their class.
