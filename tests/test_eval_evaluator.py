@@ -46,7 +46,7 @@ def test_npz_arrays_memory_mapped_or_loaded(tmp_path: Path) -> None:
     (tmp_path / "images.npy").write_bytes(b"\x93NUMPY")
     with pytest.raises(ValueError, match="not an .npz file"):
         open_npz_array(tmp_path / "images.npy")
-    with pytest.raises(FileNotFoundError, match="no such .npz"):
+    with pytest.raises(FileNotFoundError, match="missing.npz does not exist"):
         open_npz_array(tmp_path / "missing.npz")
     np.savez(tmp_path / "float.npz", arr_0=images.astype(np.float32))
     with pytest.raises(ValueError, match=r"uint8 \[N, H, W, 3\]"):

@@ -218,5 +218,5 @@ def test_download_checksum_and_offline_errors(tmp_path: Path, monkeypatch) -> No
     # Nothing listens on port 9 of localhost: this is what an offline machine sees.
     with pytest.raises(FileNotFoundError, match="Offline"):
         download_weights("http://127.0.0.1:9/pt_inception-2015-12-05-6726825d.pth")
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):
         load_fid_inception(str(tmp_path / "missing.pth"))

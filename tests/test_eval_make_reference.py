@@ -44,3 +44,15 @@ def test_reference_batch_from_folder(tmp_path: Path) -> None:
     for (mu, sigma), key in ((feature_statistics(feats["pool"]), ""), (feature_statistics(feats["spatial"]), "_s")):
         np.testing.assert_allclose(stats[f"mu{key}"], mu, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(stats[f"sigma{key}"], sigma, rtol=1e-4, atol=1e-6)
+
+
+def test_default_batch_size_works(tmp_path: Path) -> None:
+    # Without --batch-size the loader used to get batch_size=None (no batching) and fail in collation.
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(folder / name)
+    summary = main(["--data-path", str(folder), "--out", str(tmp_path / "ref.npz"), "--image-size", "16",
+                    "--device", "cpu", "--num-workers", "0"])
+    assert summary["num_images"] == 2 and open_npz_array(tmp_path / "ref.npz").shape == (2, 16, 16, 3)

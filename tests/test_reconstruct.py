@@ -126,3 +126,11 @@ def test_two_ranks_write_what_one_process_writes(assets: dict[str, Path], tmp_pa
                                       np.load(tmp_path / f"two{suffix}")["arr_0"])
     assert "PSNR" in one.stdout
     assert not list(tmp_path.glob(".*rank*"))
+
+
+def test_progress_bar_counts_every_image(assets: dict[str, Path], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    reconstruct(assets, tmp_path / "recon.npz", "--batch-size", "2", "--steps", "1", "--grid-images", "0")
+    err = capsys.readouterr().err
+    # All six files are counted (the unreadable one too), so the bar ends at its total.
+    assert "reconstruct: 100%" in err and "6/6" in err, err

@@ -7,8 +7,9 @@
 
 Output contract
     Shard ``k`` holds the source images ``[k * shard_size, (k + 1) * shard_size)`` of the sorted file
-    list, minus the files that could not be decoded (skipped and counted, never encoded). The shards
-    not yet complete are dealt out round-robin over the ranks; each rank writes its own. Views per
+    list, minus the files that could not be decoded or exceed ``--max-image-pixels`` (skipped and
+    counted, never encoded). The shards not yet complete are dealt out round-robin over the ranks;
+    each rank writes its own. Views per
     image (``num_augs``): 1 (ADM centre crop), 2 with ``--flip`` (centre crop, then its mirror, as
     LlamaGen's extractor) or 10 with ``--ten-crop`` (``dataset.images.TenCrop``: the crops of the
     281-px centre crop and of its mirror; ``--flip`` would only duplicate them, so the two exclude
@@ -45,6 +46,7 @@ from tqdm import tqdm
 from dataset.codes import MANIFEST, completed_shards, shard_files, write_manifest, write_shard
 from dataset.images import (
     CONVERSIONS,
+    DEFAULT_MAX_IMAGE_PIXELS,
     SKIP_REASONS,
     BadFileStats,
     CenterCrop,
@@ -54,19 +56,26 @@ from dataset.images import (
     collate_skip_bad,
 )
 from tokenizer.model import DARTokenizer
-from utils.checkpoint import atomic_write_text
+from utils.checkpoint import CorruptFileError, atomic_write_text
 from utils.distributed import DistEnv, barrier, broadcast_object, cleanup_distributed, setup_distributed
+from utils.errors import UserError, run_cli
 from utils.run import create_logger
 from utils.training import Precision, autocast
-from utils.errors import run_cli
 
 SETTINGS_FILE = "extraction.json"
 # Per-shard bad-file counts, written just before the shard itself, so a resumed run can still
 # report the totals of shards it did not redo.
 _STATS_FILE = "badfiles_{:05d}.json"
 BARRIER_TIMEOUT_MINUTES = 24 * 60
-# Crop settings fixed by the paper recipe (SPEC §2: centre crop to 281 px for 256 px codes).
+# Crop settings fixed by the paper recipe (centre crop to 281 px for 256 px codes).
 TEN_CROP_RATIO = 1.1
+# Settings added after folders were first pinned: a pinned file without them was written with the
+# behaviour of their default, so their absence is not a mismatch.
+_SETTINGS_ADDED_LATER = frozenset({"max_image_pixels"})
+
+
+class ExtractionError(UserError, ValueError):
+    """A command-line value or an output folder that extraction cannot work with (the message says which)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,13 +94,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="encoder autocast")
     parser.add_argument("--num-workers", type=int, default=4)
-    args = parser.parse_args(argv)
-    for name in ("image_size", "batch_size", "shard_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.max_shards is not None and args.max_shards < 0:
-        parser.error("--max-shards must be >= 0")
-    return args
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="skip (and count) images with more pixels, from their header, before decoding them "
+                             f"(default {DEFAULT_MAX_IMAGE_PIXELS})")
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """One-line errors for values that cannot work; run after the device check, before anything is written."""
+    least = {"image_size": 1, "batch_size": 1, "shard_size": 1, "max_shards": 0, "num_workers": 0,
+             "max_image_pixels": 1}
+    for name, minimum in least.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ExtractionError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ExtractionError(f"--out {args.out} is a file; pass a folder for the shards")
 
 
 def num_views(args: argparse.Namespace) -> int:
@@ -110,6 +128,7 @@ def settings_of(args: argparse.Namespace, num_images: int) -> dict[str, Any]:
         "crop_ratio": TEN_CROP_RATIO if args.ten_crop else 1.0,
         "shard_size": args.shard_size,
         "precision": args.precision,
+        "max_image_pixels": args.max_image_pixels,
     }
 
 
@@ -117,15 +136,26 @@ def pin_settings(out: Path, settings: dict[str, Any]) -> None:
     """Write the settings on the first run; refuse to mix shards of different settings later."""
     path = out / SETTINGS_FILE
     if path.is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
+        saved = _read_json(path)
+        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items()
+                   if saved.get(k) != v and (k in saved or k not in _SETTINGS_ADDED_LATER)]
         if changed:
-            raise ValueError(
+            raise ExtractionError(
                 f"{out} holds shards extracted with other settings ({'; '.join(changed)}); "
                 "use a new --out folder or the original settings"
             )
         return
     atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptFileError(f"{path} is truncated or not JSON ({error}); delete it and rerun") from None
+    if not isinstance(data, dict):
+        raise CorruptFileError(f"{path} does not hold a JSON object; delete it and rerun")
+    return data
 
 
 def shard_range(shard_id: int, shard_size: int, num_images: int) -> range:
@@ -161,9 +191,9 @@ def _collect_stats(out: Path, shard_ids: list[int]) -> BadFileStats:
     for shard_id in shard_ids:
         path = out / _STATS_FILE.format(shard_id)
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing although shard {shard_id} is complete; delete "
-                                    f"{shard_files(shard_id)['file']} and rerun to redo that shard")
-        counts = json.loads(path.read_text(encoding="utf-8"))
+            raise ExtractionError(f"{path} is missing although shard {shard_id} is complete; delete "
+                                  f"{shard_files(shard_id)['file']} and rerun to redo that shard")
+        counts = _read_json(path)
         stats = BadFileStats(
             seen=counts["seen"],
             converted_items=counts["converted"],
@@ -182,11 +212,15 @@ def on_rank0(env: DistEnv, fn: Callable[[], Any]) -> Any:
             result = fn()
         except Exception as exc:
             error = exc
-    message = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    user_error = isinstance(error, UserError)
+    message = broadcast_object(None if error is None else
+                               (user_error, f"{error}" if user_error else f"{type(error).__name__}: {error}"))
     if error is not None:
         raise error
     if message is not None:
-        raise RuntimeError(f"rank 0 failed: {message}")
+        user_error, text = message
+        # A user's mistake found by rank 0 is the same mistake on every rank: one line each, no traceback.
+        raise (UserError if user_error else RuntimeError)(f"rank 0 failed: {text}")
     return result
 
 
@@ -200,7 +234,7 @@ def finish(out: Path, settings: dict[str, Any], dataset: ImageFolderDataset, num
                     f"extract the remaining {len(missing)} (no manifest written yet)")
         return None
     stats = _collect_stats(out, complete)
-    rows = sum(np.load(out / shard_files(k)["labels"], mmap_mode="r").shape[0] for k in complete)
+    rows = sum(_num_rows(out / shard_files(k)["labels"]) for k in complete)
     if rows != len(dataset) - stats.num_skipped:
         raise RuntimeError(f"the shards hold {rows} rows but {len(dataset)} images minus {stats.num_skipped} "
                            f"skipped is {len(dataset) - stats.num_skipped}: some shard is inconsistent")
@@ -209,6 +243,14 @@ def finish(out: Path, settings: dict[str, Any], dataset: ImageFolderDataset, num
     manifest = write_manifest(out, seq_len, vocab_size, views, meta)
     logger.info(f"wrote {out / MANIFEST}: {manifest['num_items']} items; {stats.summary()}")
     return manifest
+
+
+def _num_rows(path: Path) -> int:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False).shape[0]
+    except (OSError, ValueError, EOFError) as error:
+        raise CorruptFileError(f"{path} is truncated or corrupt ({type(error).__name__}: {error}); delete it and "
+                               "rerun the same command to redo its shard") from None
 
 
 def _iterate(loader: DataLoader, plan: list[tuple[int, list[int]]]) -> Iterator[tuple[int, bool, ImageBatch]]:
@@ -224,21 +266,22 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     # Ranks only meet at the start and the end; a resumed run can leave some with far more shards
     # to do than others, so the final barrier may legitimately wait for hours.
     env: DistEnv = setup_distributed(args.device, timeout_minutes=BARRIER_TIMEOUT_MINUTES)
+    check_args(args)
+
+    # -- data and tokenizer, both checked before the output folder is created -------------------
+    transform = TenCrop(args.image_size, TEN_CROP_RATIO) if args.ten_crop else CenterCrop(args.image_size)
+    dataset = ImageFolderDataset(args.data_path, transform, max_image_pixels=args.max_image_pixels)
+    tokenizer = DARTokenizer.from_pretrained(args.tokenizer_ckpt, args.tokenizer_filename, device=env.device).eval()
+    tokenizer.requires_grad_(False)
+    seq_len = tokenizer.config.num_all_queries
+    vocab_size = tokenizer.config.vq_codebook_size
+
     out = Path(args.out)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
     barrier()
     logger = create_logger("extract_codes", out, env.is_main)
 
-    # -- tokenizer ---------------------------------------------------------------------------
-    tokenizer = DARTokenizer.from_pretrained(args.tokenizer_ckpt, args.tokenizer_filename, device=env.device).eval()
-    tokenizer.requires_grad_(False)
-    seq_len = tokenizer.config.num_all_queries
-    vocab_size = tokenizer.config.vq_codebook_size
-
-    # -- data ---------------------------------------------------------------------------------
-    transform = TenCrop(args.image_size, TEN_CROP_RATIO) if args.ten_crop else CenterCrop(args.image_size)
-    dataset = ImageFolderDataset(args.data_path, transform)
     num_images = len(dataset)
     num_shards = -(-num_images // args.shard_size)
     settings = settings_of(args, num_images)
@@ -248,7 +291,7 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     done = set(broadcast_object(completed_shards(out) if env.is_main else None))
     stray = sorted(s for s in done if s >= num_shards)
     if stray:
-        raise ValueError(f"{out} holds shards {stray} beyond the {num_shards} this dataset needs")
+        raise ExtractionError(f"{out} holds shards {stray} beyond the {num_shards} this dataset needs")
     mine = [k for k in range(num_shards) if k not in done][env.rank :: env.world_size]
     if args.max_shards is not None:
         mine = mine[: args.max_shards]

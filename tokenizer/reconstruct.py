@@ -8,8 +8,9 @@
 Output contract
     ``--out`` (e.g. ``recon.npz``): ``arr_0`` uint8 (N, H, W, 3), the reconstructions of the first
     ``--num-images`` images of the sorted file list (all by default) in file order, minus files
-    that cannot be decoded (skipped and counted). ``--ref-out`` (default ``recon_ref.npz``): ``arr_0`` of the
-    matching ADM centre-cropped inputs, row for row, for the ADM evaluator (rFID) or any metric.
+    that cannot be decoded or have more than ``--max-image-pixels`` pixels (skipped and counted).
+    ``--ref-out`` (default ``recon_ref.npz``): ``arr_0`` of the matching ADM centre-cropped inputs,
+    row for row, for the ADM evaluator (rFID) or any metric.
     With ``--labels`` (class-folder trees only) both files also hold ``labels`` int64 (N,), each image's
     class index in sorted class-folder order, so ``evaluations.class_consistency`` can judge whether the
     reconstructions still show their class.
@@ -33,8 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
-from dataset.images import BadFileStats, CenterCrop, ImageFolderDataset, collate_skip_bad
+from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, BadFileStats, CenterCrop, ImageFolderDataset, collate_skip_bad
 from dataset.seeding import sample_generator
 from evaluations.recon import psnr, ssim
 from tokenizer import flow
@@ -42,8 +44,12 @@ from tokenizer.model import DARTokenizer
 from utils.checkpoint import atomic_write, atomic_write_text
 from utils.distributed import barrier, cleanup_distributed, setup_distributed
 from utils.images import save_grid, to_uint8
+from utils.errors import UserError, run_cli
 from utils.training import autocast
-from utils.errors import run_cli
+
+
+class ReconstructOptionError(UserError, ValueError):
+    """A command-line value of tokenizer.reconstruct that cannot work (the message names the flag)."""
 
 
 def save_reconstruction_grid(
@@ -100,47 +106,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--labels", action="store_true",
                         help="also store class indices (class-folder trees only) as 'labels' in both npz files")
-    args = parser.parse_args(argv)
-    for name in ("image_size", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.num_images is not None and args.num_images < 1:
-        parser.error("--num-images must be positive")
-    if args.grid_images < 0:
-        parser.error("--grid-images must be >= 0")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="skip (and count) images with more pixels, from their header, before decoding them "
+                             f"(default {DEFAULT_MAX_IMAGE_PIXELS})")
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """One-line errors for values that cannot work; run after the device check, before anything is read."""
+    least = {"image_size": 1, "batch_size": 1, "num_images": 1, "grid_images": 0, "num_workers": 0,
+             "max_image_pixels": 1, "steps": 1}
+    for name, minimum in least.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ReconstructOptionError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
     if not args.out.endswith(".npz"):
-        parser.error("--out must end in .npz")
-    return args
+        raise ReconstructOptionError(f"--out must end in .npz, got {args.out}")
+    for flag, path in (("--out", args.out), ("--ref-out", args.ref_out), ("--grid", args.grid)):
+        if path is not None and Path(path).is_dir():
+            raise ReconstructOptionError(f"{flag} {path} is a folder; pass a file name")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Write the npz pair (+ grid, metrics JSON); returns the metrics on rank 0 (``{}`` elsewhere)."""
-    # -- distributed / model -------------------------------------------------------------------
+    # -- device first, then the arguments ------------------------------------------------------
     env = setup_distributed(args.device)
-    model = DARTokenizer.from_pretrained(args.ckpt, args.ckpt_filename, device=env.device).eval()
-    steps = args.steps if args.steps is not None else model.config.num_denoising_steps
-    if not 1 <= steps <= model.config.num_denoising_steps:
-        raise ValueError(f"--steps must be in 1..{model.config.num_denoising_steps}, got {steps}")
+    check_args(args)
     out = Path(args.out)
     ref_out = Path(args.ref_out) if args.ref_out else out.with_name(out.stem + "_ref.npz")
     grid = Path(args.grid) if args.grid else out.with_suffix(".png")
 
-    # -- data: rank r takes the images r, r + R, ... of the first --num-images ---------------------
-    dataset = ImageFolderDataset(args.data_path, CenterCrop(args.image_size), with_labels=args.labels)
+    # -- data (checked before the model is loaded): rank r takes the images r, r + R, ... ----------
+    dataset = ImageFolderDataset(args.data_path, CenterCrop(args.image_size), with_labels=args.labels,
+                                 max_image_pixels=args.max_image_pixels)
     if args.labels and not dataset.classes:
-        raise ValueError(f"--labels needs a class-folder tree (one sub-folder per class); {args.data_path} is flat")
+        raise ReconstructOptionError(
+            f"--labels needs a class-folder tree (one sub-folder per class); {args.data_path} is flat")
     total = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
-    if total == 0:
-        raise ValueError(f"{args.data_path} holds no images")
     mine = list(range(env.rank, total, env.world_size))
     loader = DataLoader(Subset(dataset, mine), batch_size=args.batch_size, num_workers=args.num_workers,
                         collate_fn=collate_skip_bad)
 
+    model = DARTokenizer.from_pretrained(args.ckpt, args.ckpt_filename, device=env.device).eval()
+    steps = args.steps if args.steps is not None else model.config.num_denoising_steps
+    if not 1 <= steps <= model.config.num_denoising_steps:
+        raise ReconstructOptionError(f"--steps must be in 1..{model.config.num_denoising_steps}, got {steps}")
+
     # -- reconstruct ---------------------------------------------------------------------------
     stats = BadFileStats()
     recons, refs, indices, labels = [], [], [], []
+    progress = tqdm(total=len(mine), desc="reconstruct", unit="img", disable=not env.is_main)
     for batch in loader:
         stats.update(batch.stats)
+        progress.update(batch.stats.seen)
         if batch.images.shape[0] == 0:
             continue
         noise = per_image_noise(model, batch.indices, args.seed, args.image_size)
@@ -149,6 +167,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         refs.append(to_uint8(batch.images))
         indices.append(batch.indices.numpy())
         labels.append(batch.labels.numpy())
+    progress.close()
     part = out.with_name(f".{out.name}.rank{env.rank}.npz")
     empty = np.zeros((0, args.image_size, args.image_size, 3), np.uint8)
     arrays = {
@@ -171,14 +190,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         recon_all = np.concatenate([p["recon"] for p in loaded])[order]
         ref_all = np.concatenate([p["ref"] for p in loaded])[order]
         if len(recon_all) == 0:
-            raise RuntimeError(f"no image could be decoded: {stats.summary()}")
+            raise UserError(f"no image under {args.data_path} could be decoded ({stats.summary()})")
         extra = {"labels": np.concatenate([p["labels"] for p in loaded])[order]} if args.labels else {}
         atomic_write(out, _npz_writer(arr_0=recon_all, **extra))
         atomic_write(ref_out, _npz_writer(arr_0=ref_all, **extra))
         for p in parts:
             p.unlink()
         psnr_values, ssim_values = [], []
-        for start in range(0, len(recon_all), 256):
+        for start in tqdm(range(0, len(recon_all), 256), desc="PSNR/SSIM", unit="chunk"):
             a = torch.from_numpy(ref_all[start : start + 256]).permute(0, 3, 1, 2)
             b = torch.from_numpy(recon_all[start : start + 256]).permute(0, 3, 1, 2)
             psnr_values.append(psnr(a, b))
