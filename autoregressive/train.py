@@ -93,8 +93,11 @@ from utils.training import (
     save_train_checkpoint,
     set_lr,
     unwrap_model,
+    finish_cli_config,
+    normalise_common_args,
     update_ema,
 )
+from utils.cli import OneLineArgumentParser
 from utils.errors import PathNotFoundError, UserError, require_path, run_cli
 
 # ------------------------------------------------------------------------------------------------
@@ -231,14 +234,15 @@ def apply_overrides(cfg: ARTrainConfig, args: argparse.Namespace) -> ARTrainConf
     ) if v is not None}
     if args.precision != "auto":
         train_changes["precision"] = args.precision
-    if args.compile:
-        train_changes["compile"] = True
+    if args.compile is not None:
+        train_changes["compile"] = bool(args.compile)
     if args.fsdp:
         train_changes["fsdp"] = True
     if args.sample_every is not None:
         train_changes["sample"] = replace(t.sample, every=args.sample_every)
     t = replace(t, optim=replace(t.optim, **optim_changes), data=replace(t.data, **data_changes), **train_changes)
-    return replace(cfg, train=t)
+    model = GPT_PRESETS[args.gpt_model] if getattr(args, "gpt_model", None) else cfg.model
+    return replace(cfg, model=model, train=t)
 
 
 def check_settings(t: ARTrainSettings) -> None:
@@ -720,13 +724,17 @@ def _train(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ARTrainConfig, RunOptions]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m autoregressive.train", description=__doc__.split("\n\n")[0])
     add_common_train_args(parser)
     parser.add_argument("--code-path", default=None, help="folder written by tokenizer.extract_codes")
     parser.add_argument("--data-path", default=None, help="image folder, encoded on the fly (needs --tokenizer-ckpt)")
-    parser.add_argument("--tokenizer-ckpt", default=None, help="tokenizer folder, file or hub repo id")
+    parser.add_argument("--tokenizer-ckpt", "--vq-ckpt", dest="tokenizer_ckpt", default=None,
+                        help="tokenizer folder, file or hub repo id")
     parser.add_argument("--tokenizer-filename", default=None, help="file inside a hub repo")
-    parser.add_argument("--grad-accum-steps", type=int, default=None, help="micro-batches per optimizer step")
+    parser.add_argument("--grad-accum-steps", "--gradient-accumulation-steps", dest="grad_accum_steps", type=int,
+                        default=None, help="micro-batches per optimizer step")
+    parser.add_argument("--gpt-model", default=None, choices=sorted(GPT_PRESETS),
+                        help="replace the recipe's model by this preset (LlamaGen's flag; --set model.KEY=... adjusts it)")
     parser.add_argument("--epochs", type=int, default=None, help="override train.epochs (when max-steps is unset)")
     parser.add_argument("--ema-decay", type=float, default=None, help="EMA decay (0 disables; paper option 0.9999)")
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP (XL/XXL)")
@@ -736,7 +744,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ARTrainConfig, RunOptions
                         help="checkpoint and exit after this step without changing the LR schedule (time-limited jobs)")
     args = parser.parse_args(argv)
     resolve_device(args.device)  # --device cuda without a GPU is said before anything else
-    cfg = apply_overrides(load_ar_config(args.config), args)
+    cfg = finish_cli_config(apply_overrides(load_ar_config(args.config), normalise_common_args(args)), args)
     opts = RunOptions(results_dir=args.results_dir, resume=args.resume, device=args.device, keep_last=args.keep_last,
                       stop_after_step=args.stop_after_step, wandb=args.wandb, wandb_project=args.wandb_project)
     return cfg, opts

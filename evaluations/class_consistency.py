@@ -35,6 +35,7 @@ from dataset.images import CenterCrop, ImageFolderDataset, collate_skip_bad
 from evaluations.evaluator import NpzContentError, check_images, open_npz_array
 from utils.checkpoint import atomic_write_text
 from utils.distributed import resolve_device
+from utils.cli import OneLineArgumentParser
 from utils.errors import UserError, require_path, run_cli
 
 
@@ -193,7 +194,7 @@ def load_labelled_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(prog="python -m evaluations.class_consistency", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-data", required=True)
     parser.add_argument("--test-data", required=True)
     parser.add_argument("--samples", required=True, help="npz with arr_0 uint8 [N,H,W,3] and labels [N]")

@@ -47,6 +47,7 @@ from evaluations.inception import NUM_CLASSES, POOL_DIM, SPATIAL_DIM, FIDIncepti
 from evaluations.metrics import FID_METHODS, feature_statistics, frechet_distance, inception_score, precision_recall
 from utils.checkpoint import CorruptFileError, atomic_write, atomic_write_text
 from utils.distributed import broadcast_object, cleanup_distributed, is_initialized, resolve_device, setup_distributed
+from utils.cli import OneLineArgumentParser
 from utils.errors import PathNotFoundError, UserError, run_cli
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -469,7 +470,7 @@ def format_results(results: dict[str, Any]) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m evaluations.evaluator", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m evaluations.evaluator", description=__doc__.split("\n\n")[0])
     parser.add_argument("ref_batch", help="reference .npz (arr_0 images and/or mu, sigma, mu_s, sigma_s)")
     parser.add_argument("sample_batch", help="sample .npz with arr_0 uint8 [N, H, W, 3]")
     parser.add_argument(

@@ -42,6 +42,7 @@ from evaluations.inception import load_fid_inception
 from evaluations.metrics import feature_statistics
 from utils.checkpoint import atomic_write
 from utils.distributed import resolve_device
+from utils.cli import OneLineArgumentParser
 from utils.errors import UserError, run_cli
 
 
@@ -140,7 +141,7 @@ def make_reference(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="python -m evaluations.make_reference",
         description="Build an ADM-style reference batch (arr_0 + FID statistics).",
     )

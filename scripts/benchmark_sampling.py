@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from autoregressive.config import GPT_PRESETS
 from autoregressive.generate import GuidanceSchedule, apply_guidance, draw_uniforms, sample_token
 from autoregressive.model import GPT
+from utils.cli import OneLineArgumentParser
 from utils.errors import run_cli
 
 BENCH_CFG = GuidanceSchedule(1.5, 4.0)
@@ -135,7 +136,7 @@ def format_row(row: dict) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m scripts.benchmark_sampling", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m scripts.benchmark_sampling", description=__doc__.split("\n\n")[0])
     ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
     parser.add_argument("--configs", type=lambda t: t.split(","), default=["tiny", "GPT-B"],
                         help=f"comma-separated presets from {', '.join(GPT_PRESETS)}")

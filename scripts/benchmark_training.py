@@ -35,6 +35,7 @@ from tokenizer.model import DARTokenizer
 from tokenizer.train import LossConfig, WeightFiles, build_loss_networks, loss_terms, term_weights, total_loss
 from utils.distributed import DistEnv
 from utils.training import OptimConfig, autocast, build_optimizer, create_ema, update_ema
+from utils.cli import OneLineArgumentParser
 from utils.errors import run_cli
 
 # REPA encoder / discriminator presets that fit each tokenizer preset's REPA head and image size.
@@ -106,7 +107,7 @@ def format_row(row: dict, base: dict) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m scripts.benchmark_training", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", type=lambda t: t.split(","), default=["tiny", "v1"], help="tiny and/or v1")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-tiny", type=int, default=None, help="default 8 on CPU, 256 on GPU")

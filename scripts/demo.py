@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from utils.cli import OneLineArgumentParser
 from utils.errors import run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -231,7 +232,7 @@ def _finished(run_dir: Path, name: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(prog="python -m scripts.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="output folder (re-running resumes)")
     parser.add_argument("--quick", action="store_true", help="smoke run of every stage in a few minutes")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")

@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from utils.config import load_yaml
+from utils.cli import OneLineArgumentParser
 from utils.errors import UserError, require_path, run_cli
 
 GIB = 2**30
@@ -478,7 +479,7 @@ def report(recipe: Recipe, gpus: int, gpu_memory_gib: float, acts: Activations |
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m scripts.estimate_memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="training recipe: configs/ar/*.yaml or configs/tokenizer/train_*.yaml")
     parser.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs (world size)")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="memory of one GPU in GiB")

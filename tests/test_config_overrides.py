@@ -64,3 +64,33 @@ def test_config_to_yaml_round_trips(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(config_to_yaml(cfg))
     assert load_yaml(path)["train"]["optim"]["lr"] == cfg.train.optim.lr
+
+
+def test_print_config_shows_the_resolved_recipe_after_flags_and_set(tmp_path):
+    import yaml
+
+    from tests.cli_testing import run_module_cli
+
+    result = run_module_cli("tokenizer.train", "--config", "configs/tokenizer/train_tiny.yaml", "--print-config",
+                            "--lr", "5e-3", "--set", "train.optim.lr=1e-3", "--mixed-precision", "none",
+                            "--gradient-accumulation-steps", "2", "--no-compile")
+    assert result.code == 0, result.stderr
+    shown = yaml.safe_load(result.stdout)
+    assert shown["train"]["optim"]["lr"] == 1e-3  # --set has the last word
+    assert (shown["train"]["precision"], shown["train"]["grad_accum_steps"], shown["train"]["compile"]) == ("fp32", 2, False)
+    result = run_module_cli("autoregressive.train", "--config", "configs/ar/tiny.yaml", "--print-config",
+                            "--gpt-model", "GPT-B", "--vq-ckpt", "tok", "--global-seed", "7")
+    shown = yaml.safe_load(result.stdout)
+    assert (shown["model"]["n_layer"], shown["train"]["data"]["tokenizer_ckpt"], shown["train"]["seed"]) == (12, "tok", 7)
+    assert not (tmp_path / "run").exists()
+
+
+def test_set_mistakes_and_a_missing_results_dir_are_one_line(tmp_path):
+    from tests.cli_testing import assert_user_error, run_module_cli
+
+    for module, recipe in (("autoregressive.train", "configs/ar/tiny.yaml"),
+                           ("tokenizer.train", "configs/tokenizer/train_tiny.yaml")):
+        assert_user_error(run_module_cli(module, "--config", recipe, "--results-dir", tmp_path / "run",
+                                         "--set", "train.optim.lrr=2"), "unknown key train.optim.lrr")
+        assert_user_error(run_module_cli(module, "--config", recipe), "pass --results-dir")
+    assert not (tmp_path / "run").exists()

@@ -58,6 +58,7 @@ from dataset.images import (
 from tokenizer.model import DARTokenizer
 from utils.checkpoint import CorruptFileError, atomic_write_text
 from utils.distributed import DistEnv, barrier, broadcast_object, cleanup_distributed, setup_distributed
+from utils.cli import OneLineArgumentParser
 from utils.errors import UserError, run_cli
 from utils.run import create_logger
 from utils.training import Precision, autocast
@@ -79,7 +80,7 @@ class ExtractionError(UserError, ValueError):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m tokenizer.extract_codes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer-ckpt", required=True, help="tokenizer folder, file or hub repo id")
     parser.add_argument("--tokenizer-filename", default=None, help="file inside a hub repo (default: the v1 tokenizer)")
     parser.add_argument("--data-path", required=True, help="image folder (class sub-folders give the labels)")

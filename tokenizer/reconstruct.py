@@ -44,6 +44,7 @@ from tokenizer.model import DARTokenizer
 from utils.checkpoint import atomic_write, atomic_write_text
 from utils.distributed import barrier, cleanup_distributed, setup_distributed
 from utils.images import save_grid, to_uint8
+from utils.cli import OneLineArgumentParser
 from utils.errors import UserError, run_cli
 from utils.training import autocast
 
@@ -87,7 +88,7 @@ def _npz_writer(**arrays: np.ndarray) -> Any:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m tokenizer.reconstruct", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="tokenizer folder, .pt/.safetensors file, training checkpoint or hub id")
     parser.add_argument("--ckpt-filename", default=None, help="file inside a hub repo (default: the v1 tokenizer)")
     parser.add_argument("--data-path", required=True, help="image folder (read recursively, sorted)")

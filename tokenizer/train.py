@@ -117,8 +117,11 @@ from utils.training import (
     save_train_checkpoint,
     set_lr,
     unwrap_model,
+    finish_cli_config,
+    normalise_common_args,
     update_ema,
 )
+from utils.cli import OneLineArgumentParser
 from utils.errors import UserError, require_path, run_cli
 
 # ------------------------------------------------------------------------------------------------
@@ -745,8 +748,8 @@ def apply_overrides(cfg: TokenizerTrainConfig, args: argparse.Namespace) -> Toke
     ])
     if args.precision != "auto":
         changes["precision"] = args.precision
-    if args.compile:
-        changes["compile"] = True
+    if args.compile is not None:
+        changes["compile"] = bool(args.compile)
     model = cfg.model
     if args.grad_checkpointing is not None:
         flag = args.grad_checkpointing == "on"
@@ -756,14 +759,15 @@ def apply_overrides(cfg: TokenizerTrainConfig, args: argparse.Namespace) -> Toke
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TokenizerTrainConfig, RunOptions]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m tokenizer.train", description=__doc__.split("\n\n")[0])
     add_common_train_args(parser)
     parser.add_argument("--data-path", default=None, help="training images (class folders or a flat tree)")
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--perceptual-weight", type=float, default=None, help="LPIPS weight (0 turns LPIPS off)")
     parser.add_argument("--pixel-weight", type=float, default=None,
                         help="MSE between input and predicted clean image (0 = off, the paper's recipe)")
-    parser.add_argument("--grad-accum-steps", type=int, default=None, help="micro-batches per optimizer step")
+    parser.add_argument("--grad-accum-steps", "--gradient-accumulation-steps", dest="grad_accum_steps", type=int,
+                        default=None, help="micro-batches per optimizer step")
     parser.add_argument("--flow-draws", type=int, default=None,
                         help="flow-matching draws per image and step (1 = the paper's recipe; K > 1: MAR's "
                              "diffusion batch multiplier, stratified noise levels)")
@@ -776,7 +780,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TokenizerTrainConfig, Run
                         help="codebook-usage entropy term (0 = off, the paper's recipe)")
     parser.add_argument("--ema-decay", type=float, default=None, help="EMA decay (0 disables EMA)")
     parser.add_argument("--sample-every", type=int, default=None, help="reconstruction grids every N steps")
-    parser.add_argument("--grad-checkpointing", choices=["on", "off"], default=None,
+    parser.add_argument("--activation-checkpointing", "--grad-checkpointing", dest="grad_checkpointing",
+                        choices=["on", "off"], default=None,
                         help="override the model config's gradient checkpointing (encoder, code decoder, pixel decoder)")
     parser.add_argument("--init-from", default=None,
                         help="fine-tune: start from these tokenizer weights (official .pt, our checkpoint or folder, hub id)")
@@ -787,7 +792,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TokenizerTrainConfig, Run
                         help="checkpoint and exit after this step without changing the schedule (time-limited jobs)")
     args = parser.parse_args(argv)
     resolve_device(args.device)  # --device cuda without a GPU is said before anything else
-    cfg = apply_overrides(load_train_config(args.config), args)
+    cfg = finish_cli_config(apply_overrides(load_train_config(args.config), normalise_common_args(args)), args)
     opts = RunOptions(
         results_dir=args.results_dir, resume=args.resume, device=args.device, keep_last=args.keep_last,
         stop_after_step=args.stop_after_step, wandb=args.wandb, wandb_project=args.wandb_project,

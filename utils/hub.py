@@ -17,6 +17,10 @@ OFFICIAL_REPO_ID = "showlab/D-AR"
 _FILE_SUFFIXES = {".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz", ".yaml"}
 
 
+class UsageError(UserError, ValueError):
+    """A path and a file name that do not go together (a file plus a file name, a folder without one)."""
+
+
 class WeightsNotFoundError(UserError, FileNotFoundError):
     """The requested weights are neither local nor reachable on the hub."""
 
@@ -34,12 +38,12 @@ def resolve_file(
         path = follow_pointer(path)
     if path.is_file():
         if filename is not None:
-            raise ValueError(f"{path} is a file; do not also pass filename={filename!r}")
+            raise UsageError(f"{path} is a file; do not also pass a file name inside it ({filename!r})")
         return path
     name = filename or default_filename
     if path.is_dir():
         if name is None:
-            raise ValueError(f"{path} is a folder: pass filename= to choose a file inside it")
+            raise UsageError(f"{path} is a folder; pass the file inside it to use")
         candidate = path / name
         if not candidate.is_file():
             raise WeightsNotFoundError(f"{candidate} does not exist; pass the file itself or a folder that holds {name}")
@@ -51,7 +55,7 @@ def resolve_file(
     if not looks_like_repo:
         raise WeightsNotFoundError(f"{repo_id} does not exist (nor is it a hub repo id such as {OFFICIAL_REPO_ID})")
     if name is None:
-        raise ValueError(f"hub repo {repo_id}: pass filename= to choose a file")
+        raise UsageError(f"hub repo {repo_id}: name the file to fetch from it")
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as error:  # pragma: no cover - huggingface_hub is a requirement

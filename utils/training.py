@@ -24,17 +24,19 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, TypeVar
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from utils.checkpoint import CheckpointManager, check_state_dict, follow_pointer, load_state_file
-from utils.config import ConfigError
+from utils.config import ConfigError, apply_assignments, config_to_yaml
 from utils.distributed import DistEnv, all_gather_object, is_initialized
 from utils.errors import PathNotFoundError, UserError, require_path
 from utils.run import capture_rng_state, restore_rng_state
+
+T = TypeVar("T")
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -436,9 +438,20 @@ class WandbLogger:
 
 
 def add_common_train_args(parser: argparse.ArgumentParser) -> None:
-    """Flags both trainers share; every one of them is read by both."""
-    parser.add_argument("--config", required=True, help="YAML recipe (configs/...)")
-    parser.add_argument("--results-dir", required=True, help="run folder: config, metrics, checkpoints, samples")
+    """Flags both trainers share; every one of them is read by both.
+
+    LlamaGen's names are accepted where the meaning is the same (``--global-seed``,
+    ``--mixed-precision``, ``--no-compile``), so its launch scripts carry over. Any recipe key without
+    a flag of its own is set with ``--set train.optim.lr=1e-4`` (repeatable, type-checked).
+    """
+    parser.add_argument("--config", required=True, help="YAML training recipe (configs/*/train_*.yaml, configs/ar/gpt_*.yaml)")
+    parser.add_argument("--results-dir", default=None,
+                        help="run folder: config, metrics, checkpoints, samples (required unless --print-config)")
+    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any recipe key, e.g. --set train.optim.lr=1e-4 (repeatable; applied after "
+                             "the other flags)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved recipe (YAML, after every override) and exit without training")
     parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's total steps")
     parser.add_argument("--global-batch-size", type=int, default=None, help="override; divided over ranks")
     parser.add_argument("--lr", type=float, default=None, help="override the peak learning rate")
@@ -446,14 +459,39 @@ def add_common_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-every", type=int, default=None)
     parser.add_argument("--keep-last", type=int, default=3, help="checkpoints kept on disk")
     parser.add_argument("--resume", default=None, help="'auto' (latest in results-dir if any) or a checkpoint path")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", "--global-seed", dest="seed", type=int, default=None)
     parser.add_argument("--max-bad-steps", type=int, default=None, help="abort after this many non-finite steps in a row")
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--precision", "--mixed-precision", dest="precision",
+                        choices=["auto", "fp32", "bf16", "fp16", "none"], default="auto",
+                        help="auto: bf16 on CUDA, fp32 on CPU (none = fp32, LlamaGen's name)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the model (--no-compile turns it off whatever the recipe says)")
     parser.add_argument("--wandb", action="store_true", help="mirror metrics to Weights & Biases")
     parser.add_argument("--wandb-project", default="dar")
+
+
+def normalise_common_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Map LlamaGen's spellings onto ours before the recipe is overridden."""
+    if args.precision == "none":
+        args.precision = "fp32"
+    return args
+
+
+def finish_cli_config(config: T, args: argparse.Namespace) -> T:
+    """Apply ``--set`` assignments; with ``--print-config`` print the result and exit 0.
+
+    Called by both trainers' ``parse_args`` after their own flags, so ``--set`` has the last word and
+    ``--print-config`` shows exactly what would be trained (and written to ``RESULTS/config.yaml``).
+    """
+    config = apply_assignments(config, args.assignments)
+    if args.print_config:
+        sys.stdout.write(config_to_yaml(config))
+        raise SystemExit(0)
+    if args.results_dir is None:
+        raise UserError("pass --results-dir RUN_FOLDER (where config, metrics and checkpoints go)")
+    return config
 
 
 def resolve_resume(resume: str | None, manager: CheckpointManager) -> str | None:
