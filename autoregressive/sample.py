@@ -68,16 +68,17 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="GPT: save_pretrained folder, .safetensors/.pt file, RUN/checkpoints/latest, "
                             "or hub repo id (showlab/D-AR)")
     group.add_argument("--gpt-file", default=None, help="file inside --gpt-ckpt when it is a hub repo")
-    group.add_argument("--gpt-preset", default=None, choices=sorted(GPT_PRESETS),
+    group.add_argument("--gpt-preset", "--gpt-model", dest="gpt_preset", default=None, choices=sorted(GPT_PRESETS),
                        help="architecture for files that carry no config (official .pt files)")
     group.add_argument("--ema", action="store_true", help="load the 'ema' weights of a training checkpoint")
-    group.add_argument("--tokenizer-ckpt", required=True,
+    group.add_argument("--tokenizer-ckpt", "--vq-ckpt", dest="tokenizer_ckpt", required=True,
                        help="tokenizer: save_pretrained folder, .safetensors/.pt file, RUN/checkpoints/latest, "
                             "or hub repo id")
     group.add_argument("--tokenizer-file", default=None, help="file inside --tokenizer-ckpt when it is a hub repo")
     group.add_argument("--tokenizer-config", default=None, help="tokenizer preset or YAML overriding the stored one")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
-    group.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+    group.add_argument("--precision", "--mixed-precision", dest="precision", default=None,
+                       choices=("fp32", "bf16", "fp16"),
                        help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
     group.add_argument("--compile", action="store_true", help="torch.compile the GPT decode step")
 
@@ -91,7 +92,7 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off")
     group.add_argument("--top-p", type=top_p_float, default=1.0, help="in (0, 1]; 1.0 = off")
     group.add_argument("--sampler", default="adams2", choices=("adams2", "euler"), help="pixel-decoder ODE solver")
-    group.add_argument("--seed", type=non_negative_int, default=0,
+    group.add_argument("--seed", "--global-seed", dest="seed", type=non_negative_int, default=0,
                        help="global seed; image i uses image_seed(seed, i)")
 
 

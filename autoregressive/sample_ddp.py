@@ -171,11 +171,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                    description=__doc__.split("\n\n")[0])
     add_model_args(parser)
     add_sampling_args(parser)
-    parser.add_argument("--num-samples", type=positive_int, default=50_000)
+    parser.add_argument("--num-samples", "--num-fid-samples", dest="num_samples", type=positive_int, default=50_000)
     parser.add_argument("--per-proc-batch-size", type=positive_int, default=32, help="images per batch = per shard")
     parser.add_argument("--num-classes", type=positive_int, default=None,
                         help="labels cycle over 0..C-1, C in 1..the GPT's classes (default: all of them)")
-    parser.add_argument("--out", required=True, help="output folder (shards, manifest, samples.npz)")
+    parser.add_argument("--out", "--sample-dir", dest="out", required=True, help="output folder (shards, manifest, samples.npz)")
     parser.add_argument("--max-shards", type=non_negative_int, default=None,
                         help="stop after this many shards per process (time-limited jobs); rerun to continue")
     return parser.parse_args(argv)

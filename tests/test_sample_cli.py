@@ -120,3 +120,15 @@ def test_launcher_script_runs_without_pythonpath(ckpts: tuple[Path, Path], tmp_p
     assert result.returncode == 0, result.stderr[-4000:]
     assert Image.open(tmp_path / "run.png").size == grid_size(2, 1)
     assert Image.open(tmp_path / "run.gif").n_frames == 4
+
+
+def test_llamagen_flag_names_carry_over():
+    from autoregressive import sample, sample_ddp
+
+    common = ["--gpt-ckpt", "g", "--gpt-model", "GPT-L", "--vq-ckpt", "t", "--global-seed", "3",
+              "--mixed-precision", "bf16"]
+    args = sample_ddp.parse_args([*common, "--num-fid-samples", "10", "--sample-dir", "out"])
+    assert (args.gpt_preset, args.tokenizer_ckpt, args.seed, args.precision) == ("GPT-L", "t", 3, "bf16")
+    assert (args.num_samples, args.out) == (10, "out")
+    args = sample.parse_args([*common, "--labels", "1,2", "--out", "grid.png"])
+    assert (args.gpt_preset, args.tokenizer_ckpt, args.seed) == ("GPT-L", "t", 3)
