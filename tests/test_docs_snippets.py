@@ -182,6 +182,8 @@ def test_docs_blocks_run_or_say_why_not(hub_is_tiny: None, tiny_models: dict[str
         workdir = tmp_path / f"block{index:02d}"
         workdir.mkdir()
         make_demo_out(workdir, tiny_models)
+        # Documented commands run from the repository root, where configs/ is.
+        (workdir / "configs").symlink_to(REPO / "configs", target_is_directory=True)
         monkeypatch.chdir(workdir)
         start = time.perf_counter()
         try:
