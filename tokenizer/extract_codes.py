@@ -58,7 +58,7 @@ from dataset.images import (
 from tokenizer.model import DARTokenizer
 from utils.checkpoint import CorruptFileError, atomic_write_text
 from utils.distributed import DistEnv, barrier, broadcast_object, cleanup_distributed, setup_distributed
-from utils.cli import OneLineArgumentParser
+from utils.cli import OneLineArgumentParser, require_minimums
 from utils.errors import UserError, run_cli
 from utils.run import create_logger
 from utils.training import Precision, autocast
@@ -105,10 +105,7 @@ def check_args(args: argparse.Namespace) -> None:
     """One-line errors for values that cannot work; run after the device check, before anything is written."""
     least = {"image_size": 1, "batch_size": 1, "shard_size": 1, "max_shards": 0, "num_workers": 0,
              "max_image_pixels": 1}
-    for name, minimum in least.items():
-        value = getattr(args, name)
-        if value is not None and value < minimum:
-            raise ExtractionError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+    require_minimums(args, least, ExtractionError)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ExtractionError(f"--out {args.out} is a file; pass a folder for the shards")
 

@@ -44,7 +44,7 @@ from tokenizer.model import DARTokenizer
 from utils.checkpoint import atomic_write, atomic_write_text
 from utils.distributed import barrier, cleanup_distributed, setup_distributed
 from utils.images import save_grid, to_uint8
-from utils.cli import OneLineArgumentParser
+from utils.cli import OneLineArgumentParser, require_minimums
 from utils.errors import UserError, run_cli
 from utils.training import autocast
 
@@ -117,10 +117,7 @@ def check_args(args: argparse.Namespace) -> None:
     """One-line errors for values that cannot work; run after the device check, before anything is read."""
     least = {"image_size": 1, "batch_size": 1, "num_images": 1, "grid_images": 0, "num_workers": 0,
              "max_image_pixels": 1, "steps": 1}
-    for name, minimum in least.items():
-        value = getattr(args, name)
-        if value is not None and value < minimum:
-            raise ReconstructOptionError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+    require_minimums(args, least, ReconstructOptionError)
     if not args.out.endswith(".npz"):
         raise ReconstructOptionError(f"--out must end in .npz, got {args.out}")
     for flag, path in (("--out", args.out), ("--ref-out", args.ref_out), ("--grid", args.grid)):

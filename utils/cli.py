@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from utils.errors import USER_ERROR_EXIT_CODE
+from utils.errors import USER_ERROR_EXIT_CODE, UserError
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -48,3 +48,13 @@ non_negative_int = checked_number(int, lambda v: v >= 0, ">= 0")
 non_negative_float = checked_number(float, lambda v: v >= 0, ">= 0")  # also refuses nan
 top_p_float = checked_number(float, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)")
 positive_float = checked_number(float, lambda v: v > 0 and v != float("inf"), "a finite number > 0")
+
+
+def require_minimums(args: argparse.Namespace, least: dict[str, int],
+                     error: Callable[[str], Exception] | None = None) -> None:
+    """Refuse ``--flag`` values below their minimum (None = unset is fine), naming the flag."""
+    for name, minimum in least.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            message = f"--{name.replace('_', '-')} must be at least {minimum}, got {value}"
+            raise (error or UserError)(message)
