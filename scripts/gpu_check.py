@@ -290,7 +290,8 @@ def gpt_train(ctx: Context, section: str) -> list[Row]:
         notes += "; the recipe shards with FSDP, measured unsharded"
     del trained, model, ema, optimizer
     _release(ctx)
-    notes += f"; estimator: {memory_estimate(recipe, ctx)}"
+    if ctx.env.is_main:  # only rank 0 writes, and the estimate takes seconds of CPU
+        notes += f"; estimator: {memory_estimate(recipe, ctx)}"
     return [Row(section, "tokens/s", rate(tokens_per_step / timing.seconds_per_call), gib(timing.peak_gib), notes)]
 
 
@@ -310,7 +311,8 @@ def memory_estimate(recipe: Path, ctx: Context) -> str:
         # Estimated for RECIPE_GPUS so that its micro-batch is the one measured; a lone process has no
         # DDP gradient buckets.
         rows = {k: v for k, v in result.rows.items() if ctx.env.distributed or not k.startswith("DDP")}
-        return f"{sum(rows.values()) / GIB:.2f} GiB"
+        total = sum(rows.values()) / GIB
+        return f"{total:.2f} GiB" if total >= 0.01 else f"{total * 1024:.1f} MiB"
     except Exception as error:  # an estimator bug must not cost the measured row
         return f"n/a ({type(error).__name__}: {_first_line(error)})"
 

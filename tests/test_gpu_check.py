@@ -71,7 +71,8 @@ def test_merge_replaces_rows_by_section_and_keeps_the_rest():
     assert next(r.notes for r in gpu_check._parse_rows(again.splitlines()) if r.section == "inception") == "a | b"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible, so the check measures instead of refusing")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="a CUDA GPU is visible, so the check measures instead of refusing")
 def test_without_a_gpu_it_says_so_and_exits_0(tmp_path):
     out = tmp_path / "results.md"
     result = run_module_cli("scripts.gpu_check", "--out", out)
