@@ -129,7 +129,7 @@ def test_stage_runner_runs_a_module_like_python_dash_m(isolate: bool, capsys: py
     assert sys.argv == argv
     if not isolate:  # a child's output bypasses capsys
         captured = capsys.readouterr()
-        assert "usage:" in captured.out and "evaluations.evaluator: error:" in captured.err
+        assert "usage:" in captured.out and "error: the following arguments are required" in captured.err
 
 
 def test_in_process_stage_maps_exit_messages_and_errors(
