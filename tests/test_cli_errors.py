@@ -54,3 +54,11 @@ def test_yaml_mistakes_name_the_file(tmp_path):
         load_yaml(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="is a folder"):
         load_yaml(tmp_path)
+
+
+def test_a_missing_path_that_could_be_a_repo_id_says_it_does_not_exist(tmp_path, monkeypatch):
+    from utils.hub import WeightsNotFoundError, resolve_file
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WeightsNotFoundError, match=r"^nowhere/final does not exist locally"):
+        resolve_file("nowhere/final")

@@ -55,7 +55,8 @@ def resolve_file(
     if not looks_like_repo:
         raise WeightsNotFoundError(f"{repo_id} does not exist (nor is it a hub repo id such as {OFFICIAL_REPO_ID})")
     if name is None:
-        raise UsageError(f"hub repo {repo_id}: name the file to fetch from it")
+        raise WeightsNotFoundError(f"{repo_id} does not exist locally; to fetch it from the hub as a repo id, "
+                                   "also name the file inside it")
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as error:  # pragma: no cover - huggingface_hub is a requirement
