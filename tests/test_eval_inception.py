@@ -14,9 +14,11 @@ import torchvision
 from evaluations import inception
 from evaluations.inception import (
     FIDInceptionV3,
+    cached_is_weights,
     convert_pytorch_fid_state,
     download_weights,
     load_fid_inception,
+    load_is_classifier,
     pytorch_fid_key_map,
     tf1_resize_bilinear,
     to_network_input,
@@ -220,3 +222,32 @@ def test_download_checksum_and_offline_errors(tmp_path: Path, monkeypatch) -> No
         download_weights("http://127.0.0.1:9/pt_inception-2015-12-05-6726825d.pth")
     with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):
         load_fid_inception(str(tmp_path / "missing.pth"))
+
+
+def test_is_classifier_from_a_local_file_or_the_cache_and_offline_note(tmp_path: Path, monkeypatch) -> None:
+    """IS by default: the classifier joins weights that lack one, from a file, the cache or not at all."""
+    with_fc = FIDInceptionV3(with_classifier=True)
+    fc = torch.randn(1008, 2048, generator=torch.Generator().manual_seed(3)) * 0.01
+    state = with_fc.state_dict()
+    state["fc.weight"] = fc
+    with_fc.load_state_dict(state)
+    local = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(_pytorch_fid_names(with_fc), local)
+
+    weight, note = load_is_classifier(local)
+    assert torch.equal(weight, fc) and str(local) in note
+    model = FIDInceptionV3().attach_classifier(weight)
+    out = model(torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8))
+    torch.testing.assert_close(out["logits"], out["pool"] @ fc.T)
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    weight, note = load_is_classifier("auto")  # offline and not cached: one line says what to put where
+    assert weight is None and "pt_inception-2015-12-05-6726825d.pth" in note and str(cached_is_weights().parent) in note
+    cached_is_weights().parent.mkdir(parents=True)
+    local.rename(cached_is_weights())
+    weight, _ = load_is_classifier("auto")  # cached: found without any download
+    assert torch.equal(weight, fc)
+    assert load_is_classifier("none")[0] is None
+    with pytest.raises(FileNotFoundError, match="nothing.pth does not exist"):
+        load_is_classifier(tmp_path / "nothing.pth")
