@@ -55,8 +55,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from utils.cli import OneLineArgumentParser
-from utils.errors import run_cli
+from utils.cli import OneLineArgumentParser, non_negative_int
+from utils.distributed import resolve_device
+from utils.errors import UserError, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -232,18 +233,22 @@ def _finished(run_dir: Path, name: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = OneLineArgumentParser(prog="python -m scripts.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(prog="python -m scripts.demo", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="output folder (re-running resumes)")
     parser.add_argument("--quick", action="store_true", help="smoke run of every stage in a few minutes")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument(
         "--subprocess", action="store_true",
         help="run every stage in its own Python process (full isolation; ~6-7 s more per stage on 2 CPU cores)",
     )
     args = parser.parse_args(argv)
+    resolve_device(args.device)  # --device cuda without a GPU is said before anything is written
     settings = QUICK if args.quick else FULL
     out = Path(args.out).resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {args.out} is a file; pass a folder for the demo's outputs")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     timings: dict[str, float] = {}

@@ -186,3 +186,16 @@ def test_stage_record_ignores_the_device_and_the_folder_and_hashes_configs(tmp_p
     reseeded = {**record, "command": [*record["command"][:-1], "1"]}
     message = stale_stage_message("tokenizer", reseeded, record, tmp_path)
     assert "then: python -m tokenizer.train" in message and "--seed 1" in message.splitlines()[1]
+
+
+def test_demo_mistakes_are_one_line_before_anything_is_written(tmp_path, monkeypatch) -> None:
+    from tests.cli_testing import assert_user_error, run_module_cli
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert_user_error(run_module_cli("scripts.demo", "--out", afile), "is a file")
+    assert_user_error(run_module_cli("scripts.demo", "--out", tmp_path / "d", "--device", "cuda"),
+                      "CUDA requested but no GPU is visible")
+    assert_user_error(run_module_cli("scripts.demo", "--out", tmp_path / "d", "--seed", "-1"), "--seed")
+    assert not (tmp_path / "d").exists()
