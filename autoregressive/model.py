@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from autoregressive.config import GPT_PRESETS, GPTConfig, find_multiple
-from autoregressive.generate import GuidanceSchedule, draw_uniforms, generate_codes
+from autoregressive.generate import GuidanceSchedule, SamplingOptions, draw_uniforms, generate_codes
 from utils.checkpoint import StateDictMismatchError, atomic_write, check_state_dict, load_state_file
 from utils.checkpoint_kind import GPT as GPT_KIND
 from utils.checkpoint_kind import TOKENIZER as TOKENIZER_KIND
@@ -437,7 +437,7 @@ class GPT(nn.Module):
     def generate(
         self,
         labels: torch.Tensor,
-        cfg_scale: float | tuple[float, float] | str | GuidanceSchedule = 1.0,
+        cfg_scale: float | tuple[float, float] | GuidanceSchedule = 1.0,
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
@@ -448,10 +448,13 @@ class GPT(nn.Module):
         generators: list[torch.Generator] | None = None,
         num_tokens: int | None = None,
         compile: bool = False,
+        options: SamplingOptions | None = None,
     ) -> torch.Tensor:
         """Sample codes (B, N) for labels (B,); N = block_size unless num_tokens is given.
 
-        ``cfg_scale``: a number, (start, end) for a linear schedule, "a,b", or a GuidanceSchedule.
+        ``cfg_scale``: a number, (start, end) for a linear schedule, or a GuidanceSchedule (a string
+        such as "1.2,8.0" still works but is deprecated). ``options``: a :class:`SamplingOptions`
+        instead of ``cfg_scale``, ``temperature``, ``top_k`` and ``top_p``.
         Randomness (pick one): ``seeds`` (B,) or ``generators`` (one per sample) make each sample depend
         only on its own seed and label; ``generator`` draws all uniforms from one generator; with none
         of them the global RNG of the labels' device is used. See :func:`autoregressive.generate.generate_codes`.
@@ -460,13 +463,11 @@ class GPT(nn.Module):
         # The null class is guidance's business (it adds those rows itself); asked for here it would
         # silently give unconditional samples. generate_codes, the low-level loop, still takes it.
         self.check_labels(labels, allow_null=False)
+        options = SamplingOptions.resolve(options, cfg_scale, temperature, top_k, top_p)
         n = self.config.block_size if num_tokens is None else num_tokens
         uniforms = draw_uniforms(labels.shape[0], n, seeds=seeds, generators=generators,
                                  generator=generator, device=labels.device)
-        return generate_codes(
-            self, labels, uniforms, guidance=GuidanceSchedule.from_value(cfg_scale),
-            temperature=temperature, top_k=top_k, top_p=top_p, prefix_codes=prefix_codes, compile=compile,
-        )
+        return generate_codes(self, labels, uniforms, options=options, prefix_codes=prefix_codes, compile=compile)
 
     # -- persistence -----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
