@@ -14,7 +14,11 @@ and the loop needs no host-device synchronisation.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import numbers
+import operator
+import sys
+import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
@@ -47,6 +51,15 @@ class CachedDecoder(Protocol):
     def check_codes(self, codes: torch.Tensor, name: str = "codes") -> None: ...
 
 
+def _caller_stacklevel() -> int:
+    """``stacklevel`` that points a warning raised by our caller at the first frame outside this
+    package and torch (whose decorators add frames), i.e. at the user's line."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("autoregressive", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 @dataclass(frozen=True)
 class GuidanceSchedule:
     """Classifier-free guidance scale per generated position: constant, or linear start → end.
@@ -68,7 +81,11 @@ class GuidanceSchedule:
 
     @classmethod
     def parse(cls, text: str) -> "GuidanceSchedule":
-        """"4.0" → constant 4.0; "1.2,8.0" → linear from 1.2 to 8.0 (the official CLI syntax)."""
+        """"4.0" → constant 4.0; "1.2,8.0" → linear from 1.2 to 8.0 (the official CLI syntax).
+
+        The command line's syntax: ``--cfg-scale`` uses it (``autoregressive.sample.cfg_scale_arg``).
+        Python callers pass a number or a (start, end) tuple instead.
+        """
         parts = [p.strip() for p in str(text).split(",")]
         try:
             values = [float(p) for p in parts]
@@ -82,18 +99,27 @@ class GuidanceSchedule:
 
     @classmethod
     def from_value(
-        cls, value: "float | tuple[float, float] | Sequence[float] | str | GuidanceSchedule"
+        cls, value: "float | tuple[float, float] | Sequence[float] | GuidanceSchedule"
     ) -> "GuidanceSchedule":
-        """Accept a schedule, a number, a (start, end) pair, or a string for :meth:`parse`."""
+        """Accept a schedule, a number, or a (start, end) pair.
+
+        A string ("1.2,8.0") still works but is deprecated: parsing is the command line's job, and a
+        string reaching a library call is usually an unparsed flag. The warning is a FutureWarning
+        so that it shows outside ``__main__`` too.
+        """
         if isinstance(value, GuidanceSchedule):
             return value
         if isinstance(value, str):
+            warnings.warn(f"cfg_scale={value!r}: strings are deprecated; pass a float or a (start, end) tuple, "
+                          "e.g. cfg_scale=(1.2, 8.0)", FutureWarning, stacklevel=_caller_stacklevel())
             return cls.parse(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return cls(float(value))
-        if isinstance(value, (tuple, list)) and len(value) == 2:
+        if (isinstance(value, (tuple, list)) and len(value) == 2
+                and not any(isinstance(v, (str, bytes, bool)) for v in value)):
             return cls(float(value[0]), float(value[1]))
-        raise TypeError(f"cfg_scale must be a number, (start, end), 'a,b' or a GuidanceSchedule, got {value!r}")
+        raise TypeError(f"cfg_scale must be a float or a (start, end) tuple of floats (or a GuidanceSchedule), "
+                        f"got {value!r}")
 
     @property
     def final(self) -> float:
@@ -109,6 +135,81 @@ class GuidanceSchedule:
         if self.official_start_quirk and start == 1.0 and end > 1.0:
             start = OFFICIAL_START_BUMP
         return torch.linspace(start, end, num_tokens, dtype=torch.float32)
+
+
+def _is_default(value: Any, default: float) -> bool:
+    if isinstance(value, (bool, str)):
+        return False
+    if isinstance(value, GuidanceSchedule):
+        return value == GuidanceSchedule(default)
+    return isinstance(value, numbers.Real) and value == default
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How codes are chosen: guidance schedule, temperature, top-k, top-p (paper defaults: all off).
+
+    Built once where the settings come in (a CLI's flags, a training recipe) and handed to
+    :meth:`GPT.generate`, :func:`~autoregressive.stream.stream`, :func:`generate_codes`, ... as
+    ``options=``. ``guidance`` also takes a number or a (start, end) tuple; a bad value raises
+    ValueError (TypeError for a wrong type) naming the field.
+    """
+
+    guidance: GuidanceSchedule = field(default_factory=GuidanceSchedule)
+    temperature: float = 1.0  # 0 = greedy (the official sampler's max(T, 1e-5))
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+
+    def __post_init__(self) -> None:
+        # object.__setattr__: the dataclass is frozen; normalising here keeps every consumer simple.
+        if isinstance(self.guidance, str):
+            raise TypeError(f"guidance must be a float, a (start, end) tuple or a GuidanceSchedule, got "
+                            f"{self.guidance!r} (command-line text is parsed by GuidanceSchedule.parse)")
+        try:
+            object.__setattr__(self, "guidance", GuidanceSchedule.from_value(self.guidance))
+        except TypeError:
+            raise TypeError(f"guidance must be a float, a (start, end) tuple or a GuidanceSchedule, "
+                            f"got {self.guidance!r}") from None
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, numbers.Real):
+            raise TypeError(f"temperature must be a number, got {self.temperature!r}")
+        if not self.temperature >= 0:  # also refuses nan
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        try:
+            top_k = operator.index(self.top_k) if not isinstance(self.top_k, bool) else -1
+        except TypeError:
+            top_k = -1
+        if top_k < 0:
+            raise ValueError(f"top_k must be a non-negative int (0 = off), got {self.top_k!r}")
+        object.__setattr__(self, "top_k", top_k)
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, numbers.Real) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+
+    @classmethod
+    def resolve(
+        cls,
+        options: "SamplingOptions | None",
+        cfg_scale: "float | tuple[float, float] | GuidanceSchedule" = 1.0,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        *,
+        guidance_name: str = "cfg_scale",
+    ) -> "SamplingOptions":
+        """``options``, or the separate keywords of the public sampling calls gathered into one.
+
+        Both at once would leave one of them silently ignored, so that is a TypeError (naming the
+        guidance keyword as ``guidance_name``).
+        """
+        if options is None:
+            return cls(GuidanceSchedule.from_value(cfg_scale), temperature, top_k, top_p)
+        if not isinstance(options, SamplingOptions):
+            raise TypeError(f"options must be a SamplingOptions, got {type(options).__name__}")
+        given = [name for name, value, default in ((guidance_name, cfg_scale, 1.0), ("temperature", temperature, 1.0),
+                                                   ("top_k", top_k, 0), ("top_p", top_p, 1.0))
+                 if not _is_default(value, default)]
+        if given:
+            raise TypeError(f"pass options=SamplingOptions(...) or {', '.join(given)}, not both")
+        return options
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,15 +379,6 @@ def compiled_decode_one_token(device_type: str, split: bool | None = None, backe
     return _COMPILED_STEPS[key]
 
 
-def _check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be a non-negative int (0 = off), got {top_k!r}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
-
-
 def _expand_prefix(prefix_codes: torch.Tensor | None, batch: int, num_tokens: int,
                    device: torch.device) -> torch.Tensor | None:
     """Prefix (k,) or (B, k) → (B, k) int64 on device, or None when empty."""
@@ -313,6 +405,7 @@ def iter_codes(
     top_p: float = 1.0,
     prefix_codes: torch.Tensor | None = None,
     compile: bool = False,
+    options: SamplingOptions | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the N codes of each sample position by position, each as (B,) int64; see :func:`generate_codes`.
 
@@ -322,7 +415,7 @@ def iter_codes(
     """
     if model.training:
         raise RuntimeError("generate needs model.eval(): dropout would corrupt the samples")
-    _check_sampling_args(temperature, top_k, top_p)
+    options = SamplingOptions.resolve(options, guidance, temperature, top_k, top_p, guidance_name="guidance")
     model.check_labels(labels)
     batch, num_tokens = labels.shape[0], uniforms.shape[1]
     if uniforms.shape[0] != batch:
@@ -332,18 +425,17 @@ def iter_codes(
     prefix = _expand_prefix(prefix_codes, batch, num_tokens, labels.device)
     if prefix is not None:
         model.check_codes(prefix, "prefix_codes")
-    if guidance.enabled and not model.config.has_null_class:
+    if options.guidance.enabled and not model.config.has_null_class:
         raise ValueError("classifier-free guidance needs a null class (class_dropout_prob > 0 in the config)")
     step = compiled_decode_one_token(labels.device.type) if compile else decode_one_token
-    return _decode_stream(model, labels, uniforms.to(labels.device), guidance, temperature, top_k, top_p,
-                          prefix, step)
+    return _decode_stream(model, labels, uniforms.to(labels.device), options, prefix, step)
 
 
 @torch.no_grad()
-def _decode_stream(model: CachedDecoder, labels: torch.Tensor, uniforms: torch.Tensor, guidance: GuidanceSchedule,
-                   temperature: float, top_k: int, top_p: float, prefix: torch.Tensor | None,
-                   step: DecodeStep) -> Iterator[torch.Tensor]:
+def _decode_stream(model: CachedDecoder, labels: torch.Tensor, uniforms: torch.Tensor, options: SamplingOptions,
+                   prefix: torch.Tensor | None, step: DecodeStep) -> Iterator[torch.Tensor]:
     """The body of :func:`iter_codes` on validated inputs (prefix (B, k) or None)."""
+    guidance, temperature, top_k, top_p = options.guidance, options.temperature, options.top_k, options.top_p
     num_tokens = uniforms.shape[1]
     k = 0 if prefix is None else prefix.shape[1]
     if prefix is not None:
@@ -379,6 +471,7 @@ def generate_codes(
     top_p: float = 1.0,
     prefix_codes: torch.Tensor | None = None,
     compile: bool = False,
+    options: SamplingOptions | None = None,
 ) -> torch.Tensor:
     """Sample codes (B, N) for labels (B,) with uniforms (B, N) (see :func:`draw_uniforms`).
 
@@ -386,7 +479,8 @@ def generate_codes(
     [labels; null class] rows that share the chosen token. The first k codes are ``prefix_codes``
     ((k,) or (B, k)), returned verbatim and fed through the cache; their uniforms go unused, so a
     prefixed run draws the same randomness for the remaining positions as an unprefixed one.
+    ``options`` may replace ``guidance``, ``temperature``, ``top_k`` and ``top_p`` (not both).
     """
     columns = iter_codes(model, labels, uniforms, guidance=guidance, temperature=temperature, top_k=top_k,
-                         top_p=top_p, prefix_codes=prefix_codes, compile=compile)
+                         top_p=top_p, prefix_codes=prefix_codes, compile=compile, options=options)
     return torch.stack(list(columns), dim=1)

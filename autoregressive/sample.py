@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoregressive.generate import GuidanceSchedule
+from autoregressive.generate import GuidanceSchedule, SamplingOptions
 from autoregressive.config import GPT_PRESETS
 from autoregressive.model import GPT, GPTLoadError
 from autoregressive.stream import check_pair, image_seed, sample_images, stream
@@ -157,10 +157,14 @@ def check_label_flag(labels: Sequence[int], gpt: GPT, flag: str = "--labels") ->
                         f"got {', '.join(map(str, bad))}{null}")
 
 
+def sampling_options(args: argparse.Namespace) -> SamplingOptions:
+    """The :func:`add_sampling_args` flags that choose codes, as one :class:`SamplingOptions`."""
+    return SamplingOptions(guidance=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments of :func:`autoregressive.stream.stream` / ``sample_images`` from the flags."""
-    return dict(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                sampler=args.sampler, compile=args.compile)
+    return dict(options=sampling_options(args), sampler=args.sampler, compile=args.compile)
 
 
 def precision_of(args: argparse.Namespace, device: torch.device) -> str:

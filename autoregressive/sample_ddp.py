@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from autoregressive.generate import SamplingOptions
 from autoregressive.sample import (FlagError, add_model_args, add_sampling_args,
                                    check_output_path, load_models, non_negative_int, positive_int, precision_of,
                                    sampling_kwargs)
@@ -193,13 +194,14 @@ def pinned_checkpoint(path: str | None) -> str | None:
     return path if target == local else str(target)
 
 
-def run_manifest(args: argparse.Namespace, num_classes: int, precision: str, resolution: int) -> dict:
-    schedule = args.cfg_scale
+def run_manifest(args: argparse.Namespace, options: SamplingOptions, num_classes: int, precision: str,
+                 resolution: int) -> dict:
+    schedule = options.guidance
     return {
         "num_samples": args.num_samples, "shard_size": args.per_proc_batch_size, "seed": args.seed,
         "num_classes": num_classes, "cfg_scale": [schedule.start, schedule.final],
-        "cfg_official_start_quirk": schedule.official_start_quirk, "temperature": args.temperature,
-        "top_k": args.top_k, "top_p": args.top_p, "sampler": args.sampler, "precision": precision,
+        "cfg_official_start_quirk": schedule.official_start_quirk, "temperature": options.temperature,
+        "top_k": options.top_k, "top_p": options.top_p, "sampler": args.sampler, "precision": precision,
         "gpt_ckpt": pinned_checkpoint(args.gpt_ckpt), "gpt_file": args.gpt_file, "gpt_preset": args.gpt_preset,
         "ema": args.ema,
         "tokenizer_ckpt": pinned_checkpoint(args.tokenizer_ckpt), "tokenizer_file": args.tokenizer_file,
@@ -220,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
             raise FlagError(f"--num-classes must be in 1..{gpt.config.num_classes} (the GPT's classes), "
                             f"got {num_classes}")
         precision = precision_of(args, env.device)
+        sampling = sampling_kwargs(args)
         out, size, n = Path(args.out), args.per_proc_batch_size, args.num_samples
 
         # Rank 0 owns the folder; the others learn the outcome (or its error) from the broadcast.
@@ -229,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
                 # Left by killed writes: shards, and samples.npz itself (as large as all shards together).
                 sweep_temporaries(out, [SAMPLES, MANIFEST])
                 sweep_temporaries(out / SHARD_DIR)
-                check_manifest(out, run_manifest(args, num_classes, precision, tokenizer.config.sampling_resolution))
+                check_manifest(out, run_manifest(args, sampling["options"], num_classes, precision,
+                                                 tokenizer.config.sampling_resolution))
                 out.joinpath(SHARD_DIR).mkdir(parents=True, exist_ok=True)
                 state = (None, pending_shards(out, n, size))
             except (UserError, OSError) as err:
@@ -251,8 +255,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
             labels = class_balanced_labels(indices, num_classes)
             with autocast(env.device, precision):
                 _, images = sample_images(gpt, tokenizer, torch.from_numpy(labels).to(env.device),
-                                          seeds=[image_seed(args.seed, int(i)) for i in indices],
-                                          **sampling_kwargs(args))
+                                          seeds=[image_seed(args.seed, int(i)) for i in indices], **sampling)
             write_shard(shard_path(out, shard), to_uint8(images), labels, indices)
         # Any rank that stopped early leaves shards undone, so nobody may assemble.
         stopped_early = any(all_gather_object(stopped_early))

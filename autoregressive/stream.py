@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from autoregressive.generate import GuidanceSchedule, draw_uniforms, generate_codes, iter_codes
+from autoregressive.generate import GuidanceSchedule, SamplingOptions, draw_uniforms, generate_codes, iter_codes
 from utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -144,7 +144,7 @@ def stream(
     tokenizer: "DARTokenizer",
     labels: torch.Tensor,
     *,
-    cfg_scale: float | tuple[float, float] | str | GuidanceSchedule = 1.0,
+    cfg_scale: float | tuple[float, float] | GuidanceSchedule = 1.0,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -154,20 +154,20 @@ def stream(
     noise: torch.Tensor | None = None,
     sampler: str = "adams2",
     compile: bool = False,
+    options: SamplingOptions | None = None,
 ) -> Iterator[StreamStep]:
     """Generate images for labels (B,), yielding a :class:`StreamStep` after each of the G code groups.
 
     ``cfg_scale``, ``temperature``, ``top_k``, ``top_p``, ``prefix_codes`` ((k,) or (B, k), kept
-    verbatim) and ``compile`` are those of :meth:`GPT.generate`; ``seeds`` / ``generator`` /
+    verbatim), ``compile`` and ``options`` are those of :meth:`GPT.generate`; ``seeds`` / ``generator`` /
     ``noise`` are described in :func:`draw_randomness`; ``sampler`` is "adams2" or "euler". The last
     step's preview is the final image, equal to :func:`sample_images` with the same arguments.
     Arguments are validated when this is called, before the first step is requested.
     """
     per_group = check_pair(gpt, tokenizer)
+    options = SamplingOptions.resolve(options, cfg_scale, temperature, top_k, top_p)
     labels, uniforms, noise = _sampling_inputs(gpt, tokenizer, labels, seeds, generator, noise)
-    columns = iter_codes(gpt, labels, uniforms, guidance=GuidanceSchedule.from_value(cfg_scale),
-                         temperature=temperature, top_k=top_k, top_p=top_p, prefix_codes=prefix_codes,
-                         compile=compile)
+    columns = iter_codes(gpt, labels, uniforms, options=options, prefix_codes=prefix_codes, compile=compile)
     state = tokenizer.start_sampler(labels.shape[0], noise, sampler=sampler)
     return _stream_body(tokenizer, columns, state, per_group)
 
@@ -207,7 +207,7 @@ def sample_images(
     tokenizer: "DARTokenizer",
     labels: torch.Tensor,
     *,
-    cfg_scale: float | tuple[float, float] | str | GuidanceSchedule = 1.0,
+    cfg_scale: float | tuple[float, float] | GuidanceSchedule = 1.0,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -217,14 +217,14 @@ def sample_images(
     noise: torch.Tensor | None = None,
     sampler: str = "adams2",
     compile: bool = False,
+    options: SamplingOptions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-streamed sampling: (codes (B, N), images (B, C, H, W) unclamped) = generate, then decode.
 
     Same arguments and randomness as :func:`stream`; use this when no previews are wanted.
     """
     check_pair(gpt, tokenizer)
+    options = SamplingOptions.resolve(options, cfg_scale, temperature, top_k, top_p)
     labels, uniforms, noise = _sampling_inputs(gpt, tokenizer, labels, seeds, generator, noise)
-    codes = generate_codes(gpt, labels, uniforms, guidance=GuidanceSchedule.from_value(cfg_scale),
-                           temperature=temperature, top_k=top_k, top_p=top_p, prefix_codes=prefix_codes,
-                           compile=compile)
+    codes = generate_codes(gpt, labels, uniforms, options=options, prefix_codes=prefix_codes, compile=compile)
     return codes, tokenizer.decode(codes, noise=noise, sampler=sampler)

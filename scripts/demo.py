@@ -221,17 +221,6 @@ def stale_stage_message(name: str, then: dict[str, Any], now: dict[str, Any], ou
     return "\n".join(lines)
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.is_file():
-        raise FileNotFoundError(f"{run_dir} has no finished checkpoint")
-    return run_dir / "checkpoints" / pointer.read_text().strip()
-
-
-def _finished(run_dir: Path, name: str) -> bool:
-    return (run_dir / name).exists()
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = OneLineArgumentParser(prog="python -m scripts.demo", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)

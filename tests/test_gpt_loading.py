@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import autoregressive.model as gpt_model
+import autoregressive.loading as gpt_loading
 from autoregressive import GPT, GPT_PRESETS, load_gpt_from_official
 from autoregressive.model import build_gpt, convert_official_state_dict
 from tests.gpt_testing import DATA, load_golden, random_gpt
@@ -165,7 +165,7 @@ def test_hub_files_follow_the_preset(monkeypatch, tmp_path):
         requested.append((str(path_or_repo_id), filename))
         raise FileNotFoundError("offline")
 
-    monkeypatch.setattr(gpt_model, "resolve_file", fake_resolve)
+    monkeypatch.setattr(gpt_loading, "resolve_file", fake_resolve)
     for preset, filename in (("GPT-L", "D-AR-L-360K.pt"), ("GPT-XL", "D-AR-XL-360K.pt")):
         with pytest.raises(FileNotFoundError):
             GPT.from_pretrained("showlab/D-AR", preset=preset)
@@ -173,7 +173,7 @@ def test_hub_files_follow_the_preset(monkeypatch, tmp_path):
 
     state = official_tiny()
     torch.save({"model": state}, tmp_path / "D-AR-L-360K.pt")
-    monkeypatch.setattr(gpt_model, "resolve_file", lambda *a, **k: tmp_path / "D-AR-L-360K.pt")
+    monkeypatch.setattr(gpt_loading, "resolve_file", lambda *a, **k: tmp_path / "D-AR-L-360K.pt")
     # The file name implies GPT-L, whose shapes the tiny weights do not fit: the strict load says so.
     with pytest.raises(KeyError, match="shape mismatches"):
         GPT.from_pretrained("showlab/D-AR", filename="D-AR-L-360K.pt")

@@ -53,7 +53,7 @@ def test_zero_prefix_groups_is_plain_sampling(setup: tuple[Path, Path, Path], tm
     result = run(setup, tmp_path / "layout.png", 0)
     gpt = GPT.from_pretrained(setup[0])
     codes, _ = sample_images(gpt, DARTokenizer.from_pretrained(setup[1]), torch.tensor([3, 3, 3, 7, 7, 7]),
-                             cfg_scale="1.5,3.0", seeds=[image_seed(2, i) for i in range(6)])
+                             cfg_scale=(1.5, 3.0), seeds=[image_seed(2, i) for i in range(6)])
     assert torch.equal(result.codes, codes)
 
 

@@ -72,7 +72,7 @@ def test_cli_writes_grid_previews_and_gif(ckpts: tuple[Path, Path], tmp_path: Pa
     # The grid holds exactly the non-streamed samples (same seeds), label-major.
     gpt, tokenizer = GPT.from_pretrained(gpt_dir), DARTokenizer.from_pretrained(tok_dir)
     labels = torch.tensor([1, 1, 2, 2, 3, 3])
-    _, images = sample_images(gpt, tokenizer, labels, cfg_scale="1.5,3.0", seeds=[image_seed(4, i) for i in range(6)])
+    _, images = sample_images(gpt, tokenizer, labels, cfg_scale=(1.5, 3.0), seeds=[image_seed(4, i) for i in range(6)])
     expected = to_uint8(images)
     for i in range(6):
         assert np.array_equal(tile(grid, i // 2, i % 2), expected[i])

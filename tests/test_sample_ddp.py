@@ -75,7 +75,7 @@ def test_single_process_run_resume_and_contract(ckpts: tuple[Path, Path], tmp_pa
     # Image i is sample_images with seed image_seed(5, i), whatever batch it was made in.
     gpt, tokenizer = GPT.from_pretrained(ckpts[0]), DARTokenizer.from_pretrained(ckpts[1])
     span = shard_range(1, BATCH, N)
-    _, expected = sample_images(gpt, tokenizer, torch.tensor(labels[span.start : span.stop]), cfg_scale="1.5,3.0",
+    _, expected = sample_images(gpt, tokenizer, torch.tensor(labels[span.start : span.stop]), cfg_scale=(1.5, 3.0),
                                 seeds=[image_seed(5, i) for i in span])
     assert np.array_equal(images[span.start : span.stop], to_uint8(expected))
 

@@ -13,7 +13,7 @@ from tests.extraction_testing import make_tokenizer
 from tests.gpt_testing import random_gpt
 from tokenizer import DARTokenizer
 
-CFG = "1.5,4.0"
+CFG = (1.5, 4.0)
 
 
 @pytest.fixture(scope="module")
