@@ -258,7 +258,9 @@ def decode_rgb(
             source = path if isinstance(path, (str, os.PathLike)) else io.BytesIO(path.read_bytes())
             image = Image.open(source)
     except UnidentifiedImageError as err:
-        raise SkipImage("not_image", str(err)) from err
+        # Pillow names a file object by its repr, which says nothing; the caller logs the member's name.
+        detail = str(err) if isinstance(path, (str, os.PathLike)) else "cannot identify image data"
+        raise SkipImage("not_image", detail) from err
     except Image.DecompressionBombError as err:
         raise SkipImage("too_large", str(err)) from err
     except OSError as err:

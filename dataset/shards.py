@@ -207,8 +207,16 @@ def _index_shard(shard: Path) -> list[tuple[str, int, int, int]]:
                     member = tar.extractfile(info)
                     labels[key] = _parse_label(member.read() if member else b"", f"{shard}:{info.name}")
     except tarfile.ReadError as error:
-        raise ShardError(f"{shard} is not an uncompressed tar file ({error}); {_ACCEPTED} "
-                         "(pack shards with tar cf, without compression)") from None
+        if num_files and "unexpected end of data" in str(error):
+            # A shard cut short (an interrupted copy): what its headers list stays, and the cut member
+            # is skipped and counted as truncated when read, like a truncated file in a folder.
+            logger.warning("%s ends inside its data (%s); a member cut short will be skipped as truncated",
+                           shard, error)
+        elif num_files:
+            raise ShardError(f"{shard} is corrupt after its first {num_files} files ({error}); re-create it") from None
+        else:
+            raise ShardError(f"{shard} is not an uncompressed tar file ({error}); {_ACCEPTED} "
+                             "(pack shards with tar cf, without compression)") from None
     except OSError as error:
         raise ShardError(f"{shard} cannot be read ({error})") from None
     if num_files == 0:
