@@ -62,7 +62,8 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 # Indexing is mostly waiting on header reads (network file systems): a few threads overlap them.
 _INDEX_THREADS = 8
-_ACCEPTED = "pass a folder of images, a .tar shard, a folder of .tar shards or a pattern like shards-{000000..000099}.tar"
+_ACCEPTED = ("pass a folder of images, a .tar shard, a folder of .tar shards "
+             "or a pattern like shards-{000000..000099}.tar")
 
 
 class ShardError(UserError, ValueError):
@@ -136,6 +137,15 @@ def resolve_shards(path: str | os.PathLike) -> list[Path]:
     if not shards:
         raise ShardError(f"{text} holds no .tar files; {_ACCEPTED}")
     return shards
+
+
+def require_data_path(path: str | os.PathLike, flag: str = "--data-path") -> str | os.PathLike:
+    """``utils.errors.require_path`` for data paths: a brace pattern must name existing shards instead."""
+    if is_pattern(path):
+        resolve_shards(path)
+    elif not Path(path).expanduser().exists():
+        raise PathNotFoundError(f"{flag}: {path}" if flag else path, _ACCEPTED)
+    return path
 
 
 # --------------------------------------------------------------------------------------------

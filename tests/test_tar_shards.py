@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -23,9 +24,16 @@ from dataset.images import (
     to_model_range,
 )
 from dataset.sampler import ResumableDistributedSampler
-from dataset.shards import ShardError, TarShardDataset, expand_braces, index_cache_path, open_images
+from dataset.shards import (
+    ShardError,
+    TarShardDataset,
+    expand_braces,
+    index_cache_path,
+    open_images,
+    require_data_path,
+)
 from tests.cli_testing import assert_user_error, run_module_cli
-from tests.extraction_testing import IMAGE_SIZE, make_image_folder, make_tokenizer
+from tests.extraction_testing import IMAGE_SIZE, make_image_folder, make_tokenizer, run_module
 from utils.errors import UserError
 
 BAD = "c1/img_002.png"  # a text file with an image name: skipped as not_image in both sources
@@ -257,6 +265,30 @@ def test_extract_codes_from_shards_equals_the_folder(assets: dict[str, Path], tm
                                           np.load(tmp_path / "folder" / shard[key]))
 
 
+def test_two_ranks_share_one_index_and_extract_what_one_process_does(assets: dict[str, Path], tmp_path: Path) -> None:
+    # Fresh shards, so the index is built under the process group (rank 0 builds, rank 1 waits), and
+    # loader workers receive the shard dataset.
+    pack_shards(assets["images"], tmp_path / "shards", per_shard=4)
+    common = ["--tokenizer-ckpt", str(assets["tokenizer"]), "--image-size", str(IMAGE_SIZE), "--batch-size", "2",
+              "--shard-size", "3", "--flip", "--device", "cpu"]
+    from tokenizer.extract_codes import main, parse_args
+
+    main(parse_args([*common, "--data-path", str(assets["images"]), "--out", str(tmp_path / "one"),
+                     "--num-workers", "0"]))
+    pattern = str(tmp_path / "shards" / "train-{000000..000003}.tar")
+    run_module("tokenizer.extract_codes",
+               [*common, "--data-path", pattern, "--out", str(tmp_path / "two"), "--num-workers", "1"], nproc=2)
+    assert len(list((tmp_path / "shards").glob(".dar-shard-index-*.npz"))) == 1
+    assert not list((tmp_path / "shards").glob(".*.tmp"))
+    one, two = json.loads((tmp_path / "one" / "manifest.json").read_text()), json.loads(
+        (tmp_path / "two" / "manifest.json").read_text())
+    assert one["shards"] == two["shards"] and one["meta"]["bad_files"] == two["meta"]["bad_files"]
+    for shard in one["shards"]:
+        for key in ("file", "labels", "indices"):
+            np.testing.assert_array_equal(np.load(tmp_path / "one" / shard[key]),
+                                          np.load(tmp_path / "two" / shard[key]))
+
+
 def test_reconstruct_from_shards_equals_the_folder(assets: dict[str, Path], tmp_path: Path) -> None:
     from tokenizer.reconstruct import main, parse_args
 
@@ -317,6 +349,11 @@ def test_user_mistakes_name_the_path(assets: dict[str, Path], tmp_path: Path) ->
             open_images(data, CenterCrop(IMAGE_SIZE))
         message = str(caught.value)
         assert "\n" not in message and all(f in message for f in fragments), message
+    assert require_data_path(str(assets["shards"] / "train-{000000..000002}.tar")) is not None
+    for data, fragment in ((pattern, "matches no file"), (tmp_path / "missing", "--data-path: ")):
+        with pytest.raises(UserError, match="matches no file|does not exist") as caught:
+            require_data_path(data)
+        assert fragment in str(caught.value)
     out = tmp_path / "codes"
     assert_user_error(run_module_cli("tokenizer.extract_codes", *_argv(pattern, out)), pattern, "matches no file")
     assert_user_error(run_module_cli("tokenizer.reconstruct", "--ckpt", "unused", "--data-path", str(not_tar),
