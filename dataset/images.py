@@ -1,5 +1,8 @@
 """Image folders in, ``[-1, 1]`` RGB tensors out: folder scanning, robust decoding, ADM crops.
 
+(Tar shards of the same images are read by ``dataset.shards``; ``dataset.shards.open_images`` picks
+the reader from the path.)
+
 Layouts (``ImageFolderDataset``)
     * class folders (ImageNet style): ``root/<class>/**/<image>``; the label is the index of the
       class folder in sorted order, ``dataset.classes`` holds the names;
@@ -47,6 +50,7 @@ depend on the worker count or on a restart.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -55,7 +59,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, Union
 
 import numpy as np
 import torch
@@ -76,7 +80,9 @@ SKIP_REASONS = ("truncated", "not_image", "too_small", "too_large", "unsupported
 # well below its warning threshold: 64 MP still admits every camera photo short of medium format.
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
-# Transform contract: (decoded RGB image, this sample's generator) -> float tensor in [-1, 1].
+# Transform contract: (decoded RGB image, this sample's generator) -> float tensor in [-1, 1], or
+# with ``uint8=True`` the same pixels as uint8 0..255 (a quarter of the bytes to pin and copy to the
+# GPU; ``to_model_range`` there gives exactly the float tensor).
 Transform = Callable[[Image.Image, torch.Generator], torch.Tensor]
 
 _GRAY_MODES = {"1", "L", "LA", "I", "F"}
@@ -226,11 +232,22 @@ def _to_rgb(image: Image.Image, is_16bit: bool) -> tuple[np.ndarray, tuple[str, 
     return np.ascontiguousarray(rgb), tuple(notes)
 
 
+class BytesSource(Protocol):
+    """An image that is not a file of its own (a tar member): its encoded bytes on demand."""
+
+    def read_bytes(self) -> bytes: ...
+
+
+ImageSource = Union[str, os.PathLike, BytesSource]
+
+
 def decode_rgb(
-    path: str | os.PathLike, min_size: int = 0, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    path: ImageSource, min_size: int = 0, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 ) -> tuple[Image.Image, tuple[str, ...]]:
     """Open ``path`` as an 8-bit RGB image; return it with its conversion tags or raise SkipImage.
 
+    ``path`` is a file or a ``BytesSource`` (``dataset.shards.TarMember``); a source whose bytes
+    cannot be read is skipped as ``truncated``, like an unreadable file.
     ``max_pixels``: images with more pixels are skipped as ``too_large`` from their header alone
     (``Image.open`` reads only the header); None leaves only Pillow's own guard.
     """
@@ -238,9 +255,12 @@ def decode_rgb(
         with warnings.catch_warnings():
             if max_pixels is not None:  # our own limit decides below; Pillow's warning would repeat it
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            source = path if isinstance(path, (str, os.PathLike)) else io.BytesIO(path.read_bytes())
+            image = Image.open(source)
     except UnidentifiedImageError as err:
-        raise SkipImage("not_image", str(err)) from err
+        # Pillow names a file object by its repr, which says nothing; the caller logs the member's name.
+        detail = str(err) if isinstance(path, (str, os.PathLike)) else "cannot identify image data"
+        raise SkipImage("not_image", detail) from err
     except Image.DecompressionBombError as err:
         raise SkipImage("too_large", str(err)) from err
     except OSError as err:
@@ -329,10 +349,30 @@ def _five_crops(arr: np.ndarray, size: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(view) for view in views]
 
 
-def arr_to_tensor(arr: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1]."""
+def arr_to_tensor(arr: np.ndarray, uint8: bool = False) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1], or (3, H, W) uint8 with ``uint8``."""
+    if uint8:
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(arr, dtype=np.uint8).transpose(2, 0, 1)))
     scaled = np.asarray(arr, dtype=np.float32) / 127.5 - 1.0  # ADM's scaling, bit for bit
     return torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))
+
+
+# ADM's scaling of every uint8 value, computed once by numpy exactly as ``arr_to_tensor`` computes it:
+# a table lookup gives the same floats on any device, where a division on the GPU may not (CUDA
+# divides by a scalar through its reciprocal).
+_MODEL_RANGE = torch.from_numpy(np.arange(256, dtype=np.float32) / 127.5 - 1.0)
+_MODEL_RANGE_ON: dict[torch.device, torch.Tensor] = {}
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (any shape, e.g. a batch on the GPU) -> float32 in [-1, 1], bit-identical to
+    what the transform would have returned without ``uint8=True``."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images, got {images.dtype}")
+    table = _MODEL_RANGE_ON.get(images.device)
+    if table is None:
+        table = _MODEL_RANGE_ON[images.device] = _MODEL_RANGE.to(images.device)
+    return table[images.long()]
 
 
 def _maybe_flip(arr: np.ndarray, flip: bool, generator: torch.Generator) -> np.ndarray:
@@ -349,10 +389,11 @@ class RandomCropFlip:
     min_crop_frac: float = 0.8
     max_crop_frac: float = 1.0
     flip: bool = True
+    uint8: bool = False  # uint8 0..255 out; ``to_model_range`` on the device gives the float tensor
 
     def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
         arr = random_crop_arr(image, self.image_size, self.min_crop_frac, self.max_crop_frac, generator)
-        return arr_to_tensor(_maybe_flip(arr, self.flip, generator))  # (3, H, W)
+        return arr_to_tensor(_maybe_flip(arr, self.flip, generator), self.uint8)  # (3, H, W)
 
 
 @dataclass(frozen=True)
@@ -361,10 +402,11 @@ class CenterCrop:
 
     image_size: int
     flip: bool = False
+    uint8: bool = False
 
     def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
         arr = center_crop_arr(image, self.image_size)
-        return arr_to_tensor(_maybe_flip(arr, self.flip, generator))  # (3, H, W)
+        return arr_to_tensor(_maybe_flip(arr, self.flip, generator), self.uint8)  # (3, H, W)
 
 
 @dataclass(frozen=True)
@@ -373,10 +415,11 @@ class RandomTenCrop:
 
     image_size: int
     crop_ratio: float = 1.1
+    uint8: bool = False
 
     def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
         crops = ten_crop_arrs(image, self.image_size, self.crop_ratio)
-        return arr_to_tensor(crops[randint(generator, 0, len(crops))])  # (3, H, W)
+        return arr_to_tensor(crops[randint(generator, 0, len(crops))], self.uint8)  # (3, H, W)
 
 
 @dataclass(frozen=True)
@@ -385,9 +428,11 @@ class TenCrop:
 
     image_size: int
     crop_ratio: float = 1.1
+    uint8: bool = False
 
     def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
-        return torch.stack([arr_to_tensor(a) for a in ten_crop_arrs(image, self.image_size, self.crop_ratio)])
+        crops = ten_crop_arrs(image, self.image_size, self.crop_ratio)
+        return torch.stack([arr_to_tensor(a, self.uint8) for a in crops])
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,32 +518,32 @@ class ImageBatch(NamedTuple):
     stats: BadFileStats  # this batch's conversions and skips
 
 
-class ImageFolderDataset(Dataset):
-    """Class-folder or flat image tree -> ``ImageItem``; see the module docstring for the policies.
+class DecodedImageDataset(Dataset):
+    """What every image source shares: ``files[i]`` (anything ``decode_rgb`` opens), ``labels[i]``,
+    ``classes``; decoding, skipping and per-sample seeding are the same for all of them.
 
     Call ``set_epoch`` before each epoch's loader is created; workers must not be persistent (as
     in ``utils.training.InfiniteLoader``) so that they pick up the new epoch. Batch with
     ``collate_fn=collate_skip_bad``.
     """
 
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        transform: Transform,
-        with_labels: bool = True,
-        seed: int = 0,
-        min_size: int = 0,
-        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-    ) -> None:
+    files: Sequence[ImageSource]
+    labels: Sequence[int]
+    classes: tuple[str, ...]
+    transform: Transform
+    seed: int
+    min_size: int
+    max_image_pixels: int | None
+    epoch: int
+
+    def _set_options(self, transform: Transform, seed: int, min_size: int, max_image_pixels: int | None) -> None:
         if max_image_pixels is not None and max_image_pixels < 1:
             raise UserError(f"max_image_pixels must be positive, got {max_image_pixels}")
-        self.root = Path(root)
         self.transform = transform
         self.seed = seed
         self.min_size = min_size
         self.max_image_pixels = max_image_pixels
         self.epoch = 0
-        self.files, self.labels, self.classes = scan_image_folder(self.root, with_labels)
 
     @property
     def num_classes(self) -> int:
@@ -512,7 +557,7 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> ImageItem:
         path = self.files[index]
-        label = self.labels[index]
+        label = int(self.labels[index])
         try:
             image, notes = decode_rgb(path, self.min_size, self.max_image_pixels)
         except SkipImage as skip:
@@ -522,6 +567,23 @@ class ImageFolderDataset(Dataset):
             logger.debug("converted %s (%s)", path, ", ".join(notes))
         tensor = self.transform(image, sample_generator(self.seed, self.epoch, index))
         return ImageItem(tensor, label, index, notes)
+
+
+class ImageFolderDataset(DecodedImageDataset):
+    """Class-folder or flat image tree -> ``ImageItem``; see the module docstring for the policies."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Transform,
+        with_labels: bool = True,
+        seed: int = 0,
+        min_size: int = 0,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:
+        self._set_options(transform, seed, min_size, max_image_pixels)
+        self.root = Path(root)
+        self.files, self.labels, self.classes = scan_image_folder(self.root, with_labels)
 
 
 def collate_skip_bad(items: Sequence[ImageItem]) -> ImageBatch:

@@ -38,9 +38,9 @@ LANGUAGES = {"python": "python", "py": "python", "bash": "shell", "sh": "shell",
 FENCE = re.compile(r"^(\s*)```\s*([\w+-]*)\s*$")
 SKIP = re.compile(r"^\s*<!--\s*skip-test:(.*?)-->\s*$")
 # Blocks that run today: README's API example; GETTING_STARTED's install check, tokenizer, GPT,
-# Inception and official-weights examples, and the demo-model commands. Fewer means a block was lost
-# or skip-marked without need.
-MIN_BLOCKS_RUN = 7
+# Inception and official-weights examples, the demo-model commands and the two tar-shard packing
+# examples. Fewer means a block was lost or skip-marked without need.
+MIN_BLOCKS_RUN = 9
 # Never run unmarked: a block that installs packages or starts the test suite or the full demo.
 NEVER_RUN = re.compile(r"\b(pip|conda|apt-get|pytest)\b|scripts\.demo\b")
 

@@ -1,4 +1,4 @@
-"""Reconstruct an image folder through the tokenizer: ADM ``.npz`` pair, PSNR / SSIM and a preview grid.
+"""Reconstruct an image folder or tar shards through the tokenizer: ADM ``.npz`` pair, PSNR / SSIM and a preview grid.
 
     torchrun --nproc_per_node=8 -m tokenizer.reconstruct --ckpt showlab/D-AR \
         --data-path /data/imagenet/val --out results/recon_v1.npz --steps 8 --sampler adams2
@@ -7,12 +7,13 @@
 
 Output contract
     ``--out`` (e.g. ``recon.npz``): ``arr_0`` uint8 (N, H, W, 3), the reconstructions of the first
-    ``--num-images`` images of the sorted file list (all by default) in file order, minus files
+    ``--num-images`` images of the sorted file list (all by default) in file order (tar shards: shard
+    order, then tar order; ``dataset.shards``), minus files
     that cannot be decoded or have more than ``--max-image-pixels`` pixels (skipped and counted).
     ``--ref-out`` (default ``recon_ref.npz``): ``arr_0`` of the matching ADM centre-cropped inputs,
     row for row, for the ADM evaluator (rFID) or any metric.
-    With ``--labels`` (class-folder trees only) both files also hold ``labels`` int64 (N,), each image's
-    class index in sorted class-folder order, so ``evaluations.class_consistency`` can judge whether the
+    With ``--labels`` (class-folder trees, or shards with ``.cls`` members) both files also hold ``labels``
+    int64 (N,), each image's class index (in sorted class-folder order, or its ``.cls``), so ``evaluations.class_consistency`` can judge whether the
     reconstructions still show their class.
     ``--grid`` (default ``recon.png``): ``--grid-images`` rows spread evenly over the reconstructed
     images (file order): input | reconstruction | the preview after each streaming step.
@@ -36,7 +37,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, BadFileStats, CenterCrop, ImageFolderDataset, collate_skip_bad
+from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, BadFileStats, CenterCrop, collate_skip_bad, to_model_range
+from dataset.shards import open_images
 from dataset.seeding import sample_generator
 from evaluations.recon import psnr, ssim
 from tokenizer import flow
@@ -91,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = OneLineArgumentParser(prog="python -m tokenizer.reconstruct", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="tokenizer folder, .pt/.safetensors file, training checkpoint or hub id")
     parser.add_argument("--ckpt-filename", default=None, help="file inside a hub repo (default: the v1 tokenizer)")
-    parser.add_argument("--data-path", required=True, help="image folder (read recursively, sorted)")
+    parser.add_argument("--data-path", required=True, help="image folder (read recursively, sorted), or tar shards: a .tar, a folder of "
+                        "them or a pattern like shards-{000000..000099}.tar (shard order, then tar order)")
     parser.add_argument("--out", required=True, help="reconstructions .npz (arr_0 uint8 NHWC)")
     parser.add_argument("--ref-out", default=None, help="inputs .npz (default: <out>_ref.npz)")
     parser.add_argument("--grid", default=None, help="preview grid PNG (default: <out>.png)")
@@ -106,7 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--labels", action="store_true",
-                        help="also store class indices (class-folder trees only) as 'labels' in both npz files")
+                        help="also store class indices (class-folder trees or shards with .cls members) as 'labels' "
+                             "in both npz files")
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="skip (and count) images with more pixels, from their header, before decoding them "
                              f"(default {DEFAULT_MAX_IMAGE_PIXELS})")
@@ -135,15 +139,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     grid = Path(args.grid) if args.grid else out.with_suffix(".png")
 
     # -- data (checked before the model is loaded): rank r takes the images r, r + R, ... ----------
-    dataset = ImageFolderDataset(args.data_path, CenterCrop(args.image_size), with_labels=args.labels,
-                                 max_image_pixels=args.max_image_pixels)
+    # uint8 crops: a quarter of the bytes through the workers and the copy to the device.
+    dataset = open_images(args.data_path, CenterCrop(args.image_size, uint8=True), with_labels=args.labels,
+                          max_image_pixels=args.max_image_pixels)
     if args.labels and not dataset.classes:
         raise ReconstructOptionError(
-            f"--labels needs a class-folder tree (one sub-folder per class); {args.data_path} is flat")
+            f"--labels needs a class-folder tree (one sub-folder per class) or tar shards with .cls members; "
+            f"{args.data_path} has no labels")
     total = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
     mine = list(range(env.rank, total, env.world_size))
     loader = DataLoader(Subset(dataset, mine), batch_size=args.batch_size, num_workers=args.num_workers,
-                        collate_fn=collate_skip_bad)
+                        collate_fn=collate_skip_bad, persistent_workers=args.num_workers > 0)
 
     model = DARTokenizer.from_pretrained(args.ckpt, args.ckpt_filename, device=env.device).eval()
     steps = args.steps if args.steps is not None else model.config.num_denoising_steps
@@ -159,10 +165,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         progress.update(batch.stats.seen)
         if batch.images.shape[0] == 0:
             continue
+        images = to_model_range(batch.images.to(model.device))
         noise = per_image_noise(model, batch.indices, args.seed, args.image_size)
-        recon = reconstruct(model, batch.images, noise, steps, args.sampler, args.precision)
+        recon = reconstruct(model, images, noise, steps, args.sampler, args.precision)
         recons.append(to_uint8(recon))
-        refs.append(to_uint8(batch.images))
+        refs.append(to_uint8(images))
         indices.append(batch.indices.numpy())
         labels.append(batch.labels.numpy())
     progress.close()
@@ -211,7 +218,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             count = min(args.grid_images, len(recon_all))
             rows = np.unique(np.linspace(0, len(recon_all) - 1, count).round().astype(int))
             picked = np.sort(index)[rows]
-            inputs = torch.stack([dataset[int(i)].image for i in picked])
+            inputs = to_model_range(torch.stack([dataset[int(i)].image for i in picked]))
             noise = per_image_noise(model, torch.from_numpy(picked), args.seed, args.image_size)
             with autocast(model.device, args.precision):
                 codes = model.encode(inputs.to(model.device))
