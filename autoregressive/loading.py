@@ -162,7 +162,8 @@ def _read_gpt_file(file: Path, ema: bool, shown_as: Any = None) -> tuple[dict[st
             raise WrongModelError(shown_as, TOKENIZER_KIND, GPT_KIND, _TOKENIZER_HINT)
         if ema:
             raise GPTLoadError(f"{file} holds one set of weights (a save_pretrained export); {{ema}} applies to "
-                               "training checkpoints only: drop it (a run's EMA export is its final_ema folder)")
+                               "training checkpoints only: drop it (a run that keeps an EMA exports it as its "
+                               "final folder)")
         config = metadata.get("gpt_config")
         config = dataclass_from_dict(GPTConfig, json.loads(config)) if config else None
         return load_state_file(file), config

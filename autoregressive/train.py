@@ -14,14 +14,17 @@ plus overrides allowed) and ``train:`` is :class:`ARTrainSettings`; unknown keys
 flags override single fields; the fully resolved :class:`ARTrainConfig` is written to
 ``RESULTS/config.yaml`` and stored in every checkpoint.
 
+The loop, checkpoints, metrics and export are ``utils.trainer``'s, shared with ``tokenizer.train``.
 Run folder (``utils.run.RunFolder``): ``config.yaml``; ``metrics.jsonl`` with one line per logged
 step (``step``, ``epoch``, ``loss`` = mean over the steps since the previous line, ``lr``,
-``grad_norm`` of the logged step, ``images_per_s`` = code sequences per second summed over ranks);
+``grad_norm`` of the logged step, ``images_per_s`` = code sequences per second summed over ranks;
+with on-the-fly encoding a ``bad_files`` record at every epoch end);
 ``checkpoints/step_XXXXXXX.pt`` (``utils.training`` layout: modules ``model`` and, with EMA,
 ``ema``; optimizer; data position; RNG of every rank; plus top-level ``model`` / ``ema`` /
 ``gpt_config`` so that ``GPT.from_pretrained(checkpoint, ema=...)`` reads it directly);
-``samples/step_XXXXXXX.png`` with ``train.sample.every``; at the end ``final/`` (and
-``final_ema/``), written by ``GPT.save_pretrained`` for the sampling CLIs. ``--resume auto``
+``samples/step_XXXXXXX.png`` with ``train.sample.every``; at the end ``final/`` (the weights to
+sample with: the EMA when the run keeps one) and, with an EMA, ``final_raw/`` (the trained weights
+without averaging), written by ``GPT.save_pretrained`` for the sampling CLIs. ``--resume auto``
 continues from the latest checkpoint, and a run killed at any moment and resumed on the same world
 size logs exactly the losses of an uninterrupted run; ``--stop-after-step`` ends a launch early
 (with a checkpoint) without changing the schedule.
@@ -34,9 +37,9 @@ resume each other); ``train.grad_accum_steps`` splits each rank's batch into mic
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,56 +52,54 @@ from autoregressive.config import GPT_PRESETS, GPTConfig
 from autoregressive.model import GPT, TransformerBlock, build_gpt
 from autoregressive.stream import image_seed, sample_images
 from dataset.codes import MANIFEST, CodeDataset
-from dataset.images import BadFileStats, ImageBatch, ImageFolderDataset, RandomTenCrop, collate_skip_bad
+from dataset.images import ImageBatch, ImageFolderDataset, RandomTenCrop, collate_skip_bad
 from dataset.sampler import ResumableDistributedSampler
 from tokenizer.config import TOKENIZER_PRESETS, TokenizerConfig
 from tokenizer.model import DARTokenizer
-from utils.checkpoint import CheckpointManager
-from utils.config import ConfigError, config_differences, dataclass_from_dict, dataclass_to_dict, keys_fit, load_yaml
-from utils.distributed import (
-    DistEnv,
-    all_reduce_mean,
-    all_reduce_sum,
-    gradient_sync,
-    resolve_device,
-    run_then_cleanup,
-    seed_everything,
-    setup_distributed,
-)
+from utils.cli import OneLineArgumentParser
+from utils.config import ConfigError, dataclass_from_dict, dataclass_to_dict, keys_fit, load_yaml
+from utils.distributed import DistEnv, gradient_sync, resolve_device, run_then_cleanup, seed_everything, setup_distributed
+from utils.errors import PathNotFoundError, require_path, run_cli
 from utils.images import save_grid, to_uint8
-from utils.run import RunFolder, create_logger
+from utils.run import create_logger
+from utils.trainer import (
+    RunContext,
+    RunOptions,
+    StepResult,
+    TrainState,
+    apply_update,
+    clip_gradients,
+    create_run_folder,
+    finish,
+    next_batch,
+    open_run,
+    reduce_micro_batches,
+    resume,
+    run_loop,
+    run_options_from_args,
+    track_bad_files,
+)
 from utils.training import (
     InfiniteLoader,
     NonFiniteGuard,
     OptimConfig,
-    Throughput,
     WandbLogger,
     add_common_train_args,
-    all_ranks_agree,
-    check_finite_weights,
-    check_fresh_start,
-    check_optim,
-    check_positive_ints,
-    check_results_dir,
-    check_run_options,
-    check_weights_source,
-    open_image_folder,
     autocast,
     build_optimizer,
+    check_finite_weights,
+    check_optim,
+    check_positive_ints,
+    check_weights_source,
     create_ema,
     default_precision,
+    finish_cli_config,
     learning_rate,
-    load_train_checkpoint,
-    resolve_resume,
-    save_train_checkpoint,
+    normalise_common_args,
+    open_image_folder,
     set_lr,
     unwrap_model,
-    finish_cli_config,
-    normalise_common_args,
-    update_ema,
 )
-from utils.cli import OneLineArgumentParser
-from utils.errors import PathNotFoundError, UserError, require_path, run_cli
 
 # ------------------------------------------------------------------------------------------------
 # Config
@@ -482,100 +483,32 @@ def shard_model(model: GPT) -> GPT:
 
 
 # ------------------------------------------------------------------------------------------------
-# Main
+# Main: config → data → model → objective → loop
 # ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RunOptions:
-    """Per-launch settings that do not change what is trained."""
-
-    results_dir: str
-    resume: str | None = None
-    device: str = "auto"
-    keep_last: int = 3
-    stop_after_step: int | None = None  # exit (with a checkpoint) here without changing the schedule
-    wandb: bool = False
-    wandb_project: str = "dar"
-
-
-def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
-    """Train; returns ``{"step": last step, "results_dir": ...}``."""
-    return run_then_cleanup(_train, cfg, opts)
-
-
-def _train(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
-    """The body of :func:`main`, which tears the process group down after it."""
-    # -- distributed (first: --device cuda without a GPU is the first thing to say) -------------
-    env = setup_distributed(opts.device)
-
-    # -- every input is checked before the run folder is created --------------------------------
+def check_run_settings(cfg: ARTrainConfig, env: DistEnv) -> tuple[ARTrainConfig, int]:
+    """Every setting and input checked; (config with the resolved precision, per-rank micro-batch size)."""
     check_settings(cfg.train)
-    check_run_options(opts.keep_last, opts.stop_after_step)
     check_inputs(cfg.train.data)
     t = cfg.train
-    precision = default_precision(env.device) if t.precision == "auto" else t.precision
-    t = replace(t, precision=precision)
+    t = replace(t, precision=default_precision(env.device) if t.precision == "auto" else t.precision)
     if t.global_batch_size % (env.world_size * t.grad_accum_steps):
         raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by world size "
                           f"{env.world_size} x grad_accum_steps {t.grad_accum_steps}")
     if t.fsdp and not env.distributed:
         raise ConfigError("train.fsdp needs several ranks (torchrun); one process trains unsharded")
-    batch_size = t.global_batch_size // (env.world_size * t.grad_accum_steps)  # per rank, per micro-batch
-    check_results_dir(opts.results_dir)
-    run = RunFolder(opts.results_dir, env.is_main, create=False)
-    manager = CheckpointManager(run.checkpoints, keep_last=opts.keep_last)
-    resume_path = resolve_resume(opts.resume, manager)
-    check_fresh_start(resume_path, manager)
+    return replace(cfg, train=t), t.global_batch_size // (env.world_size * t.grad_accum_steps)
 
-    # -- data (the schedule depends on the dataset size) ----------------------------------------
-    dataset, source, collate, tokenizer = build_data(t, cfg.model, env)
-    sampler = ResumableDistributedSampler(len(dataset), env.world_size, env.rank, seed=t.seed, shuffle=True,
-                                          drop_last=True)
-    steps_per_epoch = sampler.num_samples // (batch_size * t.grad_accum_steps)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{len(dataset)} samples give no full batch of {t.global_batch_size}; pass a smaller "
-                          "--global-batch-size")
 
-    # -- run folder ----------------------------------------------------------------------------
-    run.create()
-    if env.is_main:
-        manager.sweep()  # temporaries of checkpoint writes a kill interrupted (no other rank writes yet)
-    logger = create_logger("autoregressive.train", run.root if env.is_main else None, env.is_main)
-    if resume_path is None:
-        run.truncate_metrics(0)  # lines of an earlier launch that died before its first checkpoint
+def log_code_views(dataset: Any, logger: Any) -> None:
     if isinstance(dataset, CodeDataset) and dataset.num_augs < 10:
         views = {1: "the centre crop only", 2: "the centre crop and its mirror"}.get(dataset.num_augs, "")
         logger.info(f"codes hold {dataset.num_augs} view(s) per image ({views}); the paper recipe trains on "
                     "ten-crop codes (tokenizer.extract_codes --ten-crop)")
-    # Bad-file counts of on-the-fly encoding: this rank's since the last sync, and the epoch's global
-    # total up to that sync (synced at checkpoints too, so a resumed run still reports whole epochs).
-    on_the_fly = tokenizer is not None and t.data.data_path is not None
-    bad = {"local": BadFileStats(), "synced": BadFileStats()}
 
-    def sync_bad_files() -> None:
-        if on_the_fly:
-            bad["synced"].update(bad["local"].all_reduce(env.device))
-            bad["local"] = BadFileStats()
 
-    def on_epoch_end(epoch: int) -> None:
-        if not on_the_fly:
-            return
-        sync_bad_files()
-        total = bad["synced"]
-        logger.info(f"epoch {epoch} done: {total.summary()}")
-        if total.seen > 0 and total.num_skipped == total.seen:
-            raise UserError(f"epoch {epoch}: every one of the {total.seen} files in {t.data.data_path} was skipped "
-                            f"({total.summary()}); check the folder holds readable images")
-        bad["synced"] = BadFileStats()
-
-    loader = InfiniteLoader(dataset, sampler, batch_size, env.world_size, num_workers=t.data.num_workers,
-                            collate_fn=collate, pin_memory=env.device.type == "cuda", on_epoch_end=on_epoch_end)
-    t = resolve_schedule(t, steps_per_epoch)
-    cfg = replace(cfg, train=t)
-    run.save_config(cfg)
-    logger.info(f"{len(dataset)} samples, {steps_per_epoch} steps/epoch, {t.max_steps} steps, "
-                f"batch {t.global_batch_size} over {env.world_size} rank(s), {precision} on {env.device}")
-
-    # -- model / EMA ---------------------------------------------------------------------------
+def build_model(cfg: ARTrainConfig, env: DistEnv, logger: Any) -> tuple[GPT, nn.Module | None, nn.Module]:
+    """(GPT, its EMA or None, the module the step calls); sharded with FSDP2 or wrapped in DDP."""
+    t = cfg.train
     seed_everything(t.seed)  # identical initialisation on every rank
     model = GPT(cfg.model, activation_checkpointing=t.activation_checkpointing).to(env.device)
     ema = create_ema(model) if t.optim.ema_decay > 0 else None
@@ -591,136 +524,130 @@ def _train(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
     if env.distributed and not t.fsdp:
         trained = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     model.train()
+    return model, ema, trained
 
-    # -- optimizer -----------------------------------------------------------------------------
+
+def build_state(cfg: ARTrainConfig, env: DistEnv, parts: tuple, loader: InfiniteLoader) -> TrainState:
+    """The training state: optimizer, guard and what a checkpoint holds (full-state stand-ins under FSDP)."""
+    model, ema, trained = parts
+    t = cfg.train
     optimizer = build_optimizer(model, t.optim, env.device)
-    guard = NonFiniteGuard(t.optim.max_bad_steps)
     modules: dict[str, Any] = {"model": model} if ema is None else {"model": model, "ema": ema}
     optimizers: dict[str, Any] = {"optimizer": optimizer}
     if t.fsdp:
         modules = {name: _FullStateModule(m) for name, m in modules.items()}
         optimizers = {"optimizer": _FullStateOptimizer(model, optimizer)}
+    return TrainState(model=model, trained=trained, ema=ema, ema_decay=t.optim.ema_decay, optimizer=optimizer,
+                      lr=partial(learning_rate, max_steps=t.max_steps, cfg=t.optim), loader=loader,
+                      guard=NonFiniteGuard(t.optim.max_bad_steps), modules=modules, optimizers=optimizers)
 
-    # -- resume --------------------------------------------------------------------------------
-    seed_everything(t.seed * env.world_size + env.rank)  # per-rank dropout / label-dropout streams
-    step = 0
-    empty_batches = 0
-    window = {"loss_sum": 0.0, "count": 0}
-    if resume_path is not None:
-        state = load_train_checkpoint(resume_path, env, modules, optimizers, log=logger.warning)
-        step = state["step"]
-        loader.load_state_dict(state["loader"])
-        guard.load_state_dict(state["guard"])
-        window = dict(state["window"])
-        empty_batches = int(state["empty_batches"])
-        if on_the_fly and "bad_files" in state:
-            bad["synced"] = BadFileStats(**state["bad_files"])
-        diffs = config_differences(state["config"], dataclass_to_dict(cfg)) if "config" in state else []
-        for diff in diffs:
-            logger.warning(f"config changed since the checkpoint: {diff}")
-        run.truncate_metrics(step)
-        logger.info(f"resumed from {resume_path} at step {step}")
-    wandb = WandbLogger(opts.wandb, env, opts.wandb_project, run.root.name, cfg)
 
-    def save(at_step: int) -> None:
-        holders = [h for h in (*modules.values(), *optimizers.values()) if hasattr(h, "gather")]
-        for holder in holders:
-            holder.gather()
-        sync_bad_files()
-        extra = {"loader": loader.state_dict(), "guard": guard.state_dict(), "window": dict(window),
-                 "empty_batches": empty_batches, "config": dataclass_to_dict(cfg), "steps_per_epoch": steps_per_epoch}
-        if on_the_fly:
-            extra["bad_files"] = dataclasses.asdict(bad["synced"])
-        # Top-level "model" / "ema" + "gpt_config" make the file loadable by GPT.from_pretrained
-        # (ema=True for the EMA). They share storage with "modules", so torch.save writes them once.
-        aliases = None
-        if env.is_main:
-            aliases = {name: module.state_dict() for name, module in modules.items()}
-            aliases["gpt_config"] = dataclass_to_dict(cfg.model)
-        save_train_checkpoint(manager, env, at_step, cfg, modules, optimizers, extra=extra, aliases=aliases)
-        for holder in holders:
-            holder.release()
-        logger.info(f"saved checkpoint at step {at_step}")
+def main(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
+    """Train; returns ``{"step": last step, "results_dir": ...}``."""
+    return run_then_cleanup(_train, cfg, opts)
 
-    # -- loop ----------------------------------------------------------------------------------
+
+def _train(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
+    """The body of :func:`main`, which tears the process group down after it."""
+    env = setup_distributed(opts.device)  # first: --device cuda without a GPU is the first thing to say
+    cfg, batch_size = check_run_settings(cfg, env)  # every input is checked before the run folder is created
+    run, manager, resume_path = open_run(opts, env)
+    t = cfg.train
+
+    # -- data (the schedule depends on the dataset size) ----------------------------------------
+    dataset, source, collate, tokenizer = build_data(t, cfg.model, env)
+    sampler = ResumableDistributedSampler(len(dataset), env.world_size, env.rank, seed=t.seed, shuffle=True,
+                                          drop_last=True)
+    steps_per_epoch = sampler.num_samples // (batch_size * t.grad_accum_steps)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(dataset)} samples give no full batch of {t.global_batch_size}; pass a smaller "
+                          "--global-batch-size")
+    create_run_folder(run, manager, env, resume_path)
+    logger = create_logger("autoregressive.train", run.root if env.is_main else None, env.is_main)
+    log_code_views(dataset, logger)
+    loader = InfiniteLoader(dataset, sampler, batch_size, env.world_size, num_workers=t.data.num_workers,
+                            collate_fn=collate, pin_memory=env.device.type == "cuda")
+    t = resolve_schedule(t, steps_per_epoch)
+    cfg = replace(cfg, train=t)
+    run.save_config(cfg)
+    logger.info(f"{len(dataset)} samples, {steps_per_epoch} steps/epoch, {t.max_steps} steps, "
+                f"batch {t.global_batch_size} over {env.world_size} rank(s), {t.precision} on {env.device}")
+
+    # -- model, objective (next-code cross-entropy, in train_step), state -----------------------
+    state = build_state(cfg, env, build_model(cfg, env, logger), loader)
     last_step = t.max_steps if opts.stop_after_step is None else min(t.max_steps, opts.stop_after_step)
-    throughput = Throughput()
-    grad_norm = torch.zeros((), device=env.device)
-    clip = t.optim.grad_clip if t.optim.grad_clip > 0 else math.inf  # inf: measure the norm, never clip
-    while step < last_step:
-        lr = learning_rate(step, t.max_steps, t.optim)
-        set_lr(optimizer, lr)
-        optimizer.zero_grad(set_to_none=True)
-        micro_losses: list[torch.Tensor] = []
-        while len(micro_losses) < t.grad_accum_steps:
-            batch = next(loader)
-            if isinstance(batch, ImageBatch):
-                bad["local"].update(batch.stats)
-            codes, labels = source(batch)  # (B, N), (B,)
-            if not all_ranks_agree(labels.numel() > 0, env.device):
-                empty_batches += 1  # some rank drew only bad files: every rank skips this batch together
-                logger.warning(f"step {step + 1}: skipped a batch without decodable images on some rank")
-                continue
-            with gradient_sync(trained, len(micro_losses) == t.grad_accum_steps - 1):
-                with autocast(env.device, precision):
-                    logits = trained(codes, labels)  # (B, N, V)
-                micro_loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
-                (micro_loss / t.grad_accum_steps).backward()
-            micro_losses.append(micro_loss.detach())
-            throughput.add(labels.shape[0])
-        loss = torch.stack(micro_losses).mean()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-            grad_norm = grad_norm.full_tensor()
-        mean_loss = all_reduce_mean(loss.detach())
-        if guard.check(mean_loss, grad_norm):
-            optimizer.step()
-            if ema is not None:
-                update_ema(ema, model, t.optim.ema_decay)
-            window["loss_sum"] += mean_loss.item()
-            window["count"] += 1
-        step += 1
+    ctx = RunContext(env=env, run=run, manager=manager, logger=logger, config=cfg, max_steps=t.max_steps,
+                     last_step=last_step, log_every=t.log_every, ckpt_every=t.ckpt_every,
+                     steps_per_epoch=steps_per_epoch, global_batch_size=t.global_batch_size,
+                     aliases=partial(checkpoint_aliases, cfg.model))
+    if tokenizer is not None and t.data.data_path is not None:  # images encoded on the fly
+        track_bad_files(state, ctx, t.data.data_path)
 
-        if step % t.log_every == 0 or step == last_step:
-            rate = all_reduce_sum(torch.tensor(throughput.rate(), device=env.device)).item()
-            epoch = loader.epoch + loader.consumed_in_epoch / (steps_per_epoch * t.global_batch_size)
-            record = {
-                "step": step,
-                "epoch": round(epoch, 4),
-                "loss": window["loss_sum"] / window["count"] if window["count"] else float("nan"),
-                "lr": lr,
-                "grad_norm": grad_norm.item(),
-                "images_per_s": rate,
-            }
-            if guard.total or empty_batches:
-                record.update(skipped_steps=guard.total, empty_batches=empty_batches)
-            run.log_metrics(record)
-            wandb.log(record)
-            logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-            window = {"loss_sum": 0.0, "count": 0}
-        if step % t.ckpt_every == 0 or step == last_step:
-            save(step)
-        if t.sample.every and step % t.sample.every == 0:
-            state = full_state_dict(ema if ema is not None else model, t.fsdp)
-            if env.is_main:
-                path = run.samples / f"step_{step:07d}.png"
-                save_samples(cfg, state, tokenizer, path, env.device, precision)
-                logger.info(f"saved samples {path}")
+    # -- resume, loop, export ------------------------------------------------------------------
+    seed_everything(t.seed * env.world_size + env.rank)  # per-rank dropout / label-dropout streams
+    if resume_path is not None:
+        resume(state, ctx, resume_path)
+    ctx.wandb = WandbLogger(opts.wandb, env, opts.wandb_project, run.root.name, cfg)
+    run_loop(state, ctx, partial(train_step, source, t, ctx), partial(maybe_save_samples, cfg, tokenizer, ctx))
+    return finish(state, ctx, partial(write_final, cfg.model, t.fsdp, env))
 
-    # -- save ----------------------------------------------------------------------------------
-    if step >= t.max_steps:
-        final = {"final": model} if ema is None else {"final": model, "final_ema": ema}
-        for name, module in final.items():
-            state = full_state_dict(module, t.fsdp)
-            if env.is_main:
-                gpt = build_gpt(cfg.model, state)
-                check_finite_weights(gpt, f"the GPT weights to {run.root / name}")
-                gpt.save_pretrained(run.root / name)
-        logger.info(f"done: {step} steps; inference weights in {run.root / 'final'}")
-    else:
-        logger.info(f"stopped after step {step} of {t.max_steps}; continue with --resume auto")
-    wandb.finish()
-    return {"step": step, "results_dir": str(run.root)}
+
+# ------------------------------------------------------------------------------------------------
+# One optimizer step
+# ------------------------------------------------------------------------------------------------
+def _batch_size(batch: Any) -> int:
+    """Rows of a loader batch: decodable images of an ImageBatch, else the (codes, labels) pair's labels."""
+    return batch.labels.numel() if isinstance(batch, ImageBatch) else batch[1].numel()
+
+
+def train_step(source: CodeSource, t: ARTrainSettings, ctx: RunContext, state: TrainState) -> StepResult:
+    """``grad_accum_steps`` micro-batches of next-code cross-entropy, then one update."""
+    lr = state.lr(state.step)
+    set_lr(state.optimizer, lr)
+    state.optimizer.zero_grad(set_to_none=True)
+    records: list[dict[str, torch.Tensor]] = []
+    items = 0
+    while len(records) < t.grad_accum_steps:
+        codes, labels = source(next_batch(state, ctx, _batch_size))  # (B, N), (B,)
+        with gradient_sync(state.trained, len(records) == t.grad_accum_steps - 1):
+            with autocast(ctx.env.device, t.precision):
+                logits = state.trained(codes, labels)  # (B, N, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+            (loss / t.grad_accum_steps).backward()
+        records.append({"loss": loss.detach()})
+        items += labels.shape[0]
+    grad_norm = clip_gradients(state.model, t.optim.grad_clip)
+    terms = reduce_micro_batches(records)
+    applied = apply_update(state, [terms["loss"], grad_norm])
+    return StepResult(terms=terms, grad_norm=grad_norm, lr=lr, items=items, applied=applied)
+
+
+def checkpoint_aliases(model_config: GPTConfig, state: TrainState) -> dict[str, Any]:
+    """Top-level ``model`` / ``ema`` + ``gpt_config``: ``GPT.from_pretrained(checkpoint, ema=...)`` reads them.
+
+    They share storage with the checkpoint's ``modules``, so torch.save writes them once.
+    """
+    aliases: dict[str, Any] = {name: module.state_dict() for name, module in state.modules.items()}
+    aliases["gpt_config"] = dataclass_to_dict(model_config)
+    return aliases
+
+
+def maybe_save_samples(cfg: ARTrainConfig, tokenizer: DARTokenizer | None, ctx: RunContext, state: TrainState) -> None:
+    t = cfg.train
+    if t.sample.every and state.step % t.sample.every == 0:
+        weights = full_state_dict(state.sampling_model, t.fsdp)  # collective under FSDP
+        if ctx.env.is_main:
+            path = ctx.run.samples / f"step_{state.step:07d}.png"
+            save_samples(cfg, weights, tokenizer, path, ctx.env.device, t.precision)
+            ctx.logger.info(f"saved samples {path}")
+
+
+def write_final(model_config: GPTConfig, fsdp: bool, env: DistEnv, module: nn.Module, path: Path) -> None:
+    weights = full_state_dict(module, fsdp)  # collective under FSDP
+    if env.is_main:
+        gpt = build_gpt(model_config, weights)
+        check_finite_weights(gpt, f"the GPT weights to {path}")
+        gpt.save_pretrained(path)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ARTrainConfig, RunOptions]:
@@ -745,9 +672,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ARTrainConfig, RunOptions
     args = parser.parse_args(argv)
     resolve_device(args.device)  # --device cuda without a GPU is said before anything else
     cfg = finish_cli_config(apply_overrides(load_ar_config(args.config), normalise_common_args(args)), args)
-    opts = RunOptions(results_dir=args.results_dir, resume=args.resume, device=args.device, keep_last=args.keep_last,
-                      stop_after_step=args.stop_after_step, wandb=args.wandb, wandb_project=args.wandb_project)
-    return cfg, opts
+    return cfg, RunOptions(**run_options_from_args(args))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 
 from tokenizer.config import TOKENIZER_PRESETS
 from tokenizer.model import DARTokenizer
-from tokenizer.train import LossConfig, WeightFiles, build_loss_networks, loss_terms, term_weights, total_loss
+from tokenizer.losses import LossConfig, WeightFiles, build_loss_networks, loss_terms, term_weights, total_loss
 from utils.distributed import DistEnv
 from utils.training import OptimConfig, autocast, build_optimizer, create_ema, update_ema
 from utils.cli import OneLineArgumentParser

@@ -399,7 +399,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def tokenizer_loss_weights(run_dir: Path) -> dict[str, float]:
     """The non-zero loss terms the tokenizer run trained with, named as in its log (from its ``config.yaml``)."""
-    from tokenizer.train import load_train_config, term_weights
+    from tokenizer.losses import term_weights
+    from tokenizer.train import load_train_config
 
     path = run_dir / "config.yaml"
     if not path.is_file():

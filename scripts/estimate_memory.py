@@ -195,7 +195,7 @@ def _build_gpt_step(recipe: Recipe, ac: bool) -> tuple[list[nn.Module], StepFact
 
 def _build_tokenizer_step(recipe: Recipe, ac: bool) -> tuple[list[nn.Module], StepFactory]:
     from tokenizer.model import DARTokenizer
-    from tokenizer.train import _build_loss_networks, loss_terms, term_weights, total_loss
+    from tokenizer.losses import _build_loss_networks, loss_terms, term_weights, total_loss
 
     cfg = recipe.config
     t = cfg.train
@@ -216,7 +216,7 @@ def _build_tokenizer_step(recipe: Recipe, ac: bool) -> tuple[list[nn.Module], St
         images = torch.randn(batch, 3, t.image_size, t.image_size)
 
         def step() -> torch.Tensor:
-            out = model(images, entropy_temperature=entropy, draws=t.flow_draws, time_sampling=t.time_sampling)
+            out = model(images, entropy_temperature=entropy, time_sampling=t.time_sampling)
             terms = loss_terms(out, images, nets, weights, use_gan)
             loss, _ = total_loss(terms, weights, False, None)
             return loss

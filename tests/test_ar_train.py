@@ -110,7 +110,8 @@ def test_single_process_training_exports_loadable_weights(assets: dict[str, Path
     assert "2 view(s) per image (the centre crop and its mirror)" in (results / "log.txt").read_text()
     path = results / "checkpoints" / "step_0000006.pt"
     checkpoint = safe_torch_load(path)
-    for folder, module in (("final", "model"), ("final_ema", "ema")):
+    # final/ holds the weights to sample with (the EMA: the tiny recipe keeps one), final_raw/ the trained ones.
+    for folder, module in (("final", "ema"), ("final_raw", "model")):
         for model in (GPT.from_pretrained(results / folder), GPT.from_pretrained(path, ema=module == "ema")):
             assert model.config == load_ar_config(TINY).model
             for key, value in model.state_dict().items():
@@ -188,7 +189,7 @@ def test_fsdp_resumes_a_ddp_checkpoint_and_trains_like_ddp(assets: dict[str, Pat
     ours = losses(cut)
     assert [s for s, _ in ours] == [s for s, _ in reference]
     assert [loss for _, loss in ours] == pytest.approx([loss for _, loss in reference], rel=1e-5)
-    assert_same_weights(ddp_reference / "final_ema", cut / "final_ema", exact=False)
+    assert_same_weights(ddp_reference / "final", cut / "final", exact=False)  # the EMA
     # FSDP checkpoints are gathered into the plain layout: the same keys and values as DDP's.
     a = safe_torch_load(ddp_reference / "checkpoints" / "step_0000020.pt")
     b = safe_torch_load(cut / "checkpoints" / "step_0000020.pt")

@@ -196,42 +196,15 @@ def test_training_forward_is_reproducible_with_a_generator(model: DARTokenizer) 
     assert torch.equal(a.u, b.u) and torch.equal(a.velocity, b.velocity)
 
 
-def test_one_flow_draw_draws_the_same_random_numbers_as_the_paper_objective(model: DARTokenizer) -> None:
-    # K = 1 must stay the paper's forward: u ~ U(0, 1) per image then x0 ~ N(0, I), from the same generator.
-    out = model(images(), generator=torch.Generator().manual_seed(8), draws=1)
+def test_training_forward_draws_the_same_random_numbers_as_the_paper_objective(model: DARTokenizer) -> None:
+    # The paper's forward: u ~ U(0, 1) per image then x0 ~ N(0, I), from the same generator.
+    out = model(images(), generator=torch.Generator().manual_seed(8))
     generator = torch.Generator().manual_seed(8)
     u = torch.rand(2, generator=generator)
     x0 = torch.randn(2, 3, 32, 32, generator=generator)
     assert torch.equal(out.u, u)
     t = warp_time(u, 2.0).view(-1, 1, 1, 1)
     torch.testing.assert_close(out.x_t, t * images() * 0.6 + (1 - t) * x0)
-
-
-def test_several_flow_draws_share_one_encoding_and_stratify_the_noise_levels(model: DARTokenizer) -> None:
-    c, k = model.config, 4
-    out = model(images(3), generator=torch.Generator().manual_seed(5), draws=k)
-    assert out.draws == k and out.codes.shape == (3, c.num_all_queries)
-    assert out.velocity.shape == out.x_t.shape == out.clean_image.shape == (3 * k, 3, 32, 32)
-    assert out.u.shape == out.t.shape == out.window_start.shape == (3 * k,)
-    # Rows b·K .. b·K + K − 1 are image b, one draw in each stratum [j/K, (j+1)/K).
-    strata = (out.u.view(3, k) * k).floor()
-    assert torch.equal(strata, torch.arange(k, dtype=strata.dtype).expand(3, k))
-    assert torch.equal(out.window_start, model.schedule.training_window_starts(out.u))
-    assert torch.equal(out.prefix_len, out.window_start.view(3, k).amax(1) + c.queries_per_step)
-    target_images = out.expand(images(3))
-    assert torch.equal(target_images[k : 2 * k], images(3)[1:2].expand(k, -1, -1, -1))
-    t = out.t.view(-1, 1, 1, 1)
-    assert torch.allclose((out.x_t + (1 - t) * out.target) / 0.6, target_images, atol=1e-5)
-    # Each draw is decoded from its own window of the image's conditions: a draw equals a single-draw
-    # forward of that image at the same time and noise.
-    cond = model.cond_from_quantized(model.quantize(model.encode_latents(images(3)))[2])
-    row = 2 * k + 1  # image 2, second stratum
-    begin = int(out.window_start[row])
-    v = model.pixel_decoder(out.x_t[row : row + 1], out.t[row : row + 1], cond[2:3, begin : begin + c.queries_per_step])
-    torch.testing.assert_close(out.velocity[row : row + 1], v, rtol=1e-4, atol=1e-5)
-    assert torch.allclose(out.losses["flow"], flow_loss(out.velocity, out.target, 0.6)["flow"])
-    with pytest.raises(ValueError, match="draws"):
-        model(images(), draws=0)
 
 
 def test_straight_through_gradients_reach_the_encoder(model: DARTokenizer) -> None:

@@ -29,16 +29,8 @@ from tokenizer.losses import (
     repa_loss,
 )
 from tokenizer.model import DARTokenizer
-from tokenizer.train import (
-    LossConfig,
-    LossNetworks,
-    check_settings,
-    load_train_config,
-    loss_terms,
-    parse_args,
-    term_weights,
-    total_loss,
-)
+from tokenizer.losses import LossNetworks, loss_terms, term_weights, total_loss
+from tokenizer.train import LossConfig, check_settings, load_train_config, parse_args
 from utils.checkpoint import CheckpointManager, safe_torch_load
 from utils.config import ConfigError
 from utils.distributed import DistEnv
@@ -98,6 +90,14 @@ def test_unknown_keys_and_bad_model_entries_are_errors(tmp_path: Path) -> None:
     (tmp_path / "missing.yaml").write_text(yaml.safe_dump({"model": "no_such_model.yaml"}))
     with pytest.raises(ConfigError, match="no_such_model"):
         load_train_config(tmp_path / "missing.yaml")
+
+
+def test_the_removed_flow_draws_option_is_an_unknown_key(tmp_path: Path) -> None:
+    recipe = yaml.safe_load(TINY.read_text())
+    recipe["train"]["flow_draws"] = 2
+    (tmp_path / "draws.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match="flow_draws"):
+        load_train_config(tmp_path / "draws.yaml")
 
 
 def test_model_preset_with_nested_overrides(tmp_path: Path) -> None:
@@ -209,28 +209,6 @@ def test_pixel_term_is_the_clean_image_mse_and_on_only_with_a_positive_weight() 
         check_settings(replace(cfg, train=replace(cfg.train, loss=replace(cfg.train.loss, pixel_weight=-1.0))))
 
 
-def test_several_flow_draws_line_every_image_term_up_with_its_draws() -> None:
-    torch.manual_seed(0)
-    model = DARTokenizer(TOKENIZER_PRESETS["tiny"]).train()
-    images = torch.rand(2, 3, 32, 32) * 2 - 1
-    out = model(images, draws=3)
-    repeated = images.repeat_interleave(3, dim=0)
-    nets = LossNetworks(LPIPS(pretrained=False), RepaFeatureExtractor(REPA_ENCODER_PRESETS["tiny"], pretrained=False),
-                        PatchGANDiscriminator(DISCRIMINATOR_PRESETS["tiny"]))
-    weights = term_weights(LossConfig(pixel_weight=1.0, gan_weight=0.5))
-    terms = loss_terms(out, images, nets, weights, use_gan=True)
-    assert set(terms) == {"flow", "codebook", "commitment", "lpips", "pixel", "repa", "gan"}
-    torch.testing.assert_close(terms["pixel"], ((out.clean_image - repeated) ** 2).mean())
-    torch.testing.assert_close(terms["lpips"], nets.lpips(repeated, out.clean_image).mean())
-    torch.testing.assert_close(terms["repa"], repa_loss(out.repa, nets.repa(repeated)))
-    total_loss(terms, weights, adaptive=False, last_layer=None)[0].backward()
-    assert model.pixel_decoder.conv_out.weight.grad.abs().sum() > 0  # at init the only layer with a gradient
-    cfg, _ = parse_args(["--config", str(TINY), "--data-path", "imgs", "--results-dir", "out", "--flow-draws", "3"])
-    assert cfg.train.flow_draws == 3
-    with pytest.raises(ValueError, match="flow_draws"):
-        check_settings(replace(cfg, train=replace(cfg.train, flow_draws=0)))
-
-
 def _tiny_forward(batch: int = 2) -> tuple[DARTokenizer, torch.Tensor, object]:
     torch.manual_seed(0)
     model = DARTokenizer(TOKENIZER_PRESETS["tiny"]).train()
@@ -328,13 +306,15 @@ def test_bad_files_are_skipped_counted_and_reported_and_checkpoints_load(tmp_pat
     for loaded in (DARTokenizer.from_pretrained(checkpoint), DARTokenizer.from_pretrained(out / "final")):
         for key, value in loaded.state_dict().items():
             torch.testing.assert_close(value, ema_state[key], rtol=0, atol=0)
+    # The shared export rule: final/ is the EMA (what to sample with), final_raw/ the trained weights.
+    raw_state = safe_torch_load(checkpoint)["modules"]["model"]
+    for key, value in DARTokenizer.from_pretrained(out / "final_raw").state_dict().items():
+        torch.testing.assert_close(value, raw_state[key], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("draws", [1, 2])
-def test_gan_turns_on_at_its_start_step_with_the_adaptive_weight(tmp_path: Path, draws: int) -> None:
-    # With 2 flow draws the discriminator sees 2 images and 4 fakes per step.
+def test_gan_turns_on_at_its_start_step_with_the_adaptive_weight(tmp_path: Path) -> None:
     make_image_folder(tmp_path / "images", per_class=(4, 4), bad=None)
-    recipe = write_recipe(tmp_path / "r.yaml", global_batch_size=2, max_steps=3, ckpt_every=3, flow_draws=draws,
+    recipe = write_recipe(tmp_path / "r.yaml", global_batch_size=2, max_steps=3, ckpt_every=3,
                           loss={"gan_weight": 0.5, "gan_start_step": 1, "adaptive_gan_weight": True,
                                 "perceptual_weight": 0.0})
     out = tmp_path / "run"
@@ -425,17 +405,17 @@ def test_launch_scripts_train_and_reconstruct(tmp_path: Path) -> None:
 
 
 def _nan_on_calls(monkeypatch: pytest.MonkeyPatch, calls: set[int] | None) -> None:
-    """Make the trainer's total loss NaN on the given 1-based calls (None: on every call)."""
-    import tokenizer.train as trainer
+    """Make the objective's total loss NaN on the given 1-based calls (None: on every call)."""
+    import tokenizer.losses as objective
 
-    original, count = trainer.total_loss, [0]
+    original, count = objective.total_loss, [0]
 
     def poisoned(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor | None]:
         count[0] += 1
         loss, balance = original(*args, **kwargs)
         return (loss * float("nan") if calls is None or count[0] in calls else loss), balance
 
-    monkeypatch.setattr(trainer, "total_loss", poisoned)
+    monkeypatch.setattr(objective, "total_loss", poisoned)
 
 
 def test_non_finite_steps_are_skipped_then_the_run_aborts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

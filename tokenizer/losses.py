@@ -1,7 +1,14 @@
 """Auxiliary losses of tokenizer training: LPIPS, REPA, optional PatchGAN (docs/method.md §1).
 
-Every network here is frozen except the discriminator; every loss returns one scalar term that the
-trainer names, weights and logs (flow matching, codebook and commitment live with the model):
+Every network here is frozen except the discriminator; every loss returns one scalar term that
+:class:`TokenizerObjective` names, weights and hands the trainer (flow matching, codebook and commitment
+live with the model). The objective is the whole loss of tokenizer training, the trainer only calls it:
+
+    objective = TokenizerObjective(cfg.train.loss, build_loss_networks(...), model, max_steps, precision)
+    loss, terms = objective.generator_loss(out, images, step)    # terms: {"flow": ..., "lpips": ..., ...}
+    disc = objective.discriminator_loss(images, out)             # only while objective.gan_active(step)
+
+The networks on their own:
 
     lpips = LPIPS(pretrained=True).to(device)                     # tokenizer/lpips.py
     repa = RepaFeatureExtractor(REPA_ENCODER_PRESETS["dinov2_vitb14"]).to(device)
@@ -26,9 +33,11 @@ demo) exercises the REPA code path but does NOT align with DINOv2 features.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn as nn
@@ -46,13 +55,26 @@ from tokenizer.discriminator import (
 from tokenizer.lpips import LPIPS
 from utils.checkpoint import load_state_file
 from utils.config import ConfigError
+from utils.distributed import DistEnv, barrier
 from utils.hub import WeightsNotFoundError, hf_download_command, resolve_file
+from utils.training import OptimConfig, autocast, build_optimizer, learning_rate, set_lr, unwrap_model
+
+if TYPE_CHECKING:
+    from tokenizer.model import DARTokenizer, TokenizerTrainOutput
 
 __all__ = [
     "DISCRIMINATOR_PRESETS",
     "LPIPS",
     "REPA_ENCODER_PRESETS",
     "DiscriminatorConfig",
+    "LossConfig",
+    "LossNetworks",
+    "TokenizerObjective",
+    "WeightFiles",
+    "build_loss_networks",
+    "loss_terms",
+    "term_weights",
+    "total_loss",
     "PatchGANDiscriminator",
     "RepaEncoderConfig",
     "RepaFeatureExtractor",
@@ -244,3 +266,206 @@ def repa_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     cosine = F.cosine_similarity(pred.float(), target.detach().float(), dim=-1)  # (B, N)
     return (1.0 - cosine).mean()
 
+
+
+# ------------------------------------------------------------------------------------------------
+# The objective: which terms, their weights and schedules, and the discriminator's optimizer
+# ------------------------------------------------------------------------------------------------
+# taming / LlamaGen discriminator optimizer: same LR, no warmup of its own (it starts at gan_start_step).
+DISC_OPTIM = OptimConfig(lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, decay_matrices_only=False, grad_clip=1.0)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The ``train.loss`` section of a tokenizer recipe (docs/method.md §1 "Tokenizer training losses")."""
+
+    flow_weight: float = 1.0
+    codebook_weight: float = 1.0
+    commitment_weight: float = 1.0  # β itself is model.commitment_beta; this multiplies β·commitment
+    # Codebook-usage entropy term (tokenizer.model.Quantizer.entropy_loss); 0 in the paper's recipe.
+    # Short runs (the offline demo) collapse onto a few dozen codes without it.
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 0.01
+    perceptual_weight: float = 0.5
+    # MSE between the input and the predicted clean image x_t + (1 − t)·v, the image LPIPS compares; 0 in the
+    # paper's recipe. It needs no weights, so the offline demo uses it where LPIPS cannot run. Added to the
+    # flow loss it re-weights the error towards high noise, where only the condition tokens know the image.
+    pixel_weight: float = 0.0
+    # false: random-init LPIPS network (tests / offline smoke runs only; loudly warned about)
+    perceptual_pretrained: bool = True
+    repa_weight: float = 0.5
+    repa_encoder: str = "dinov2_vitb14"  # key of REPA_ENCODER_PRESETS
+    repa_pretrained: bool = True  # false: random-init encoder, same caveat as above
+    # The paper's tokenizer recipe has no GAN; the option is weight 0.5 from step 20k (docs/method.md §1
+    # "Tokenizer training losses").
+    gan_weight: float = 0.0
+    gan_start_step: int = 20000
+    gan_loss: Literal["non_saturating", "hinge"] = "non_saturating"
+    adaptive_gan_weight: bool = False  # VQGAN balance at the pixel decoder's last layer
+    discriminator: str = "patchgan"  # key of DISCRIMINATOR_PRESETS
+    disc_optim: OptimConfig = DISC_OPTIM
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """Local weight files for the frozen loss networks (None: the usual caches / downloads)."""
+
+    lpips: str | None = None  # LPIPS v0.1 linear heads (vgg.pth)
+    vgg: str | None = None  # torchvision vgg16-397923af.pth
+    dinov2: str | None = None  # timm model.safetensors or dinov2_vitb14_pretrain.pth
+
+
+@dataclass
+class LossNetworks:
+    lpips: nn.Module | None
+    repa: nn.Module | None
+    disc: nn.Module | None
+
+
+def term_weights(w: LossConfig) -> dict[str, float]:
+    return {"flow": w.flow_weight, "codebook": w.codebook_weight, "commitment": w.commitment_weight,
+            "entropy": w.entropy_weight, "lpips": w.perceptual_weight, "pixel": w.pixel_weight,
+            "repa": w.repa_weight, "gan": w.gan_weight}
+
+
+def build_loss_networks(w: LossConfig, files: WeightFiles, env: DistEnv, log: Any) -> LossNetworks:
+    """Frozen LPIPS / REPA encoder and the discriminator for the terms with a non-zero weight.
+
+    Rank 0 builds first (it may download into the shared cache), the others after it.
+    """
+    if not env.is_main:
+        barrier()
+    try:
+        nets = _build_loss_networks(w, files, log)
+    except WeightsNotFoundError as error:
+        raise WeightsNotFoundError(f"{error}\n(tokenizer.train takes local files with --vgg-weights, --lpips-weights "
+                                   "and --dinov2-weights)") from error
+    if env.is_main:
+        barrier()
+    for net in (nets.lpips, nets.repa, nets.disc):
+        if net is not None:
+            net.to(env.device)
+    return nets
+
+
+def _build_loss_networks(w: LossConfig, files: WeightFiles | None, log: Any) -> LossNetworks:
+    files = files or WeightFiles()
+    nets = LossNetworks(None, None, None)
+    if w.perceptual_weight > 0 and not w.perceptual_pretrained:
+        log.warning("!!! LPIPS uses RANDOM weights (perceptual_pretrained: false): the perceptual term is NOT "
+                    "LPIPS. Only for tests and offline smoke runs. !!!")
+        nets.lpips = LPIPS(pretrained=False)
+    elif w.perceptual_weight > 0:
+        nets.lpips = LPIPS(pretrained=True, backbone_weights=files.vgg, head_weights=files.lpips)
+    preset = REPA_ENCODER_PRESETS[w.repa_encoder]
+    if w.repa_weight > 0 and not w.repa_pretrained:
+        log.warning("!!! the REPA encoder uses RANDOM weights (repa_pretrained: false): REPA does NOT align with "
+                    "DINOv2. Only for tests and offline smoke runs. !!!")
+        nets.repa = RepaFeatureExtractor(preset, pretrained=False)
+    elif w.repa_weight > 0:
+        nets.repa = RepaFeatureExtractor(preset, pretrained=True, weights=files.dinov2)
+    if w.gan_weight > 0:
+        nets.disc = PatchGANDiscriminator(DISCRIMINATOR_PRESETS[w.discriminator])
+    return nets
+
+
+def last_decoder_layer(model: DARTokenizer) -> torch.Tensor:
+    """The pixel decoder's output weight, where the adaptive GAN weight compares gradient norms."""
+    decoder = unwrap_model(model).pixel_decoder
+    return decoder.linear_out.linear.weight if decoder.cfg.mlp_head else decoder.conv_out.weight
+
+
+def loss_terms(
+    out: TokenizerTrainOutput, images: torch.Tensor, nets: LossNetworks, weights: dict[str, float], use_gan: bool
+) -> dict[str, torch.Tensor]:
+    """Unweighted scalar terms of the generator objective (only those that are switched on)."""
+    terms = dict(out.losses)  # flow, codebook, commitment
+    if nets.lpips is not None:
+        terms["lpips"] = nets.lpips(images, out.clean_image).mean()
+    if weights["pixel"] > 0:
+        terms["pixel"] = F.mse_loss(out.clean_image.float(), images.float())
+    if nets.repa is not None:
+        terms["repa"] = repa_loss(out.repa, nets.repa(images))  # (B, g², D) vs (B, N, D)
+    if use_gan:
+        disc = unwrap_model(nets.disc)
+        disc.requires_grad_(False)  # the generator step must not touch the discriminator's gradients
+        terms["gan"] = generator_loss(disc(out.clean_image))
+        disc.requires_grad_(True)
+    return {k: v.float() for k, v in terms.items() if weights[k] > 0 or k in out.losses}
+
+
+def total_loss(
+    terms: dict[str, torch.Tensor], weights: dict[str, float], adaptive: bool, last_layer: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weighted sum; with ``adaptive`` the GAN weight is scaled by the VQGAN gradient-norm balance."""
+    loss = sum(weights[k] * v for k, v in terms.items() if k != "gan")
+    balance = None
+    if "gan" in terms:
+        gan_weight = weights["gan"]
+        if adaptive:
+            reconstruction = sum(terms[k] * weights[k] for k in ("flow", "lpips", "pixel") if k in terms)
+            balance = adaptive_gan_weight(reconstruction, terms["gan"], last_layer)
+            gan_weight = gan_weight * balance
+        loss = loss + gan_weight * terms["gan"]
+    return loss, balance
+
+
+class TokenizerObjective:
+    """The whole tokenizer loss: weighted terms, the GAN's start step and adaptive weight, the discriminator.
+
+    ``nets.disc`` may be DDP-wrapped; ``model`` is the (unwrapped) tokenizer whose pixel decoder's last
+    layer the adaptive GAN weight looks at. The discriminator's optimizer lives here too (its LR schedule
+    starts at ``gan_start_step``); the trainer checkpoints it as ``disc_optimizer``.
+    """
+
+    def __init__(self, cfg: LossConfig, nets: LossNetworks, model: nn.Module, max_steps: int,
+                 precision: str = "fp32") -> None:
+        self.cfg, self.nets, self.max_steps, self.precision = cfg, nets, max_steps, precision
+        self.weights = term_weights(cfg)
+        self.entropy_temperature = cfg.entropy_temperature if cfg.entropy_weight > 0 else None
+        self.last_layer = last_decoder_layer(model) if cfg.adaptive_gan_weight and nets.disc is not None else None
+        self.disc_optimizer: torch.optim.Optimizer | None = None
+        if nets.disc is not None:
+            device = next(unwrap_model(nets.disc).parameters()).device
+            self.disc_optimizer = build_optimizer(unwrap_model(nets.disc), cfg.disc_optim, device)
+
+    @property
+    def disc(self) -> nn.Module | None:
+        return self.nets.disc
+
+    def gan_active(self, step: int) -> bool:
+        """Whether the GAN terms (generator and discriminator) are on at the 0-based ``step``."""
+        return self.nets.disc is not None and gan_active(step, self.cfg.gan_start_step)
+
+    def generator_loss(self, out: TokenizerTrainOutput, images: torch.Tensor,
+                       step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(weighted total, unweighted named terms [+ "gan_balance" with the adaptive weight])."""
+        with autocast(images.device, self.precision):
+            terms = loss_terms(out, images, self.nets, self.weights, self.gan_active(step))
+        loss, balance = total_loss(terms, self.weights, self.cfg.adaptive_gan_weight, self.last_layer)
+        if balance is not None:
+            terms["gan_balance"] = balance
+        return loss, terms
+
+    def discriminator_loss(self, images: torch.Tensor, out: TokenizerTrainOutput) -> torch.Tensor:
+        """The discriminator's loss on real ``images`` and the (detached) predicted clean images."""
+        with autocast(images.device, self.precision):
+            # Real and fake in one forward: one DDP reduction, and per-sample GroupNorm keeps them independent.
+            logits = self.nets.disc(torch.cat([images, out.clean_image.detach()])).float()
+            real, fake = logits[: images.shape[0]], logits[images.shape[0]:]
+            return discriminator_loss(real, fake, kind=self.cfg.gan_loss)
+
+    def begin_step(self, step: int) -> float | None:
+        """Set the discriminator's LR and clear its gradients when the GAN is on; its LR (None when off)."""
+        if not self.gan_active(step):
+            return None
+        start = self.cfg.gan_start_step
+        lr = learning_rate(step - start, self.max_steps - start, self.cfg.disc_optim)
+        set_lr(self.disc_optimizer, lr)
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        return lr
+
+    def clip_discriminator(self) -> torch.Tensor:
+        """Clip the discriminator's gradients (``disc_optim.grad_clip``, 0 = measure only); their norm."""
+        clip = self.cfg.disc_optim.grad_clip if self.cfg.disc_optim.grad_clip > 0 else math.inf
+        return torch.nn.utils.clip_grad_norm_(unwrap_model(self.nets.disc).parameters(), clip)

@@ -112,27 +112,20 @@ class Quantizer(nn.Module):
 class TokenizerTrainOutput:
     """What one training forward hands the trainer (all tensors keep their graph).
 
-    Shapes: B images of C×H×W, N tokens, g = repa_pool_grid, K = ``draws`` flow draws per image; the
-    per-draw tensors hold the K draws of image b in rows b·K … b·K + K − 1 (``images.repeat_interleave(K, 0)``
-    lines them up, see :meth:`expand`).
+    Shapes: B images of C×H×W, N tokens, g = repa_pool_grid.
     """
 
     codes: Tensor  # (B, N) int64
     losses: dict[str, Tensor]  # {"flow", "codebook", "commitment"}; commitment already includes β
-    velocity: Tensor  # (B·K, C, H, W) predicted velocity, data_std-scaled space
-    target: Tensor  # (B·K, C, H, W) target velocity x1 − x0
-    x_t: Tensor  # (B·K, C, H, W) noisy input of the network, data_std-scaled space
-    t: Tensor  # (B·K,) warped time sigma(u) given to the network
-    u: Tensor  # (B·K,) unwarped time that picked the condition window
-    window_start: Tensor  # (B·K,) first condition token of each draw's window
-    prefix_len: Tensor  # (B,) tokens covered by the VQ losses (= the latest window end of the image's draws)
-    clean_image: Tensor  # (B·K, C, H, W) (x_t + (1 − t)·v) / data_std, image space (for LPIPS / GAN)
-    repa: Tensor | None  # (B·K, g², repa_out_dim) REPA head output; None when depth <= repa_layer
-    draws: int = 1  # K
-
-    def expand(self, per_image: Tensor) -> Tensor:
-        """(B, ...) → (B·K, ...): a per-image tensor (the input images, REPA targets) lined up with the draws."""
-        return per_image if self.draws == 1 else per_image.repeat_interleave(self.draws, dim=0)
+    velocity: Tensor  # (B, C, H, W) predicted velocity, data_std-scaled space
+    target: Tensor  # (B, C, H, W) target velocity x1 − x0
+    x_t: Tensor  # (B, C, H, W) noisy input of the network, data_std-scaled space
+    t: Tensor  # (B,) warped time sigma(u) given to the network
+    u: Tensor  # (B,) unwarped time that picked the condition window
+    window_start: Tensor  # (B,) first condition token of each image's window
+    prefix_len: Tensor  # (B,) tokens covered by the VQ losses (= the window end)
+    clean_image: Tensor  # (B, C, H, W) (x_t + (1 − t)·v) / data_std, image space (for LPIPS / GAN)
+    repa: Tensor | None  # (B, g², repa_out_dim) REPA head output; None when depth <= repa_layer
 
 
 class DARTokenizer(nn.Module):
@@ -341,47 +334,35 @@ class DARTokenizer(nn.Module):
         images: Tensor,
         generator: torch.Generator | None = None,
         entropy_temperature: float | None = None,
-        draws: int = 1,
         time_sampling: flow.TimeSampling = "uniform",
     ) -> TokenizerTrainOutput:
-        """One training step's forward: encode, quantise (STE), decode conditions, ``draws`` flow-matching draws.
+        """One training step's forward: encode, quantise (STE), decode conditions, one flow-matching draw.
 
-        Per draw: u ~ U(0, 1) picks the condition window by the group rounding rule and, warped, the flow
+        u ~ U(0, 1) per image picks the condition window by the group rounding rule and, warped, the flow
         time; x0 ~ N(0, I). With ``time_sampling="group_balanced"`` u is remapped so that every condition
-        window gets the same share of draws (:meth:`flow.GroupSchedule.group_balanced_times`). With
-        ``draws`` = K > 1 every image is encoded once and its K draws are stratified, u_k ~ U(k/K, (k+1)/K)
-        before any remapping (so each image is trained at high and at low noise in the same step); the
-        pixel decoder then runs on B·K rows — the "diffusion batch multiplier" of MAR, which spends more
-        of a step on the decoder and less on the encoder. K = 1 with uniform times is the paper's
-        objective and draws exactly the same random numbers as before these options existed. Random
-        draws use ``generator`` (on the images' device) or the global RNG. The flow loss (mean over all
-        draws) and the prefix-masked VQ losses are returned as named terms, plus "entropy"
+        window gets the same share of draws (:meth:`flow.GroupSchedule.group_balanced_times`); uniform times
+        are the paper's objective. Random draws use ``generator`` (on the images' device) or the global RNG.
+        The flow loss and the prefix-masked VQ losses are returned as named terms, plus "entropy"
         (:meth:`Quantizer.entropy_loss` over all N tokens) when ``entropy_temperature`` is given.
         """
-        if draws < 1:
-            raise ValueError(f"draws must be a positive number of flow draws per image, got {draws}")
         if time_sampling not in flow.TIME_SAMPLINGS:
             raise ValueError(f"unknown time_sampling {time_sampling!r}; choose one of {flow.TIME_SAMPLINGS}")
         c = self.config
-        batch = images.shape[0]
-        strata = torch.arange(draws, device=images.device, dtype=torch.float32)
-        u = ((strata + torch.rand(batch, draws, generator=generator, device=images.device)) / draws).flatten()
+        u = torch.rand(images.shape[0], generator=generator, device=images.device)
         if time_sampling == "group_balanced":
             u = self.schedule.group_balanced_times(u)
-        starts = self.schedule.training_window_starts(u)  # (B·K,)
-        prefix_len = starts.view(batch, draws).amax(dim=1) + c.queries_per_step
+        starts = self.schedule.training_window_starts(u)  # (B,)
+        prefix_len = starts + c.queries_per_step
         codes, z, z_q = self.quantize(self.encode_latents(images))
         losses = self.quantize.losses(z, z_q, prefix_len)
         if entropy_temperature is not None:
             losses["entropy"] = self.quantize.entropy_loss(z, entropy_temperature)
         # (B, N, D); gradients reach the encoder through the straight-through estimator.
         cond = self.cond_from_quantized(self.quantize.straight_through(z, z_q))
-        index = starts.view(batch, draws, 1) + torch.arange(c.queries_per_step, device=images.device)  # (B, K, Q)
-        window = torch.gather(cond, 1, index.flatten(1)[..., None].expand(-1, -1, cond.shape[-1]))
-        window = window.view(batch * draws, c.queries_per_step, cond.shape[-1])
+        index = starts[:, None] + torch.arange(c.queries_per_step, device=images.device)  # (B, Q)
+        window = torch.gather(cond, 1, index[..., None].expand(-1, -1, cond.shape[-1]))  # (B, Q, D)
         t = flow.warp_time(u, c.diff_decoder.time_shift)
-        x1 = images.repeat_interleave(draws, dim=0) if draws > 1 else images
-        x1 = x1 * c.diff_decoder.data_std
+        x1 = images * c.diff_decoder.data_std
         x0 = torch.randn(x1.shape, generator=generator, device=images.device, dtype=images.dtype)
         x_t = flow.interpolate(x0, x1, t)
         target = flow.target_velocity(x0, x1)
@@ -393,7 +374,7 @@ class DARTokenizer(nn.Module):
         clean = flow.clean_estimate(x_t, velocity, t) / c.diff_decoder.data_std
         return TokenizerTrainOutput(
             codes=codes, losses=losses, velocity=velocity, target=target, x_t=x_t, t=t, u=u,
-            window_start=starts, prefix_len=prefix_len, clean_image=clean, repa=repa, draws=draws,
+            window_start=starts, prefix_len=prefix_len, clean_image=clean, repa=repa,
         )
 
     # ------------------------------------------------------------------ checkpoints

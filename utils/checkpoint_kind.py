@@ -26,7 +26,8 @@ _TOKENIZER_PREFIXES = ("quantize.", "encoder_layers.", "decoder_layers.", "diff_
 _GPT_FOLDER_CONFIG = "config.yaml"
 _TOKENIZER_FOLDER_CONFIG = "tokenizer_config.yaml"
 _WEIGHTS = "model.safetensors"
-# What a training run folder holds besides checkpoints/ (both trainers export final/; EMA runs final_ema/).
+# What a training run folder holds besides checkpoints/: both trainers export final/ (the EMA when kept, see
+# utils.trainer.final_exports); GPT runs written before that rule hold their EMA in final_ema/.
 _RUN_ENTRIES = ("final_ema", "final", "checkpoints/latest")
 
 

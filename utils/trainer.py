@@ -1,0 +1,346 @@
+"""The training skeleton both trainers share: run options, the training state and the loop around a step.
+
+Each trainer's ``main`` reads top to bottom (config → data → model → objective → loop) and keeps only
+what is its own: how a batch becomes a loss (``train_step``), what a checkpoint carries besides the
+shared layout (``aliases``) and how final weights are written (``write_final``). Everything else is
+here, written once:
+
+- :class:`RunOptions`: per-launch settings (results folder, resume, device, ...);
+- :func:`open_run` / :func:`create_run_folder`: the run folder and checkpoint manager, checked before
+  anything is written; a fresh start truncates metrics left by a launch killed before its first
+  checkpoint, and stale temporaries of killed checkpoint writes are swept;
+- :class:`TrainState`: model, EMA, optimizers, data position, non-finite guard, log window, skipped
+  batches and bad-file counts, i.e. everything a checkpoint restores (:func:`resume`,
+  :func:`save_checkpoint`, through ``utils.training.save_train_checkpoint``);
+- :func:`run_loop`: step, log window (:func:`log_window`: the same record fields for both trainers),
+  checkpoints, and at the end the export rule of :func:`final_exports`.
+
+Export rule (both trainers): ``final/`` holds the weights to sample with, i.e. the EMA when the run
+keeps one and the trained weights otherwise; with an EMA, the trained (raw) weights also go to
+``final_raw/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from dataset.images import BadFileStats
+from utils.checkpoint import CheckpointManager
+from utils.config import config_differences, dataclass_to_dict
+from utils.distributed import DistEnv, all_reduce_mean, all_reduce_sum
+from utils.errors import UserError
+from utils.run import RunFolder
+from utils.training import (
+    InfiniteLoader,
+    NonFiniteGuard,
+    Throughput,
+    WandbLogger,
+    all_ranks_agree,
+    check_fresh_start,
+    check_results_dir,
+    check_run_options,
+    load_train_checkpoint,
+    resolve_resume,
+    save_train_checkpoint,
+    update_ema,
+)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Per-launch settings that do not change what is trained (both trainers)."""
+
+    results_dir: str
+    resume: str | None = None
+    device: str = "auto"
+    keep_last: int = 3
+    stop_after_step: int | None = None  # checkpoint and exit here without changing the schedule
+    wandb: bool = False
+    wandb_project: str = "dar"
+
+
+def run_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`RunOptions` fields of a parsed command line (``utils.training.add_common_train_args``)."""
+    return {"results_dir": args.results_dir, "resume": args.resume, "device": args.device,
+            "keep_last": args.keep_last, "stop_after_step": getattr(args, "stop_after_step", None),
+            "wandb": args.wandb, "wandb_project": args.wandb_project}
+
+
+class BadFiles:
+    """Bad-file counts of image data: this rank's since the last sync, and the epoch's global total up to it.
+
+    Synced at checkpoints too, so a resumed run still reports whole epochs.
+    """
+
+    def __init__(self) -> None:
+        self.local = BadFileStats()
+        self.synced = BadFileStats()
+
+    def sync(self, device: torch.device) -> None:
+        self.synced.update(self.local.all_reduce(device))
+        self.local = BadFileStats()
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint restores, plus the modules that train.
+
+    ``model`` is the network the optimizer updates, ``trained`` the one called in the step (DDP wrapper
+    or ``model``); ``modules`` / ``optimizers`` are what checkpoints hold (FSDP stand-ins where sharded).
+    """
+
+    model: nn.Module
+    trained: nn.Module
+    ema: nn.Module | None
+    ema_decay: float
+    optimizer: torch.optim.Optimizer
+    lr: Callable[[int], float]  # 0-based step -> learning rate
+    loader: InfiniteLoader
+    guard: NonFiniteGuard
+    modules: dict[str, Any]
+    optimizers: dict[str, Any]
+    bad: BadFiles | None = None  # image data only
+    step: int = 0
+    window: dict[str, float] = field(default_factory=dict)  # per-term sums since the last log line + "count"
+    empty_batches: int = 0
+
+    @property
+    def sampling_model(self) -> nn.Module:
+        """The weights samples and ``final/`` come from: the EMA when the run keeps one."""
+        return self.ema if self.ema is not None else self.model
+
+
+@dataclass
+class RunContext:
+    """What stays fixed during a run: where it writes, its schedule, and how it reports."""
+
+    env: DistEnv
+    run: RunFolder
+    manager: CheckpointManager
+    logger: logging.Logger
+    config: Any  # the fully resolved recipe (dataclass)
+    max_steps: int
+    last_step: int  # max_steps, or --stop-after-step when earlier
+    log_every: int
+    ckpt_every: int
+    steps_per_epoch: int
+    global_batch_size: int
+    wandb: WandbLogger | None = None
+    # Top-level checkpoint entries for from_pretrained (rank 0, after FSDP states are gathered).
+    aliases: Callable[[TrainState], dict[str, Any]] | None = None
+    throughput: Throughput = field(default_factory=Throughput)
+
+
+@dataclass
+class StepResult:
+    """One optimizer step as the loop logs it."""
+
+    terms: dict[str, torch.Tensor]  # "loss" and the named terms, averaged over micro-batches and ranks
+    grad_norm: torch.Tensor
+    lr: float
+    items: int  # images (or code sequences) this rank trained on
+    applied: bool  # False: the non-finite guard skipped the update
+    extras: dict[str, float] = field(default_factory=dict)  # logged as they are (e.g. disc_lr)
+
+
+# ------------------------------------------------------------------------------------------------
+# Run folder, resume, checkpoints
+# ------------------------------------------------------------------------------------------------
+def open_run(opts: RunOptions, env: DistEnv) -> tuple[RunFolder, CheckpointManager, str | None]:
+    """(run folder, checkpoint manager, checkpoint to resume or None); nothing is created yet."""
+    check_run_options(opts.keep_last, opts.stop_after_step)
+    check_results_dir(opts.results_dir)
+    run = RunFolder(opts.results_dir, env.is_main, create=False)
+    manager = CheckpointManager(run.checkpoints, keep_last=opts.keep_last)
+    resume_path = resolve_resume(opts.resume, manager)
+    check_fresh_start(resume_path, manager)
+    return run, manager, resume_path
+
+
+def create_run_folder(run: RunFolder, manager: CheckpointManager, env: DistEnv, resume_path: str | None) -> None:
+    """Create the folders once every input is checked; sweep killed writes' temporaries; clean metrics."""
+    run.create()
+    if env.is_main:
+        manager.sweep()  # temporaries of checkpoint writes a kill interrupted (no rank writes yet)
+    if resume_path is None:
+        run.truncate_metrics(0)  # lines of an earlier launch that died before its first checkpoint
+
+
+def resume(state: TrainState, ctx: RunContext, path: str) -> None:
+    """Restore ``state`` from a training checkpoint and drop metrics logged after it."""
+    extra = load_train_checkpoint(path, ctx.env, state.modules, state.optimizers, log=ctx.logger.warning)
+    state.step = extra["step"]
+    state.loader.load_state_dict(extra["loader"])
+    state.guard.load_state_dict(extra["guard"])
+    window = dict(extra["window"])
+    if "loss_sum" in window:  # GPT checkpoints written before the trainers shared this loop
+        window["loss"] = window.pop("loss_sum")
+    state.window = window
+    state.empty_batches = int(extra["empty_batches"])
+    if state.bad is not None and "bad_files" in extra:
+        state.bad.synced = BadFileStats(**extra["bad_files"])
+    for diff in config_differences(extra["config"], dataclass_to_dict(ctx.config)) if "config" in extra else []:
+        ctx.logger.warning(f"config changed since the checkpoint: {diff}")
+    ctx.run.truncate_metrics(state.step)
+    ctx.logger.info(f"resumed from {path} at step {state.step}")
+
+
+def save_checkpoint(state: TrainState, ctx: RunContext) -> None:
+    """Collective: every rank calls it (FSDP states and RNG streams are gathered); rank 0 writes."""
+    holders = [h for h in (*state.modules.values(), *state.optimizers.values()) if hasattr(h, "gather")]
+    for holder in holders:
+        holder.gather()
+    extra: dict[str, Any] = {"loader": state.loader.state_dict(), "guard": state.guard.state_dict(),
+                             "window": dict(state.window), "empty_batches": state.empty_batches,
+                             "config": dataclass_to_dict(ctx.config), "steps_per_epoch": ctx.steps_per_epoch}
+    if state.bad is not None:
+        state.bad.sync(ctx.env.device)
+        extra["bad_files"] = dataclasses.asdict(state.bad.synced)
+    aliases = ctx.aliases(state) if ctx.aliases is not None and ctx.env.is_main else None
+    save_train_checkpoint(ctx.manager, ctx.env, state.step, ctx.config, state.modules, state.optimizers,
+                          extra=extra, aliases=aliases)
+    for holder in holders:
+        holder.release()
+    ctx.logger.info(f"saved checkpoint at step {state.step}")
+
+
+def end_epoch(state: TrainState, ctx: RunContext, data_path: str, epoch: int) -> None:
+    """``InfiniteLoader.on_epoch_end``: report the epoch's bad files; stop when every file was unreadable."""
+    state.bad.sync(ctx.env.device)
+    total = state.bad.synced
+    ctx.logger.info(f"epoch {epoch} done: {total.summary()}")
+    # Logged with the step being fetched, so a resume's metrics truncation treats it like that step.
+    ctx.run.log_metrics({"step": state.step + 1, "epoch_end": epoch,
+                         **{f"bad_files/{k}": v for k, v in total.to_dict().items()}})
+    if total.seen > 0 and total.num_skipped == total.seen:
+        raise UserError(f"epoch {epoch}: every one of the {total.seen} files in {data_path} was skipped "
+                        f"({total.summary()}); check the folder holds readable images")
+    state.bad.synced = BadFileStats()
+
+
+def track_bad_files(state: TrainState, ctx: RunContext, data_path: str) -> None:
+    """Count bad files of image data and report them at every epoch end."""
+    state.bad = BadFiles()
+    state.loader.on_epoch_end = partial(end_epoch, state, ctx, data_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# The step's shared parts
+# ------------------------------------------------------------------------------------------------
+def next_batch(state: TrainState, ctx: RunContext, size: Callable[[Any], int]) -> Any:
+    """The next batch every rank can train on; a batch some rank drew only bad files for is skipped by all."""
+    while True:
+        batch = next(state.loader)
+        if state.bad is not None and hasattr(batch, "stats"):
+            state.bad.local.update(batch.stats)
+        if all_ranks_agree(size(batch) > 0, ctx.env.device):
+            return batch
+        state.empty_batches += 1
+        ctx.logger.warning(f"step {state.step + 1}: skipped a batch without decodable images on some rank")
+
+
+def reduce_micro_batches(records: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-name mean over micro-batches, then over ranks (one collective for every name)."""
+    names = list(records[0])
+    reduced = all_reduce_mean(torch.stack([torch.stack([r[k].detach() for r in records]).mean() for k in names]))
+    return dict(zip(names, reduced))
+
+
+def clip_gradients(model: nn.Module, grad_clip: float) -> torch.Tensor:
+    """Clip to ``grad_clip`` (0: measure the norm, never clip); the total norm as a plain tensor."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
+
+
+def apply_update(state: TrainState, checks: list[torch.Tensor], *others: torch.optim.Optimizer) -> bool:
+    """Step the optimizer(s) and the EMA unless a (rank-reduced) check value is not finite."""
+    if not state.guard.check(*checks):
+        return False
+    state.optimizer.step()
+    for optimizer in others:
+        optimizer.step()
+    if state.ema is not None:
+        update_ema(state.ema, state.model, state.ema_decay)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# Loop, log window, export
+# ------------------------------------------------------------------------------------------------
+def record_step(state: TrainState, ctx: RunContext, result: StepResult) -> None:
+    """Add an applied step's terms to the log window (or warn about a skipped one); advance the step."""
+    if result.applied:
+        for key, value in result.terms.items():
+            state.window[key] = state.window.get(key, 0.0) + float(value)
+        state.window["count"] = state.window.get("count", 0.0) + 1
+    else:
+        ctx.logger.warning(f"step {state.step + 1}: non-finite loss or gradient, update skipped "
+                           f"({state.guard.consecutive} in a row)")
+    state.step += 1
+    ctx.throughput.add(result.items)
+
+
+def log_window(state: TrainState, ctx: RunContext, result: StepResult) -> None:
+    """One metrics line: means since the previous line, the logged step's LR and gradient norm, throughput."""
+    env = ctx.env
+    rate = all_reduce_sum(torch.tensor(ctx.throughput.rate(), device=env.device)).item()
+    epoch = state.loader.epoch + state.loader.consumed_in_epoch / (ctx.steps_per_epoch * ctx.global_batch_size)
+    count = state.window.pop("count", 0.0)
+    record: dict[str, Any] = {"step": state.step, "epoch": round(epoch, 4)}
+    record.update({k: v / count for k, v in state.window.items()} if count else {"loss": float("nan")})
+    record.update(lr=result.lr, grad_norm=result.grad_norm.item(), images_per_s=rate, **result.extras)
+    if env.device.type == "cuda":
+        record["max_mem_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+    if state.guard.total or state.empty_batches:
+        record.update(skipped_steps=state.guard.total, empty_batches=state.empty_batches)
+    ctx.run.log_metrics(record)
+    if ctx.wandb is not None:
+        ctx.wandb.log(record)
+    ctx.logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    state.window = {}
+
+
+def run_loop(state: TrainState, ctx: RunContext, train_step: Callable[[TrainState], StepResult],
+             after_step: Callable[[TrainState], None] | None = None) -> None:
+    """Train until ``ctx.last_step``: step, log, ``after_step`` (e.g. sample grids), checkpoint."""
+    while state.step < ctx.last_step:
+        result = train_step(state)
+        record_step(state, ctx, result)
+        if state.step % ctx.log_every == 0 or state.step == ctx.last_step:
+            log_window(state, ctx, result)
+        if after_step is not None:
+            after_step(state)
+        if state.step % ctx.ckpt_every == 0 or state.step == ctx.last_step:
+            save_checkpoint(state, ctx)
+
+
+def final_exports(state: TrainState) -> dict[str, nn.Module]:
+    """The export rule: ``final`` = the weights to sample with (EMA if kept), ``final_raw`` = raw next to an EMA."""
+    if state.ema is None:
+        return {"final": state.model}
+    return {"final": state.ema, "final_raw": state.model}
+
+
+def finish(state: TrainState, ctx: RunContext, write_final: Callable[[nn.Module, Path], None]) -> dict[str, Any]:
+    """Export (every rank calls ``write_final``: gathering sharded weights is collective) once max_steps is done."""
+    if state.step >= ctx.max_steps:
+        for name, module in final_exports(state).items():
+            write_final(module, ctx.run.root / name)
+        bad = f"; bad files this epoch so far: {state.bad.synced.summary()}" if state.bad is not None else ""
+        ctx.logger.info(f"done: {state.step} steps{bad}; inference weights in {ctx.run.root / 'final'}")
+    else:
+        ctx.logger.info(f"stopped after step {state.step} of {ctx.max_steps}; continue with --resume auto")
+    if ctx.wandb is not None:
+        ctx.wandb.finish()
+    return {"step": state.step, "results_dir": str(ctx.run.root)}
