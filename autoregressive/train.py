@@ -52,7 +52,8 @@ from autoregressive.config import GPT_PRESETS, GPTConfig
 from autoregressive.model import GPT, TransformerBlock, build_gpt
 from autoregressive.stream import image_seed, sample_images
 from dataset.codes import MANIFEST, CodeDataset
-from dataset.images import ImageBatch, ImageFolderDataset, RandomTenCrop, collate_skip_bad
+from dataset.images import ImageBatch, RandomTenCrop, collate_skip_bad
+from dataset.shards import open_images, require_data_path
 from dataset.sampler import ResumableDistributedSampler
 from tokenizer.config import TOKENIZER_PRESETS, TokenizerConfig
 from tokenizer.model import DARTokenizer
@@ -96,7 +97,6 @@ from utils.training import (
     finish_cli_config,
     learning_rate,
     normalise_common_args,
-    open_image_folder,
     set_lr,
     unwrap_model,
 )
@@ -281,7 +281,7 @@ def check_inputs(d: ARDataConfig) -> None:
             raise PathNotFoundError(Path(d.code_path) / MANIFEST, "--code-path must be a folder written by "
                                     "python -m tokenizer.extract_codes (extract codes first)")
     if d.data_path is not None:
-        require_path(d.data_path, "--data-path")
+        require_data_path(d.data_path, "--data-path")
     check_weights_source(d.tokenizer_ckpt, "--tokenizer-ckpt")
 
 
@@ -341,9 +341,7 @@ def build_data(
         source, collate = CodeSource(env.device), None
         what = f"codes in {d.code_path}"
     else:
-        dataset = open_image_folder(
-            lambda: ImageFolderDataset(d.data_path, RandomTenCrop(d.image_size, d.crop_ratio), seed=t.seed),
-            d.data_path)
+        dataset = open_images(d.data_path, RandomTenCrop(d.image_size, d.crop_ratio), seed=t.seed)
         seq_len, vocab = tokenizer.config.num_all_queries, tokenizer.config.vq_codebook_size
         max_label = max(dataset.labels)
         source, collate = CodeSource(env.device, tokenizer), collate_skip_bad

@@ -361,3 +361,17 @@ def test_user_mistakes_name_the_path(assets: dict[str, Path], tmp_path: Path) ->
                       str(not_tar), "is not an uncompressed tar file")
     assert not out.exists()
     assert not any(p.name.startswith(".dar-shard-index") for p in tmp_path.iterdir())
+
+
+def test_tokenizer_training_from_shards_logs_the_losses_of_the_folder(assets: dict[str, Path], tmp_path: Path) -> None:
+    """``tokenizer.train --data-path`` takes tar shards; the same images give the same losses."""
+    from tests.test_tokenizer_train import losses_by_step, train_args, write_recipe
+    from tokenizer.train import main, parse_args
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", global_batch_size=4, max_steps=2, log_every=1, ckpt_every=2,
+                          sample_every=2, num_sample_images=0, data={"num_workers": 0})
+    pattern = str(assets["shards"] / "train-{000000..000002}.tar")
+    for name, data in (("folder", assets["images"]), ("shards", pattern)):
+        main(*parse_args(train_args(recipe, data, tmp_path / name)))
+    folder = losses_by_step(tmp_path / "folder")
+    assert sorted(folder) == [1, 2] and losses_by_step(tmp_path / "shards") == folder

@@ -51,7 +51,8 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from autoregressive.config import GPTConfig
-from dataset.images import CenterCrop, ImageFolderDataset, RandomCropFlip, SkipImage, collate_skip_bad, decode_rgb
+from dataset.images import CenterCrop, DecodedImageDataset, RandomCropFlip, SkipImage, collate_skip_bad, decode_rgb
+from dataset.shards import open_images, require_data_path
 from dataset.sampler import ResumableDistributedSampler
 from tokenizer.config import TOKENIZER_PRESETS, TokenizerConfig, load_tokenizer_config
 from tokenizer.flow import TIME_SAMPLINGS, TimeSampling
@@ -68,7 +69,7 @@ from tokenizer.reconstruct import save_reconstruction_grid
 from utils.cli import OneLineArgumentParser
 from utils.config import ConfigError, dataclass_from_dict, dataclass_to_dict, keys_fit, load_yaml
 from utils.distributed import DistEnv, gradient_sync, resolve_device, run_then_cleanup, seed_everything, setup_distributed
-from utils.errors import require_path, run_cli
+from utils.errors import run_cli
 from utils.run import create_logger, start_log_file
 from utils.trainer import (
     RunContext,
@@ -104,7 +105,6 @@ from utils.training import (
     finish_cli_config,
     learning_rate,
     normalise_common_args,
-    open_image_folder,
     require_setting,
     set_lr,
     unwrap_model,
@@ -269,14 +269,14 @@ def check_settings(cfg: TokenizerTrainConfig) -> None:
 
 
 
-def sample_images(dataset: ImageFolderDataset, image_size: int, count: int) -> torch.Tensor:
+def sample_images(dataset: DecodedImageDataset, image_size: int, count: int) -> torch.Tensor:
     """The first ``count`` decodable training files, ADM centre-cropped: (n, 3, H, W) in [-1, 1]."""
     crop, images = CenterCrop(image_size), []
     for path in dataset.files:
         if len(images) == count:
             break
         try:
-            image, _ = decode_rgb(path, dataset.min_size)
+            image, _ = decode_rgb(path, dataset.min_size, dataset.max_image_pixels)
         except SkipImage:
             continue
         images.append(crop(image, torch.Generator()))
@@ -313,7 +313,7 @@ def check_inputs(cfg: TokenizerTrainConfig, env: DistEnv) -> tuple[TokenizerTrai
     check_settings(cfg)
     cfg = with_activation_checkpointing(cfg)
     t = cfg.train
-    require_path(t.data.data_path, "--data-path")
+    require_data_path(t.data.data_path, "--data-path")
     check_weights_source(t.init_from, "--init-from")
     precision = default_precision(env.device) if t.precision == "auto" else t.precision
     cfg = replace(cfg, train=replace(t, precision=precision))
@@ -323,12 +323,11 @@ def check_inputs(cfg: TokenizerTrainConfig, env: DistEnv) -> tuple[TokenizerTrai
     return cfg, t.global_batch_size // (env.world_size * t.grad_accum_steps)
 
 
-def build_data(t: TokenizerTrainSettings, env: DistEnv, batch_size: int) -> tuple[ImageFolderDataset, InfiniteLoader, int]:
+def build_data(t: TokenizerTrainSettings, env: DistEnv, batch_size: int) -> tuple[DecodedImageDataset, InfiniteLoader, int]:
     """(dataset, resumable loader, optimizer steps per epoch)."""
     d = t.data
     transform = RandomCropFlip(t.image_size, d.min_crop_frac, d.max_crop_frac, d.flip)
-    dataset = open_image_folder(lambda: ImageFolderDataset(d.data_path, transform, with_labels=False, seed=t.seed,
-                                                           min_size=d.min_size), d.data_path)
+    dataset = open_images(d.data_path, transform, with_labels=False, seed=t.seed, min_size=d.min_size)
     sampler = ResumableDistributedSampler(len(dataset), env.world_size, env.rank, seed=t.seed, drop_last=True)
     steps_per_epoch = sampler.num_samples // (batch_size * t.grad_accum_steps)
     if steps_per_epoch == 0:

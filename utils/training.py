@@ -529,19 +529,6 @@ def check_weights_source(value: str | None, flag: str) -> None:
                                 "checkpoints/latest or a hub repo id (owner/name)")
 
 
-def open_image_folder(make: Callable[[], Any], path: str, flag: str = "--data-path") -> Any:
-    """Build an image dataset on ``path``; a missing, non-folder or image-less path is a :class:`UserError`."""
-    require_path(path, flag)
-    if not Path(path).expanduser().is_dir():
-        raise UserError(f"{flag} {path} is a file; pass a folder of images (class subfolders or flat)")
-    try:
-        return make()
-    except UserError:
-        raise
-    except (FileNotFoundError, ValueError) as error:  # what the folder scan raises for an unusable tree
-        raise UserError(f"{flag} {path}: {error}") from None
-
-
 class RunExistsError(UserError, FileExistsError):
     """A fresh start was asked for in a run folder that already holds checkpoints."""
 
