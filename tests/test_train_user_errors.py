@@ -111,6 +111,9 @@ def test_a_model_config_where_a_recipe_belongs_is_named_in_one_line(tmp_path: Pa
     # The other trainer's files.
     assert_user_error(run_module_cli("tokenizer.train", "--config", str(AR_TINY), "--data-path", str(images),
                                      "--results-dir", str(out)), "is a GPT config", "configs/tokenizer/train_tiny.yaml")
+    for shipped in ("gpt_l.yaml", "demo.yaml"):  # recipes that name their GPT preset
+        assert_user_error(run_module_cli("tokenizer.train", "--config", str(AR_TINY.with_name(shipped)), "--data-path",
+                                         str(images), "--results-dir", str(out)), "is a GPT config")
     assert_user_error(run_module_cli("autoregressive.train", "--config", str(TOK_TINY), "--code-path", str(codes),
                                      "--results-dir", str(out)), "is a tokenizer training recipe", "configs/ar/tiny.yaml")
     assert_user_error(run_module_cli("autoregressive.train", "--config", str(model_yaml), "--code-path", str(codes),

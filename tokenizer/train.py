@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from autoregressive.config import GPTConfig
+from autoregressive.config import GPT_PRESETS, GPTConfig
 from dataset.images import CenterCrop, DecodedImageDataset, RandomCropFlip, SkipImage, collate_skip_bad, decode_rgb
 from dataset.shards import open_images, require_data_path
 from dataset.sampler import ResumableDistributedSampler
@@ -204,7 +204,10 @@ def load_train_config(path: str | Path) -> TokenizerTrainConfig:
         raise ConfigError(f"{path} is a model config; pass a training recipe such as {RECIPE_EXAMPLE} "
                           "(its model: entry may name this file)")
     model = data.get("model")
-    if keys_fit(GPTConfig, data) or (keys_fit(GPTConfig, model) and not keys_fit(TokenizerConfig, model)):
+    preset = model.get("preset") if isinstance(model, dict) else model
+    gpt_preset = isinstance(preset, str) and preset in GPT_PRESETS and preset not in TOKENIZER_PRESETS
+    gpt_model = gpt_preset or (keys_fit(GPTConfig, model) and not keys_fit(TokenizerConfig, model))
+    if keys_fit(GPTConfig, data) or gpt_model:
         raise ConfigError(f"{path} is a GPT config (for autoregressive.train); pass a tokenizer training recipe "
                           f"such as {RECIPE_EXAMPLE}")
     unknown = sorted(set(data) - {"model", "train"})
