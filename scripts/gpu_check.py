@@ -51,7 +51,8 @@ from autoregressive.generate import (
 from autoregressive.model import GPT
 from autoregressive.train import load_ar_config
 from tokenizer.model import DARTokenizer
-from tokenizer.train import WeightFiles, build_loss_networks, load_train_config, loss_terms, term_weights, total_loss
+from tokenizer.losses import WeightFiles, build_loss_networks, loss_terms, term_weights, total_loss
+from tokenizer.train import load_train_config
 from utils.distributed import DistEnv, barrier, broadcast_object, gradient_sync, run_then_cleanup, setup_distributed
 from utils.errors import UserError, run_cli
 from utils.fileio import atomic_write_text
