@@ -84,6 +84,7 @@ OFFICIAL_FLAGS = {
     "top_p": (1.0, "1.0"),
     "precision": ("fp32", "fp32"),
     "gpt_dtype": ("bf16", "bf16"),
+    "sampler": ("adams2", "adams2"),  # the tokenizer's own default, as the official decode_code uses
 }
 
 
