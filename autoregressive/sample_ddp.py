@@ -206,7 +206,11 @@ def official_seed(seed: int, world_size: int, rank: int) -> int:
 
 
 def official_iterations(num_samples: int, batch_size: int, world_size: int) -> int:
-    """Global batches run: the count rounded up to a multiple of batch_size × world_size (extras are cut when packing)."""
+    """Global batches run: the count rounded up to a multiple of batch_size × world_size.
+
+    The extra images are made (so every rank's stream advances as in the official script) and cut
+    when ``samples.npz`` is packed.
+    """
     return -(-num_samples // (batch_size * world_size))
 
 
