@@ -44,6 +44,8 @@ GPT_CKPT_ACCEPTS = ("a GPT save_pretrained folder such as RUN/final, a .safetens
 TOKENIZER_CKPT_ACCEPTS = ("a tokenizer save_pretrained folder such as RUN/final, a .safetensors/.pt file, "
                           "RUN/checkpoints/latest of tokenizer.train, or showlab/D-AR")
 GPT_FLAGS = {"preset": "--gpt-preset", "ema": "--ema", "filename": "--gpt-file"}
+# --gpt-dtype: what the GPT's weights (and so its KV cache) are cast to after loading.
+GPT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,7 +81,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
     group.add_argument("--precision", "--mixed-precision", dest="precision", default=None,
                        choices=("fp32", "bf16", "fp16"),
-                       help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
+                       help="autocast dtype of GPT and tokenizer (default: bf16 on CUDA, fp32 on CPU)")
+    group.add_argument("--gpt-dtype", default="fp32", choices=tuple(GPT_DTYPES),
+                       help="dtype of the GPT's weights and KV cache; bf16 casts them as the official FID "
+                            "sampler does (the tokenizer keeps its fp32 weights either way)")
     group.add_argument("--compile", action="store_true", help="torch.compile the GPT decode step")
 
 
@@ -143,6 +148,8 @@ def load_models(args: argparse.Namespace, device: torch.device) -> tuple[GPT, DA
     except WrongModelError as error:
         raise error.for_flag("--tokenizer-ckpt", TOKENIZER_CKPT_ACCEPTS) from None
     check_pair(gpt, tokenizer)
+    # Weights, not autocast: the GPT then computes in bf16 and allocates its KV cache in bf16 too.
+    gpt = gpt.to(GPT_DTYPES[getattr(args, "gpt_dtype", None) or "fp32"])
     return gpt.eval(), tokenizer.eval()
 
 
