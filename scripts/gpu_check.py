@@ -206,8 +206,7 @@ def tokenizer_train(ctx: Context) -> list[Row]:
         for i in range(t.grad_accum_steps):
             with gradient_sync(trained, i == t.grad_accum_steps - 1):
                 with autocast(ctx.device, precision):
-                    out = trained(images, entropy_temperature=entropy_temperature, draws=t.flow_draws,
-                                  time_sampling=t.time_sampling)
+                    out = trained(images, entropy_temperature=entropy_temperature, time_sampling=t.time_sampling)
                     terms = loss_terms(out, images, nets, weights, use_gan=False)
                 loss, _ = total_loss(terms, weights, adaptive=False, last_layer=None)
                 (loss / t.grad_accum_steps).backward()
