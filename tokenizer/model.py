@@ -7,6 +7,7 @@ Parameter names equal the official ones (``encoder_layers.*``, ``quantize.embedd
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from tokenizer import flow
+from tokenizer import flow, inference
 from tokenizer.config import TokenizerConfig, from_official
 from tokenizer.loading import (REPA_PREFIX, USAGE_KEY, convert_official_state_dict, read_tokenizer_checkpoint,
                                write_tokenizer_files)
@@ -128,6 +129,16 @@ class TokenizerTrainOutput:
     repa: Tensor | None  # (B, g², repa_out_dim) REPA head output; None when depth <= repa_layer
 
 
+DECODE_DTYPES: tuple[torch.dtype | None, ...] = (None, torch.float32, torch.bfloat16, torch.float16)
+
+
+def _pixel_precision(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast for a reduced-precision decode; float32 (None) leaves any caller's autocast alone."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 class DARTokenizer(nn.Module):
     """Encoder → VQ → causal code decoder → sequential flow-matching pixel decoder."""
 
@@ -178,13 +189,22 @@ class DARTokenizer(nn.Module):
             self._masks[key] = mask
         return self._masks[key]
 
-    def encode_latents(self, images: Tensor) -> Tensor:
-        """images (B, C, H, W) in [-1, 1] → pre-quantisation projections (B, N, vq_dim)."""
+    def check_images(self, images: Tensor) -> None:
+        """Raise ValueError unless images are (B, C, H, W) with H and W multiples of the encoder patch size."""
         c = self.config
         if images.dim() != 4 or images.shape[1] != c.diff_decoder.channels:
             raise ValueError(f"expected images (B, {c.diff_decoder.channels}, H, W), got {tuple(images.shape)}")
         if images.shape[-2] % c.encoder_patch_size or images.shape[-1] % c.encoder_patch_size:
             raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of {c.encoder_patch_size}")
+
+    def encode_latents(self, images: Tensor) -> Tensor:
+        """images (B, C, H, W) in [-1, 1] → pre-quantisation projections (B, N, vq_dim).
+
+        The module-by-module reference (and the training path); :meth:`encode` uses the equal, faster
+        :func:`tokenizer.inference.encode_latents`.
+        """
+        c = self.config
+        self.check_images(images)
         grid = self.patchify(images)
         height, width = grid.shape[-2:]
         patches = F.layer_norm(rearrange(grid, "b d h w -> b (h w) d"), (c.encoder_dim,), eps=c.norm_eps)
@@ -198,10 +218,15 @@ class DARTokenizer(nn.Module):
         return F.linear(tokens, self.quant_in_conv.weight.flatten(1))
 
     @torch.no_grad()
-    def encode(self, images: Tensor) -> Tensor:
-        """images (B, C, H, W) in [-1, 1] → codes (B, N) int64, in query (= diffusion) order."""
-        codes, _, _ = self.quantize(self.encode_latents(images))
-        return codes
+    def encode(self, images: Tensor, reference: bool = False) -> Tensor:
+        """images (B, C, H, W) in [-1, 1] → codes (B, N) int64, in query (= diffusion) order.
+
+        ``reference=True`` runs the module-by-module path (same codes, slower; for tests and benchmarks).
+        """
+        if reference:
+            codes, _, _ = self.quantize(self.encode_latents(images))
+            return codes
+        return inference.quantize_codes(self.quantize.codebook(), inference.encode_latents(self, images))
 
     # ------------------------------------------------------------------ code decoder
     def cond_from_quantized(self, z_q: Tensor) -> Tensor:
@@ -264,36 +289,54 @@ class DARTokenizer(nn.Module):
         return flow.SequentialSampler(noise.to(self.device), self.schedule.sigmas(steps), sampler)
 
     @torch.no_grad()
-    def sampler_step(self, state: flow.SequentialSampler, cond: Tensor, preview: bool = True) -> Tensor | None:
+    def sampler_step(
+        self, state: flow.SequentialSampler, cond: Tensor, preview: bool = True, reference: bool = False
+    ) -> Tensor | None:
         """Run the next step of ``state`` on condition tokens ``cond`` (B, n, D), n ≥ that step's window end.
 
         Returns the preview in image space (None with ``preview=False``); the state advances in place.
-        This is the streaming primitive: cond may be a prefix that grows between calls.
+        This is the streaming primitive: cond may be a prefix that grows between calls. It computes
+        exactly what one step of :meth:`decode` computes (``reference`` as there).
         """
+        session = None if reference else inference.PixelDecoderSession(self.pixel_decoder, cond)
+        return self._step(state, cond, session, preview)
+
+    def _step(
+        self, state: flow.SequentialSampler, cond: Tensor, session: inference.PixelDecoderSession | None,
+        preview: bool,
+    ) -> Tensor | None:
         begin, end = self.schedule.window(state.step_index)
         if cond.shape[1] < end:
             raise ValueError(f"step {state.step_index} needs condition tokens [{begin}, {end}), got {cond.shape[1]}")
-        window = cond[:, begin:end]
-        _, jump = state.step(lambda x, t: self.velocity(x, t, window), preview=preview)
+        if session is None:
+            window = cond[:, begin:end]
+            velocity = lambda x, t: self.velocity(x, t, window)  # noqa: E731
+        else:
+            velocity = lambda x, t: session.velocity(x, t, begin, end)  # noqa: E731
+        _, jump = state.step(velocity, preview=preview)
         return None if jump is None else self.to_image(jump)
 
     def _run(
         self, codes: Tensor, noise: Tensor | None, steps: int, sampler: flow.SamplerName,
-        generator: torch.Generator | None, keep_previews: bool,
+        generator: torch.Generator | None, keep_previews: bool, reference: bool, dtype: torch.dtype | None,
     ) -> list[Tensor]:
         if not 1 <= steps <= self.config.num_denoising_steps:
             raise ValueError(f"steps must be in 1..{self.config.num_denoising_steps}, got {steps}")
+        if dtype not in DECODE_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(map(str, DECODE_DTYPES))}, got {dtype}")
         needed = self.schedule.tokens_needed(steps)
         if codes.shape[-1] < needed:
             raise ValueError(f"{steps} decoding step(s) need the first {needed} codes, got {codes.shape[-1]}")
         cond = self.cond_from_codes(codes[:, :needed])
         state = self.start_sampler(codes.shape[0], noise, steps, sampler, generator)
+        session = None if reference else inference.PixelDecoderSession(self.pixel_decoder, cond)
         previews = []
-        while not state.done:
-            last = state.step_index == state.num_steps - 1
-            preview = self.sampler_step(state, cond, preview=keep_previews or last)
-            if preview is not None:
-                previews.append(preview)
+        with _pixel_precision(self.device, dtype):
+            while not state.done:
+                last = state.step_index == state.num_steps - 1
+                preview = self._step(state, cond, session, preview=keep_previews or last)
+                if preview is not None:
+                    previews.append(preview.float())
         return previews
 
     @torch.no_grad()
@@ -304,15 +347,21 @@ class DARTokenizer(nn.Module):
         steps: int | None = None,
         sampler: str = "adams2",
         generator: torch.Generator | None = None,
+        reference: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> Tensor:
-        """codes (B, n) → images (B, C, H, W) (unclamped, ~[-1, 1]).
+        """codes (B, n) → images (B, C, H, W) float32 (unclamped, ~[-1, 1]).
 
         ``steps=k`` returns the preview after k groups (the k-th step jumps to t = 1); it needs only
         the codes its windows read, so a code prefix is accepted. ``noise`` (B, C, H, W) sets the
         output size; ``None`` draws (B, C, R, R), R = sampling_resolution, from ``generator``.
+        ``dtype=torch.bfloat16`` (or float16) runs the pixel decoder under autocast in that dtype (the
+        sampler state stays float32); None / float32 is exact float32. ``reference=True`` runs the
+        module-by-module path that the default fast path reproduces bit for bit in float32
+        (:mod:`tokenizer.inference`); it is slower and kept for tests and benchmarks.
         """
         steps = self.config.num_denoising_steps if steps is None else steps
-        return self._run(codes, noise, steps, sampler, generator, keep_previews=False)[-1]
+        return self._run(codes, noise, steps, sampler, generator, False, reference, dtype)[-1]
 
     @torch.no_grad()
     def previews(
@@ -322,11 +371,13 @@ class DARTokenizer(nn.Module):
         generator: torch.Generator | None = None,
         sampler: str = "adams2",
         steps: int | None = None,
+        reference: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> list[Tensor]:
         """The preview after each step of one sampling pass; the last equals :meth:`decode` with the same
-        ``noise``, ``sampler`` and ``steps`` (default all S)."""
+        ``noise``, ``sampler``, ``steps`` (default all S), ``reference`` and ``dtype``."""
         steps = self.config.num_denoising_steps if steps is None else steps
-        return self._run(codes, noise, steps, sampler, generator, keep_previews=True)
+        return self._run(codes, noise, steps, sampler, generator, True, reference, dtype)
 
     # ------------------------------------------------------------------ training
     def forward(
