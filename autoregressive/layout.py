@@ -29,7 +29,7 @@ from dataset.images import SkipImage, arr_to_tensor, center_crop_arr, decode_rgb
 from tokenizer.model import DARTokenizer
 from utils.distributed import resolve_device
 from utils.cli import OneLineArgumentParser
-from utils.errors import UserError, require_path, run_cli
+from utils.errors import UserError, call_cli, require_path
 from utils.images import save_grid, to_uint8
 from utils.training import autocast
 
@@ -123,5 +123,11 @@ def main(argv: Sequence[str] | None = None) -> LayoutResult:
                         codes=codes.cpu(), grid_path=path)
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m autoregressive.layout ARGV`` run in this process (argv None: ``sys.argv[1:]``);
+    returns the exit status instead of exiting."""
+    return call_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    raise SystemExit(cli())

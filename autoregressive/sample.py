@@ -34,7 +34,7 @@ from tokenizer.model import DARTokenizer
 from utils.checkpoint_kind import WrongModelError
 from utils.distributed import resolve_device
 from utils.cli import OneLineArgumentParser, non_negative_float, non_negative_int, positive_int, top_p_float
-from utils.errors import UserError, run_cli
+from utils.errors import UserError, call_cli
 from utils.images import make_grid, save_gif, save_grid, to_uint8
 from utils.training import autocast, default_precision
 
@@ -265,5 +265,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     return written
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m autoregressive.sample ARGV`` run in this process (argv None: ``sys.argv[1:]``);
+    returns the exit status instead of exiting."""
+    return call_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    raise SystemExit(cli())

@@ -62,7 +62,7 @@ from utils.checkpoint import atomic_write, atomic_write_text, follow_pointer
 from utils.distributed import (DistEnv, all_gather_object, barrier, broadcast_object, cleanup_distributed,
                                setup_distributed)
 from utils.cli import OneLineArgumentParser
-from utils.errors import UserError, run_cli
+from utils.errors import UserError, call_cli
 from utils.fileio import sweep_temporaries
 from utils.images import to_uint8
 from utils.training import autocast
@@ -543,5 +543,11 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         cleanup_distributed()
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m autoregressive.sample_ddp ARGV`` run in this process (argv None: ``sys.argv[1:]``);
+    returns the exit status instead of exiting."""
+    return call_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    raise SystemExit(cli())

@@ -60,7 +60,7 @@ from tokenizer.model import DARTokenizer
 from utils.cli import OneLineArgumentParser
 from utils.config import ConfigError, dataclass_from_dict, dataclass_to_dict, keys_fit, load_yaml
 from utils.distributed import DistEnv, gradient_sync, resolve_device, run_then_cleanup, seed_everything, setup_distributed
-from utils.errors import PathNotFoundError, require_path, run_cli
+from utils.errors import PathNotFoundError, call_cli, require_path
 from utils.images import save_grid, to_uint8
 from utils.run import create_logger
 from utils.trainer import (
@@ -673,5 +673,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ARTrainConfig, RunOptions
     return cfg, RunOptions(**run_options_from_args(args))
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m autoregressive.train ARGV`` run in this process (argv None: ``sys.argv[1:]``);
+    returns the exit status instead of exiting."""
+    return call_cli(lambda: main(*parse_args(argv)))
+
+
 if __name__ == "__main__":
-    run_cli(lambda: main(*parse_args()))
+    raise SystemExit(cli())

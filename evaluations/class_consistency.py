@@ -36,7 +36,7 @@ from evaluations.evaluator import NpzContentError, check_images, open_npz_array
 from utils.checkpoint import atomic_write_text
 from utils.distributed import resolve_device
 from utils.cli import OneLineArgumentParser
-from utils.errors import UserError, require_path, run_cli
+from utils.errors import UserError, call_cli, require_path
 
 
 class SmallConvNet(nn.Module):
@@ -232,5 +232,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m evaluations.class_consistency ARGV`` run in this process (argv None: ``sys.argv[1:]``);
+    returns the exit status instead of exiting."""
+    return call_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    raise SystemExit(cli())

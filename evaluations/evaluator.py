@@ -55,7 +55,7 @@ from utils.checkpoint import CorruptFileError, atomic_write, atomic_write_text
 from utils.distributed import (barrier, broadcast_object, cleanup_distributed, is_initialized, resolve_device,
                                setup_distributed)
 from utils.cli import OneLineArgumentParser
-from utils.errors import PathNotFoundError, UserError, run_cli
+from utils.errors import PathNotFoundError, UserError, call_cli
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 IS_UNAVAILABLE = "unavailable: classifier weights not loaded"
@@ -572,5 +572,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return results
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m evaluations.evaluator ARGV`` run in this process (argv None: ``sys.argv[1:]``);
+    returns the exit status instead of exiting."""
+    return call_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    raise SystemExit(cli())

@@ -43,7 +43,7 @@ from evaluations.metrics import feature_statistics
 from utils.checkpoint import atomic_write
 from utils.distributed import resolve_device
 from utils.cli import OneLineArgumentParser
-from utils.errors import UserError, run_cli
+from utils.errors import UserError, call_cli
 
 
 @dataclass(frozen=True)
@@ -179,5 +179,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return summary
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m evaluations.make_reference ARGV`` run in this process (argv None: ``sys.argv[1:]``);
+    returns the exit status instead of exiting."""
+    return call_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    raise SystemExit(cli())

@@ -3,10 +3,11 @@
     python -m scripts.demo --out demo_out            # full demo (about 12 minutes on 2 CPU cores)
     python -m scripts.demo --out /tmp/q --quick      # minutes: a smoke run of every stage (what CI runs)
 
-Stages 2–10 are the real entry points of this codebase, each run exactly as ``python -m`` runs it (the
-command is printed, what a user would type to run that stage alone); by default they run in the demo's
-own process through ``runpy``, which saves a fresh interpreter's ~6–7 s of start-up per stage, and with
-``--subprocess`` each in its own process. Every stage is skipped when its output already exists — so
+Stages 2–10 are the real entry points of this codebase. Each stage prints its command, what a user would
+type to run that stage alone, and by default runs it in the demo's own process by calling the module's
+``cli(argv)``, which does what ``python -m`` does with those arguments and returns the exit status; this
+saves a fresh interpreter's ~6–7 s of start-up per stage. ``--subprocess`` runs each stage as that command
+in its own process instead. Every stage is skipped when its output already exists — so
 re-running with the same ``--out`` resumes (the trainers themselves resume from their latest checkpoint
 with ``--resume auto``). ``stages.json`` records what each finished stage ran; resuming with other settings
 (another seed, an edited ``--config`` file, ``--quick`` or not) stops with what differs instead of mixing
@@ -38,17 +39,16 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
+import importlib
 import json
 import logging
 import math
 import os
-import runpy
 import shlex
 import shutil
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -123,10 +123,10 @@ QUICK = DemoSettings(
 def run(stage: str, args: list[str], log: Callable[[str], None], isolate: bool = False) -> None:
     """Run ``python -m <args>`` from the repo root; its progress bars go straight to the terminal.
 
-    By default the module runs in this process through ``runpy``, exactly as ``python -m`` runs it
-    (``__name__ == "__main__"``, ``sys.argv`` set): each stage then skips the ~6–7 s that a new Python
-    process spends importing torch and friends and loading on 2 CPU cores. ``isolate`` runs a child
-    process instead. Either way a failing stage stops the demo with a message saying how to resume.
+    By default the module's ``cli(args[1:])`` runs in this process: each stage then skips the ~6–7 s
+    that a new Python process spends importing torch and friends on 2 CPU cores. ``isolate`` runs the
+    command in a child process instead. Either way a failing stage stops the demo with a message saying
+    how to resume.
     """
     log(f"[{stage}] $ python -m {shlex.join(args)}")  # what to type to run this stage by hand
     start = time.perf_counter()
@@ -134,7 +134,7 @@ def run(stage: str, args: list[str], log: Callable[[str], None], isolate: bool =
         code = subprocess.run([sys.executable, "-m", *args], cwd=REPO_ROOT).returncode
     else:
         try:
-            code = _run_module_in_process(args)
+            code = _call_in_process(args[0], args[1:])
         except BaseException as error:
             log(f"[{stage}] failed ({type(error).__name__}); re-run the same command to resume")
             raise
@@ -143,31 +143,19 @@ def run(stage: str, args: list[str], log: Callable[[str], None], isolate: bool =
     log(f"[{stage}] done in {time.perf_counter() - start:.0f} s")
 
 
-def _run_module_in_process(args: list[str]) -> int:
-    """``python -m args[0] args[1:]`` in this process, from the repo root (like the child process of
-    ``isolate``: the configs are repo-relative); returns the exit code ``python`` would return.
+def _call_in_process(module: str, argv: list[str]) -> int:
+    """``module.cli(argv)`` from the repo root (as the child process of ``isolate`` runs: the configs are
+    repo-relative); returns its exit status.
 
     What a process exit would release is released here: log files the stage opened, unreachable
     objects, cached CUDA memory.
     """
-    saved_argv, saved_cwd = sys.argv, os.getcwd()
+    saved_cwd = os.getcwd()
     files_before = set(_file_handlers())
-    sys.argv = [args[0], *args[1:]]  # runpy replaces argv[0] with the module's file, as python -m does
     try:
         os.chdir(REPO_ROOT)
-        with warnings.catch_warnings():
-            # A stage module that another stage already imported (as a library) runs again as __main__,
-            # exactly what python -m would do in a fresh process; runpy's warning about it is noise here.
-            warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package",
-                                    category=RuntimeWarning)
-            runpy.run_module(args[0], run_name="__main__", alter_sys=True)
-    except SystemExit as exit_:
-        if exit_.code is None or isinstance(exit_.code, int):
-            return exit_.code or 0
-        print(exit_.code, file=sys.stderr)  # what the interpreter prints for SystemExit("message")
-        return 1
+        return importlib.import_module(module).cli(argv)
     finally:
-        sys.argv = saved_argv
         os.chdir(saved_cwd)
         for logger, handler in set(_file_handlers()) - files_before:
             logger.removeHandler(handler)
@@ -176,7 +164,6 @@ def _run_module_in_process(args: list[str]) -> int:
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return 0
 
 
 def _file_handlers() -> Iterator[tuple[logging.Logger, logging.FileHandler]]:

@@ -3,7 +3,8 @@
 ``run_module_cli`` executes the module's ``if __name__ == "__main__":`` block through ``runpy`` with
 ``sys.argv`` set, so what is tested is the command-line edge itself (``utils.errors.run_cli``), not
 ``main()`` called as a function. It returns the exit code and what went to stderr; a traceback in
-stderr means the entry point let a user's mistake escape as an exception.
+stderr means the entry point let a user's mistake escape as an exception. (Each entry point also offers
+``cli(argv) -> int``, which that block calls; ``tests/test_cli_errors.py`` checks the two agree.)
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from utils.distributed import resolve_device
-from utils.errors import UserError, run_cli
+from utils.errors import UserError, call_cli, run_cli
 
 
 def test_run_cli_turns_user_errors_into_exit_2_and_keeps_bugs(capsys):
@@ -23,6 +23,56 @@ def test_run_cli_turns_user_errors_into_exit_2_and_keeps_bugs(capsys):
 
     with pytest.raises(ZeroDivisionError):
         run_cli(bug)
+
+
+def test_call_cli_returns_the_status_python_would_exit_with(capsys):
+    def mistake(name):
+        raise UserError(f"{name} does not exist\nsecond line")
+
+    assert call_cli(mistake, "x") == 2
+    assert capsys.readouterr().err == "error: x does not exist; second line\n"
+    assert call_cli(lambda: None) == 0 and call_cli(lambda: 7) == 0  # main's return value is not a status
+    for code, status in ((None, 0), (0, 0), (3, 3)):
+        def leave(code=code):
+            raise SystemExit(code)
+
+        assert call_cli(leave) == status
+    assert capsys.readouterr().err == ""
+
+    def message():
+        raise SystemExit("stopped: reason")
+
+    assert call_cli(message) == 1 and capsys.readouterr().err == "stopped: reason\n"
+
+    def bug():
+        raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError):
+        call_cli(bug)
+
+
+ENTRY_POINTS = ("tokenizer.train", "tokenizer.reconstruct", "tokenizer.extract_codes", "autoregressive.train",
+                "autoregressive.sample", "autoregressive.layout", "autoregressive.sample_ddp",
+                "evaluations.evaluator", "evaluations.class_consistency", "evaluations.make_reference")
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_cli_function_is_what_python_dash_m_runs(module, capsys):
+    """``module.cli(argv)`` gives the status and the one line ``python -m module argv`` gives, and the module's
+    ``__main__`` block is that call."""
+    import importlib
+    from pathlib import Path
+
+    from tests.cli_testing import run_module_cli
+
+    imported = importlib.import_module(module)
+    assert Path(imported.__file__).read_text().endswith('if __name__ == "__main__":\n    raise SystemExit(cli())\n')
+    assert imported.cli(["--no-such-flag"]) == 2
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert len(line) == 1
+    assert run_module_cli(module, "--no-such-flag").error_line() == line[0]
+    assert imported.cli(["--help"]) == 0
+    assert f"usage: python -m {module}" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no GPU is visible")

@@ -115,7 +115,7 @@ def test_quality_statement_names_the_classes_the_judge_rejects() -> None:
 
 @pytest.mark.parametrize("isolate", [False, True], ids=["in-process", "subprocess"])
 def test_stage_runner_runs_a_module_like_python_dash_m(isolate: bool, capsys: pytest.CaptureFixture[str]) -> None:
-    """A stage's exit status is what ``python -m`` would give, in this process (runpy) or a child one."""
+    """A stage's exit status is what ``python -m`` would give, in this process (its ``cli()``) or a child one."""
     import sys
 
     from scripts.demo import run
@@ -135,19 +135,24 @@ def test_stage_runner_runs_a_module_like_python_dash_m(isolate: bool, capsys: py
 def test_in_process_stage_maps_exit_messages_and_errors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``SystemExit("message")`` is exit code 1 with the message on stderr (as the interpreter does); an
-    exception propagates with its traceback after a line saying how to resume; ``sys.argv`` is restored."""
+    """``SystemExit("message")`` is exit code 1 with the message on stderr (as the interpreter does); a user
+    mistake is exit code 2 with one line; an exception propagates with its traceback after a line saying how
+    to resume; ``sys.argv`` is left alone."""
     import logging
     import sys
 
     from scripts.demo import REPO_ROOT, run
 
-    (tmp_path / "stage_exit.py").write_text("import sys\nraise SystemExit('bad input: ' + sys.argv[1])\n")
-    (tmp_path / "stage_raise.py").write_text("raise ValueError('broken')\n")
+    cli = "from utils.errors import call_cli\ndef cli(argv=None):\n    return call_cli(main, argv)\n"
+    (tmp_path / "stage_exit.py").write_text(cli + "def main(argv):\n    raise SystemExit('bad input: ' + argv[0])\n")
+    (tmp_path / "stage_mistake.py").write_text(
+        cli + "from utils.errors import UserError\ndef main(argv):\n    raise UserError('no such ' + argv[0])\n"
+    )
+    (tmp_path / "stage_raise.py").write_text("def cli(argv=None):\n    raise ValueError('broken')\n")
     (tmp_path / "stage_ok.py").write_text(
-        "import logging, os, sys\nassert __name__ == '__main__' and sys.argv[1:] == ['x', 'y']\n"
-        "open(sys.argv[0] + '.cwd', 'w').write(os.getcwd())\n"
-        "logging.getLogger('stage_ok').addHandler(logging.FileHandler(sys.argv[0] + '.log'))\n"
+        cli + "import logging, os\ndef main(argv):\n    assert argv == ['x', 'y']\n"
+        "    open(__file__ + '.cwd', 'w').write(os.getcwd())\n"
+        "    logging.getLogger('stage_ok').addHandler(logging.FileHandler(__file__ + '.log'))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
@@ -161,10 +166,30 @@ def test_in_process_stage_maps_exit_messages_and_errors(
     with pytest.raises(SystemExit, match="exit code 1"):
         run("exit", ["stage_exit", "z"], logged.append)
     assert "bad input: z" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="exit code 2"):
+        run("mistake", ["stage_mistake", "file"], logged.append)
+    assert capsys.readouterr().err == "error: no such file\n"
     with pytest.raises(ValueError, match="broken"):
         run("raise", ["stage_raise"], logged.append)
     assert logged[-1] == "[raise] failed (ValueError); re-run the same command to resume"
     assert sys.argv == argv and Path.cwd() == tmp_path
+
+
+def test_demo_runs_no_module_through_runpy() -> None:
+    """The stages are plain calls of each entry point's ``cli()``; nothing re-executes a module as __main__."""
+    import importlib
+
+    import scripts.demo
+
+    source = Path(scripts.demo.__file__).read_text()
+    assert "runpy" not in source
+    # Every module a stage command names offers cli(); a stage's module is the first word after "python -m".
+    stage_modules = {"tokenizer.train", "tokenizer.reconstruct", "evaluations.evaluator", "tokenizer.extract_codes",
+                     "autoregressive.train", "autoregressive.sample", "autoregressive.layout",
+                     "autoregressive.sample_ddp", "evaluations.class_consistency"}
+    for name in stage_modules:
+        assert f'"{name}"' in source, name
+        assert callable(importlib.import_module(name).cli), name
 
 
 def test_stage_record_ignores_the_device_and_the_folder_and_hashes_configs(tmp_path: Path) -> None:

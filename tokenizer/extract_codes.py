@@ -61,7 +61,7 @@ from tokenizer.model import DARTokenizer
 from utils.checkpoint import CorruptFileError, atomic_write_text
 from utils.distributed import DistEnv, barrier, broadcast_object, cleanup_distributed, setup_distributed
 from utils.cli import OneLineArgumentParser, require_minimums
-from utils.errors import UserError, run_cli
+from utils.errors import UserError, call_cli
 from utils.run import create_logger
 from utils.training import Precision, autocast
 
@@ -343,5 +343,11 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     return manifest
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m tokenizer.extract_codes ARGV`` run in this process (argv None: ``sys.argv[1:]``);
+    returns the exit status instead of exiting."""
+    return call_cli(lambda: main(parse_args(argv)))
+
+
 if __name__ == "__main__":
-    run_cli(lambda: main(parse_args()))
+    raise SystemExit(cli())

@@ -47,7 +47,7 @@ from utils.checkpoint import atomic_write, atomic_write_text
 from utils.distributed import barrier, cleanup_distributed, setup_distributed
 from utils.images import save_grid, to_uint8
 from utils.cli import OneLineArgumentParser, require_minimums
-from utils.errors import UserError, run_cli
+from utils.errors import UserError, call_cli
 from utils.training import autocast
 
 
@@ -233,5 +233,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m tokenizer.reconstruct ARGV`` run in this process (argv None: ``sys.argv[1:]``);
+    returns the exit status instead of exiting."""
+    return call_cli(lambda: main(parse_args(argv)))
+
+
 if __name__ == "__main__":
-    run_cli(lambda: main(parse_args()))
+    raise SystemExit(cli())

@@ -69,7 +69,7 @@ from tokenizer.reconstruct import save_reconstruction_grid
 from utils.cli import OneLineArgumentParser
 from utils.config import ConfigError, dataclass_from_dict, dataclass_to_dict, keys_fit, load_yaml
 from utils.distributed import DistEnv, gradient_sync, resolve_device, run_then_cleanup, seed_everything, setup_distributed
-from utils.errors import run_cli
+from utils.errors import call_cli
 from utils.run import create_logger, start_log_file
 from utils.trainer import (
     RunContext,
@@ -576,5 +576,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TokenizerTrainConfig, Tok
     return cfg, TokenizerRunOptions(**run_options_from_args(args), weights=weights)
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m tokenizer.train ARGV`` run in this process (argv None: ``sys.argv[1:]``);
+    returns the exit status instead of exiting."""
+    return call_cli(lambda: main(*parse_args(argv)))
+
+
 if __name__ == "__main__":
-    run_cli(lambda: main(*parse_args()))
+    raise SystemExit(cli())
