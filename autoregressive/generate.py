@@ -16,8 +16,6 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-import sys
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
@@ -51,15 +49,6 @@ class CachedDecoder(Protocol):
     def check_codes(self, codes: torch.Tensor, name: str = "codes") -> None: ...
 
 
-def _caller_stacklevel() -> int:
-    """``stacklevel`` that points a warning raised by our caller at the first frame outside this
-    package and torch (whose decorators add frames), i.e. at the user's line."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("autoregressive", "torch"):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 @dataclass(frozen=True)
 class GuidanceSchedule:
     """Classifier-free guidance scale per generated position: constant, or linear start → end.
@@ -80,39 +69,19 @@ class GuidanceSchedule:
                 raise ValueError(f"guidance scales must be finite, got start={self.start}, end={self.end}")
 
     @classmethod
-    def parse(cls, text: str) -> "GuidanceSchedule":
-        """"4.0" → constant 4.0; "1.2,8.0" → linear from 1.2 to 8.0 (the official CLI syntax).
-
-        The command line's syntax: ``--cfg-scale`` uses it (``autoregressive.sample.cfg_scale_arg``).
-        Python callers pass a number or a (start, end) tuple instead.
-        """
-        parts = [p.strip() for p in str(text).split(",")]
-        try:
-            values = [float(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"guidance scale must be 'S' or 'START,END' numbers, got {text!r}") from None
-        if len(values) == 1:
-            return cls(values[0])
-        if len(values) == 2:
-            return cls(values[0], values[1])
-        raise ValueError(f"guidance scale must be 'S' or 'START,END', got {text!r}")
-
-    @classmethod
     def from_value(
         cls, value: "float | tuple[float, float] | Sequence[float] | GuidanceSchedule"
     ) -> "GuidanceSchedule":
         """Accept a schedule, a number, or a (start, end) pair.
 
-        A string ("1.2,8.0") still works but is deprecated: parsing is the command line's job, and a
-        string reaching a library call is usually an unparsed flag. The warning is a FutureWarning
-        so that it shows outside ``__main__`` too.
+        A string ("1.2,8.0") is a TypeError: parsing text is the command line's job
+        (``utils.cli.parse_guidance_scale``), and a string reaching a library call is an unparsed flag.
         """
         if isinstance(value, GuidanceSchedule):
             return value
         if isinstance(value, str):
-            warnings.warn(f"cfg_scale={value!r}: strings are deprecated; pass a float or a (start, end) tuple, "
-                          "e.g. cfg_scale=(1.2, 8.0)", FutureWarning, stacklevel=_caller_stacklevel())
-            return cls.parse(value)
+            raise TypeError(f"cfg_scale={value!r}: a string is not a guidance scale; pass a float or a (start, end) "
+                            "tuple, e.g. cfg_scale=(1.2, 8.0)")
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return cls(float(value))
         if (isinstance(value, (tuple, list)) and len(value) == 2
@@ -164,7 +133,7 @@ class SamplingOptions:
         # object.__setattr__: the dataclass is frozen; normalising here keeps every consumer simple.
         if isinstance(self.guidance, str):
             raise TypeError(f"guidance must be a float, a (start, end) tuple or a GuidanceSchedule, got "
-                            f"{self.guidance!r} (command-line text is parsed by GuidanceSchedule.parse)")
+                            f"{self.guidance!r} (command-line text is parsed by utils.cli.parse_guidance_scale)")
         try:
             object.__setattr__(self, "guidance", GuidanceSchedule.from_value(self.guidance))
         except TypeError:

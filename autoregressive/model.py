@@ -387,7 +387,7 @@ class GPT(nn.Module):
         """Sample codes (B, N) for labels (B,); N = block_size unless num_tokens is given.
 
         ``cfg_scale``: a number, (start, end) for a linear schedule, or a GuidanceSchedule (a string
-        such as "1.2,8.0" still works but is deprecated). ``options``: a :class:`SamplingOptions`
+        such as "1.2,8.0" is a TypeError). ``options``: a :class:`SamplingOptions`
         instead of ``cfg_scale``, ``temperature``, ``top_k`` and ``top_p``.
         Randomness (pick one): ``seeds`` (B,) or ``generators`` (one per sample) make each sample depend
         only on its own seed and label; ``generator`` draws all uniforms from one generator; with none

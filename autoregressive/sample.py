@@ -33,7 +33,9 @@ from autoregressive.stream import check_pair, image_seed, sample_images, stream
 from tokenizer.model import DARTokenizer
 from utils.checkpoint_kind import WrongModelError
 from utils.distributed import resolve_device
-from utils.cli import OneLineArgumentParser, non_negative_float, non_negative_int, positive_int, top_p_float
+from utils.cli import (
+    OneLineArgumentParser, guidance_scale, non_negative_float, non_negative_int, positive_int, top_p_float,
+)
 from utils.errors import UserError, call_cli
 from utils.images import make_grid, save_gif, save_grid, to_uint8
 from utils.training import autocast, default_precision
@@ -56,11 +58,8 @@ class FlagError(UserError, ValueError):
 
 
 def cfg_scale_arg(text: str) -> GuidanceSchedule:
-    """argparse ``type`` of ``--cfg-scale``: "S" or "START,END"."""
-    try:
-        return GuidanceSchedule.parse(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"{error} (e.g. 4.0 or 1.2,8.0)") from None
+    """argparse ``type`` of ``--cfg-scale``: "S" or "START,END" (:func:`utils.cli.guidance_scale`)."""
+    return GuidanceSchedule.from_value(guidance_scale(text))
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

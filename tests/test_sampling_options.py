@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import warnings
 
 import pytest
@@ -9,10 +10,11 @@ import torch
 
 from autoregressive import GuidanceSchedule, SamplingOptions, sample_images, stream
 from autoregressive.generate import draw_uniforms, generate_codes, iter_codes
-from autoregressive.sample import parse_args, sampling_options
+from autoregressive.sample import cfg_scale_arg, parse_args, sampling_options
 from tests.extraction_testing import make_tokenizer
 from tests.gpt_testing import random_gpt
 from tokenizer import DARTokenizer
+from utils.cli import guidance_scale, parse_guidance_scale
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +75,35 @@ def test_cfg_scale_of_a_wrong_type_is_a_type_error(model):
         model.generate(torch.tensor([1]), cfg_scale=None)
 
 
-def test_string_cfg_scale_still_works_but_warns(model):
-    """Strings were documented for generate/stream; they keep working for now, with a FutureWarning."""
-    labels, seeds = torch.tensor([1, 2]), [3, 4]
-    with pytest.warns(FutureWarning, match=r"pass a float or a \(start, end\) tuple") as caught:
-        codes = model.generate(labels, cfg_scale="1.5,3.0", seeds=seeds)
-    assert caught[0].filename == __file__  # points at the caller's line, not at library internals
-    assert torch.equal(codes, model.generate(labels, cfg_scale=(1.5, 3.0), seeds=seeds))
+def test_string_cfg_scale_is_a_type_error_naming_the_tuple_form(model):
+    """No library call parses text: a string (deprecated with a FutureWarning before) is refused."""
+    labels = torch.tensor([1, 2])
+    for call in (lambda: model.generate(labels, cfg_scale="1.5,3.0", seeds=[3, 4]),
+                 lambda: SamplingOptions.resolve(None, "4.0"),
+                 lambda: GuidanceSchedule.from_value("1.5,3.0")):
+        with pytest.raises(TypeError, match=r"a string is not a guidance scale; pass a float or a \(start, end\) "
+                                            r"tuple, e.g. cfg_scale=\(1.2, 8.0\)"):
+            call()
+    with pytest.raises(TypeError, match="parse_guidance_scale"):
+        SamplingOptions(guidance="1.5,3.0")
+    assert not hasattr(GuidanceSchedule, "parse")
+
+
+def test_guidance_text_is_parsed_at_the_command_line_edge():
+    """What GuidanceSchedule.parse did, now the CLI's: "S" or "START,END" numbers, finite."""
+    assert parse_guidance_scale("4.0") == 4.0
+    assert parse_guidance_scale(" 1.2, 8.0 ") == (1.2, 8.0)
+    assert cfg_scale_arg("4.0") == GuidanceSchedule(4.0)
+    assert cfg_scale_arg(" 1.2, 8.0 ") == GuidanceSchedule(1.2, 8.0)
+    for bad in ("", "a", "1,2,3", "1,"):
+        with pytest.raises(ValueError):
+            parse_guidance_scale(bad)
+        with pytest.raises(argparse.ArgumentTypeError, match="e.g. 4.0 or 1.2,8.0"):
+            guidance_scale(bad)
+    with pytest.raises(ValueError, match="finite"):
+        parse_guidance_scale("nan")
+    with pytest.raises(argparse.ArgumentTypeError, match="finite"):
+        cfg_scale_arg("inf,2")
 
 
 def test_stream_and_sample_images_take_options(tmp_path):

@@ -7,6 +7,7 @@ status 2 (:data:`utils.errors.USER_ERROR_EXIT_CODE`), not argparse's usage block
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -48,6 +49,32 @@ non_negative_int = checked_number(int, lambda v: v >= 0, ">= 0")
 non_negative_float = checked_number(float, lambda v: v >= 0, ">= 0")  # also refuses nan
 top_p_float = checked_number(float, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)")
 positive_float = checked_number(float, lambda v: v > 0 and v != float("inf"), "a finite number > 0")
+
+
+def parse_guidance_scale(text: str) -> float | tuple[float, float]:
+    """The command line's guidance syntax: "4.0" → 4.0 (constant), "1.2,8.0" → (1.2, 8.0) (linear from 1.2
+    to 8.0 over the generated codes, as the official sampler's flag writes it); ValueError otherwise.
+
+    Library calls take the number or the tuple; only the command-line edge reads text.
+    """
+    parts = [part.strip() for part in str(text).split(",")]
+    try:
+        values = [float(part) for part in parts]
+    except ValueError:
+        raise ValueError(f"guidance scale must be 'S' or 'START,END' numbers, got {text!r}") from None
+    if len(values) not in (1, 2):
+        raise ValueError(f"guidance scale must be 'S' or 'START,END', got {text!r}")
+    if not all(math.isfinite(value) for value in values):
+        raise ValueError(f"guidance scales must be finite, got {text!r}")
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
+def guidance_scale(text: str) -> float | tuple[float, float]:
+    """argparse ``type`` of ``--cfg-scale``: :func:`parse_guidance_scale`, its complaint as argparse's."""
+    try:
+        return parse_guidance_scale(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error} (e.g. 4.0 or 1.2,8.0)") from None
 
 
 def require_minimums(args: argparse.Namespace, least: dict[str, int],
