@@ -11,7 +11,9 @@
 # TOKENIZER_CKPT, CFG, SEED, NUM_SAMPLES, BATCH (per process), OUT (folder), FID_WEIGHTS (Inception
 # weights for the evaluator, e.g. "pytorch-fid" or a local .pth: needed for the Inception Score), and the torchrun
 # settings NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT. Runs from the repository
-# root; extra arguments go to `autoregressive.sample_ddp`.
+# root; extra arguments go to `autoregressive.sample_ddp`. With `--protocol official` among them the protocol
+# fixes the sampling settings (cfg 1.2,8.0, temperature 1, no top-k / top-p), so the launcher passes no
+# sampling flags of its own (a CFG you set is still passed on, and refused if it contradicts the protocol).
 # PYTHON picks the interpreter (default `python`; e.g. PYTHON=.venv/bin/python, no activation needed).
 set -euo pipefail
 
@@ -27,11 +29,26 @@ esac
 GPT_CKPT="${GPT_CKPT:-showlab/D-AR}"
 GPT_PRESET="${GPT_PRESET-$DEFAULT_PRESET}"
 TOKENIZER_CKPT="${TOKENIZER_CKPT:-showlab/D-AR}"
-CFG="${CFG:-$DEFAULT_CFG}"
 SEED="${SEED:-0}"
 NUM_SAMPLES="${NUM_SAMPLES:-50000}"
 BATCH="${BATCH:-64}"
-OUT="${OUT:-samples/D-AR-$MODEL-cfg$CFG-seed$SEED}"
+
+PROTOCOL=balanced
+previous=""
+for arg in "$@"; do
+  if [[ "$previous" == --protocol ]]; then PROTOCOL="$arg"; fi
+  if [[ "$arg" == --protocol=* ]]; then PROTOCOL="${arg#--protocol=}"; fi
+  previous="$arg"
+done
+SAMPLING_ARGS=()
+if [[ "$PROTOCOL" == official ]]; then
+  if [[ -n "${CFG:-}" ]]; then SAMPLING_ARGS=(--cfg-scale "$CFG"); fi
+  OUT="${OUT:-samples/D-AR-$MODEL-official-seed$SEED}"
+else
+  CFG="${CFG:-$DEFAULT_CFG}"
+  SAMPLING_ARGS=(--cfg-scale "$CFG" --temperature 1.0 --top-k 0 --top-p 1.0)
+  OUT="${OUT:-samples/D-AR-$MODEL-cfg$CFG-seed$SEED}"
+fi
 
 PRESET_ARGS=()
 if [[ -n "$GPT_PRESET" ]]; then PRESET_ARGS=(--gpt-preset "$GPT_PRESET"); fi
@@ -40,7 +57,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/_torchrun.sh"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 launch_torchrun autoregressive.sample_ddp \
   --gpt-ckpt "$GPT_CKPT" "${PRESET_ARGS[@]}" --tokenizer-ckpt "$TOKENIZER_CKPT" \
-  --cfg-scale "$CFG" --temperature 1.0 --top-k 0 --top-p 1.0 --seed "$SEED" \
+  "${SAMPLING_ARGS[@]}" --seed "$SEED" \
   --num-samples "$NUM_SAMPLES" --per-proc-batch-size "$BATCH" --out "$OUT" "$@"
 
 if [[ "${NODE_RANK:-0}" == 0 ]]; then

@@ -83,3 +83,60 @@ def test_launch_without_an_interpreter_says_how_to_name_one(tmp_path: Path) -> N
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
         assert str(missing) in lines[0] and "PYTHON=" in lines[0]
+
+
+def _fid_launcher_commands(tmp_path: Path, *args: str, **env: str) -> list[list[str]]:
+    """The argument lists ``scripts/sample_c2i_fid.sh`` hands its interpreter, recorded by a stand-in."""
+    tmp_path.mkdir(exist_ok=True)
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!{shutil.which('bash')}\nprintf '%s\\n' '---' \"$@\" >> {log}\n")
+    fake.chmod(0o755)
+    result = subprocess.run([shutil.which("bash"), str(REPO / "scripts" / "sample_c2i_fid.sh"), *args], cwd=tmp_path,
+                            env=_env(_bare_path(tmp_path), PYTHON=str(fake), REF_BATCH="ref.npz", NPROC_PER_NODE="1",
+                                     **env),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    calls, current = [], None
+    for line in log.read_text().splitlines():
+        if line == "---":
+            current = []
+            calls.append(current)
+        else:
+            current.append(line)
+    return calls
+
+
+def _sample_ddp_argv(call: list[str]) -> list[str]:
+    assert call[:2] == ["-m", "torch.distributed.run"] and "autoregressive.sample_ddp" in call, call
+    return call[call.index("autoregressive.sample_ddp") + 1:]
+
+
+SAMPLING_FLAGS = ("--cfg-scale", "--temperature", "--top-k", "--top-p")
+
+
+@pytest.mark.parametrize("protocol", [["--protocol", "official"], ["--protocol=official"]])
+def test_fid_launcher_leaves_the_official_protocol_its_own_sampling_settings(tmp_path: Path, protocol) -> None:
+    from autoregressive.sample_ddp import OFFICIAL_FLAGS, apply_protocol, parse_args
+
+    sample, evaluate = _fid_launcher_commands(tmp_path / "default", "L", *protocol)
+    argv = _sample_ddp_argv(sample)
+    assert not set(SAMPLING_FLAGS) & set(argv), argv
+    args = parse_args(argv)
+    apply_protocol(args)  # the old launcher's --cfg-scale 1.1,8.0 made this refuse the run
+    assert args.cfg_scale == OFFICIAL_FLAGS["cfg_scale"][0] and args.out == "samples/D-AR-L-official-seed0"
+    assert evaluate[:3] == ["-m", "evaluations.evaluator", "ref.npz"]
+
+    # A CFG the user sets is passed on, for sample_ddp to judge against the protocol.
+    argv = _sample_ddp_argv(_fid_launcher_commands(tmp_path / "cfg", "L", *protocol, CFG="1.2,8.0")[0])
+    assert argv[argv.index("--cfg-scale") + 1] == "1.2,8.0" and "--temperature" not in argv
+
+
+def test_fid_launcher_passes_the_paper_settings_under_the_balanced_protocol(tmp_path: Path) -> None:
+    from autoregressive.sample_ddp import parse_args
+
+    argv = _sample_ddp_argv(_fid_launcher_commands(tmp_path, "XL")[0])
+    for flag, value in zip(SAMPLING_FLAGS, ("1.1,10.0", "1.0", "0", "1.0")):
+        assert argv[argv.index(flag) + 1] == value, (flag, argv)
+    args = parse_args(argv)
+    assert args.protocol == "balanced" and args.out == "samples/D-AR-XL-cfg1.1,10.0-seed0"
