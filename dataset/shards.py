@@ -21,7 +21,8 @@ Index
     The index is cached as ``.dar-shard-index-<hash of the shard paths>.npz`` (plain arrays, loaded
     without pickle) in ``index_dir``, else ``$DAR_SHARD_INDEX_DIR``, else the folder of the first shard
     when it is writable, else ``~/.cache/dar/shard_index``. It records every shard's size and mtime and
-    is rebuilt when one differs. Under ``torchrun`` the process with ``LOCAL_RANK`` 0 on each node builds
+    is rebuilt when one differs. Writing a new index removes the folder's indexes that can never be used
+    again: an older index format, or shards of which one is gone or has changed since. Under ``torchrun`` the process with ``LOCAL_RANK`` 0 on each node builds
     (or checks) it and writes it atomically while the other ranks wait at a barrier, then read it.
 """
 
@@ -322,6 +323,52 @@ def index_cache_path(shards: Sequence[Path], index_dir: str | os.PathLike | None
     return cache / "dar" / "shard_index" / name
 
 
+def _is_stale(path: Path) -> bool:
+    """Whether the cached index ``path`` can never load again: another format, or a shard it was built from
+    has another size or mtime, or is gone from a folder that is still there. (A shard whose whole folder
+    is missing may sit on a file system this machine does not mount while another one shares the cache.)"""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+    except (OSError, ValueError, KeyError, EOFError):
+        return False  # not ours to judge: whoever uses it next rebuilds it
+    if not isinstance(meta, dict) or meta.get("version") != INDEX_VERSION:
+        return True
+    try:
+        for shard, size, mtime_ns in meta["shards"]:
+            shard = Path(shard)
+            if not shard.parent.is_dir():
+                return False
+            if not shard.is_file():
+                return True
+            stat = shard.stat()
+            if [stat.st_size, stat.st_mtime_ns] != [size, mtime_ns]:
+                return True
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+    return False
+
+
+def remove_stale_indexes(folder: Path, keep: Path) -> list[Path]:
+    """Delete the shard indexes in ``folder`` (other than ``keep``) that can never load again; returns them.
+
+    Without this, every change to a dataset's list of shards (one added, one moved) left its old index
+    behind for good. Indexes of other shard lists that are still valid are kept: another run may use them.
+    """
+    removed = []
+    for path in sorted(folder.glob(".dar-shard-index-*.npz")):
+        if path == keep or not _is_stale(path):
+            continue
+        try:
+            path.unlink()
+        except OSError:  # already gone (another node), or not ours to delete
+            continue
+        removed.append(path)
+    if removed:
+        logger.info("removed %d stale shard index(es) from %s", len(removed), folder)
+    return removed
+
+
 def load_shard_index(shards: Sequence[Path], index_dir: str | os.PathLike | None = None) -> ShardIndex:
     """The index of ``shards``: built or checked by local rank 0, shared with the node's other ranks.
 
@@ -346,6 +393,8 @@ def load_shard_index(shards: Sequence[Path], index_dir: str | os.PathLike | None
             except OSError as write_error:
                 logger.warning("cannot write the shard index %s (%s); set %s to a writable folder to share it",
                                cache, write_error, INDEX_ENV)
+            else:
+                remove_stale_indexes(cache.parent, keep=cache)
     except Exception as exc:  # re-raised below, once the other ranks are released from the barrier
         error = exc
     barrier()

@@ -184,6 +184,46 @@ def test_the_index_file_is_written_once_reused_and_rebuilt_when_a_shard_changes(
     assert (tmp_path / "arg_cache" / cache.name).is_file()
 
 
+def test_writing_an_index_removes_the_ones_that_can_never_load_again(assets: dict[str, Path], tmp_path: Path) -> None:
+    """Each new list of shards gets a new index file; the old ones of lists that no longer exist used to stay."""
+    a, b, c = pack_shards(assets["images"], tmp_path / "shards", per_shard=5)
+    cache_dir = tmp_path / "cache"
+
+    def index(*paths: Path) -> Path:
+        shards.load_shard_index(list(paths), cache_dir)
+        return index_cache_path(list(paths), cache_dir)
+
+    only_a, a_and_b = index(a), index(a, b)
+    unrelated = cache_dir / "notes.txt"
+    unrelated.write_text("not an index")
+    old_format = cache_dir / ".dar-shard-index-0123456789abcdef.npz"
+    with np.load(only_a, allow_pickle=False) as data:
+        meta = json.loads(str(data["meta"]))
+    np.savez(old_format, meta=np.array(json.dumps({**meta, "version": shards.INDEX_VERSION - 1})))
+    unreadable = cache_dir / ".dar-shard-index-fedcba9876543210.npz"
+    unreadable.write_bytes(b"garbage")
+    elsewhere = tmp_path / "unmounted" / "x.tar"  # its folder is missing: maybe another machine's mount
+    off_machine = cache_dir / ".dar-shard-index-00000000000000ff.npz"
+    np.savez(off_machine, meta=np.array(json.dumps({"version": shards.INDEX_VERSION,
+                                                    "shards": [[str(elsewhere), 1, 1]]})))
+    # Still valid indexes of other lists stay: another run may use them.
+    assert {only_a, a_and_b} <= set(cache_dir.iterdir())
+    assert shards.remove_stale_indexes(cache_dir, keep=a_and_b) == [old_format]  # another format: never loads
+    assert not old_format.exists() and {only_a, a_and_b, unreadable, off_machine, unrelated} <= set(cache_dir.iterdir())
+
+    b.unlink()  # a shard gone from its folder: the index of (a, b) can never load again
+    a_and_c = index(a, c)
+    assert not a_and_b.exists() and only_a.exists() and a_and_c.exists()
+    with tarfile.open(a, "w") as tar:  # a rewritten shard: every index built from it is stale
+        tar.add(assets["images"] / "c0" / "img_000.png", arcname="only.png")
+    only_c = index(c)
+    assert sorted(cache_dir.iterdir()) == sorted([only_c, unreadable, off_machine, unrelated])
+    # Only writing a new index cleans: loading a valid one touches nothing else.
+    stamp = only_c.stat().st_mtime_ns
+    index(c)
+    assert only_c.stat().st_mtime_ns == stamp
+
+
 def test_other_local_ranks_wait_for_rank0_and_read_its_index(
     assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
