@@ -48,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from autoregressive import sample_draws
 from autoregressive.config import GPT_PRESETS, GPTConfig
 from autoregressive.model import GPT, TransformerBlock, build_gpt
 from autoregressive.stream import image_seed, sample_images
@@ -510,6 +511,7 @@ def build_model(cfg: ARTrainConfig, env: DistEnv, logger: Any) -> tuple[GPT, nn.
     seed_everything(t.seed)  # identical initialisation on every rank
     model = GPT(cfg.model, activation_checkpointing=t.activation_checkpointing).to(env.device)
     ema = create_ema(model) if t.optim.ema_decay > 0 else None
+    sample_draws.install(model)  # per-sample dropout draws: the same at any world size
     logger.info(f"GPT: {model.num_params() / 1e6:.1f}M parameters; EMA {'%g' % t.optim.ema_decay if ema else 'off'}")
     if t.fsdp:
         model = shard_model(model)
@@ -554,12 +556,13 @@ def _train(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
 
     # -- data (the schedule depends on the dataset size) ----------------------------------------
     dataset, source, collate, tokenizer = build_data(t, cfg.model, env)
-    sampler = ResumableDistributedSampler(len(dataset), env.world_size, env.rank, seed=t.seed, shuffle=True,
-                                          drop_last=True)
-    steps_per_epoch = sampler.num_samples // (batch_size * t.grad_accum_steps)
-    if steps_per_epoch == 0:
+    if len(dataset) < t.global_batch_size:
         raise ConfigError(f"{len(dataset)} samples give no full batch of {t.global_batch_size}; pass a smaller "
                           "--global-batch-size")
+    # Global batches cut from one permutation per epoch: the same samples per step at any world size.
+    sampler = ResumableDistributedSampler(len(dataset), env.world_size, env.rank, seed=t.seed, shuffle=True,
+                                          drop_last=True, global_batch_size=t.global_batch_size)
+    steps_per_epoch = sampler.num_samples // (batch_size * t.grad_accum_steps)  # whole global batches
     create_run_folder(run, manager, env, resume_path)
     logger = create_logger("autoregressive.train", run.root if env.is_main else None, env.is_main)
     log_code_views(dataset, logger)
@@ -582,7 +585,9 @@ def _train(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
         track_bad_files(state, ctx, t.data.data_path)
 
     # -- resume, loop, export ------------------------------------------------------------------
-    seed_everything(t.seed * env.world_size + env.rank)  # per-rank dropout / label-dropout streams
+    # Dropout and label dropout draw per sample (autoregressive.sample_draws), not from these streams;
+    # one seed on every rank keeps whatever else might draw independent of the rank too.
+    seed_everything(t.seed)
     if resume_path is not None:
         resume(state, ctx, resume_path)
     ctx.wandb = WandbLogger(opts.wandb, env, opts.wandb_project, run.root.name, cfg)
@@ -606,8 +611,10 @@ def train_step(source: CodeSource, t: ARTrainSettings, ctx: RunContext, state: T
     records: list[dict[str, torch.Tensor]] = []
     items = 0
     while len(records) < t.grad_accum_steps:
-        codes, labels = source(next_batch(state, ctx, _batch_size))  # (B, N), (B,)
-        with gradient_sync(state.trained, len(records) == t.grad_accum_steps - 1):
+        batch = next_batch(state, ctx, _batch_size)
+        codes, labels = source(batch)  # (B, N), (B,)
+        with gradient_sync(state.trained, len(records) == t.grad_accum_steps - 1), \
+                sample_draws.keys_of(state.model).use(draw_keys(batch, state.loader, t.seed, ctx.env.device)):
             with autocast(ctx.env.device, t.precision):
                 logits = state.trained(codes, labels)  # (B, N, V)
             loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
@@ -618,6 +625,18 @@ def train_step(source: CodeSource, t: ARTrainSettings, ctx: RunContext, state: T
     terms = reduce_micro_batches(records)
     applied = apply_update(state, [terms["loss"], grad_norm])
     return StepResult(terms=terms, grad_norm=grad_norm, lr=lr, items=items, applied=applied)
+
+
+def draw_keys(batch: Any, loader: InfiniteLoader, seed: int, device: torch.device) -> torch.Tensor:
+    """(B,) keys of the batch just fetched: its samples' random draws follow them to any rank.
+
+    Codes: the samples' places in the epoch's global order; images (bad files dropped): their dataset indices.
+    """
+    if isinstance(batch, ImageBatch):
+        return sample_draws.sample_keys(seed ^ 0x1A5E, loader.epoch, batch.indices).to(device)
+    rows = batch[1].shape[0]
+    start = loader.consumed_in_epoch // loader.world_size - rows  # this rank's position before the batch
+    return sample_draws.sample_keys(seed, loader.epoch, loader.sampler.global_positions(start, rows)).to(device)
 
 
 def checkpoint_aliases(model_config: GPTConfig, state: TrainState) -> dict[str, Any]:
