@@ -580,7 +580,7 @@ def _train(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
     ctx = RunContext(env=env, run=run, manager=manager, logger=logger, config=cfg, max_steps=t.max_steps,
                      last_step=last_step, log_every=t.log_every, ckpt_every=t.ckpt_every,
                      steps_per_epoch=steps_per_epoch, global_batch_size=t.global_batch_size,
-                     aliases=partial(checkpoint_aliases, cfg.model))
+                     aliases=partial(checkpoint_aliases, cfg.model), sharded_checkpoints=t.fsdp, elastic=True)
     if tokenizer is not None and t.data.data_path is not None:  # images encoded on the fly
         track_bad_files(state, ctx, t.data.data_path)
 

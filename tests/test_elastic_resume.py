@@ -1,0 +1,135 @@
+"""Checkpoints that resume anywhere: elastic DDP resume, sharded (DCP) FSDP checkpoints, their export.
+
+Each global step trains on the same samples with the same per-sample random draws at any world size,
+so a run stopped on 2 ranks and continued on 1 (or the reverse) logs the losses of an uninterrupted
+run, up to float summation order.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from autoregressive import GPT
+from autoregressive.export_checkpoint import main as export_main
+from autoregressive.export_checkpoint import parse_args as export_args
+from autoregressive.train import main, parse_args
+from dataset.codes import write_manifest, write_shard
+from tests.extraction_testing import REPO, run_module
+from utils.checkpoint import CheckpointManager, follow_pointer
+from utils.errors import UserError
+from utils.run import read_metrics
+from utils.training import resolve_resume
+
+TINY = str(REPO / "configs" / "ar" / "tiny.yaml")
+# 30 rows at global batch 8: 3 steps per epoch (6 rows dropped per epoch); step 4 is mid-epoch.
+STEPS = ["--max-steps", "8", "--keep-last", "10"]
+
+
+@pytest.fixture(scope="module")
+def codes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30 rows of 2 views of 16 codes over 10 classes (the tiny GPT's shapes), with some structure to learn."""
+    root = tmp_path_factory.mktemp("codes")
+    rng = np.random.default_rng(0)
+    labels = np.arange(30) % 10
+    rows = (labels[:, None, None] * 6 + rng.integers(0, 4, size=(30, 2, 16))) % 64
+    write_shard(root, 0, rows, labels, np.arange(30), vocab_size=64)
+    write_manifest(root, seq_len=16, vocab_size=64, num_augs=2)
+    return root
+
+
+def args(codes: Path, results: Path, *extra: str) -> list[str]:
+    return ["--config", TINY, "--code-path", str(codes), "--results-dir", str(results), "--device", "cpu",
+            *STEPS, *extra]
+
+
+def losses(results: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(results / "metrics.jsonl")]
+
+
+def assert_same_losses(ours: Path, reference: Path, rel: float) -> None:
+    a, b = losses(ours), losses(reference)
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 9))
+    assert [x for _, x in a] == pytest.approx([x for _, x in b], rel=rel)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return GPT.from_pretrained(path).state_dict()
+
+
+@pytest.mark.slow
+def test_elastic_resume_two_to_one_and_one_to_two_ranks(codes: Path, tmp_path: Path) -> None:
+    whole = tmp_path / "whole"
+    run_module("autoregressive.train", args(codes, whole, "--ckpt-every", "100"), nproc=2)
+    # 2 ranks → 1 rank.
+    cut = tmp_path / "two_to_one"
+    run_module("autoregressive.train", args(codes, cut, "--stop-after-step", "4"), nproc=2)
+    main(*parse_args(args(codes, cut, "--resume", "auto")))
+    assert_same_losses(cut, whole, rel=1e-5)
+    # 1 rank → 2 ranks.
+    cut = tmp_path / "one_to_two"
+    main(*parse_args(args(codes, cut, "--stop-after-step", "4")))
+    run_module("autoregressive.train", args(codes, cut, "--resume", "auto"), nproc=2)
+    assert_same_losses(cut, whole, rel=1e-5)
+    for key, value in weights(whole / "final").items():
+        torch.testing.assert_close(weights(cut / "final")[key], value, rtol=1e-4, atol=1e-6)
+    # A different global batch cannot continue the same data order: refused before training.
+    with pytest.raises(UserError, match="--global-batch-size 8"):
+        main(*parse_args(args(codes, cut, "--resume", "auto", "--global-batch-size", "4")))
+
+
+@pytest.mark.slow
+def test_fsdp_writes_sharded_checkpoints_that_resume_and_export(codes: Path, tmp_path: Path) -> None:
+    whole = tmp_path / "whole"
+    run_module("autoregressive.train", args(codes, whole, "--fsdp", "--ckpt-every", "4"), nproc=2)
+    manager = CheckpointManager(whole / "checkpoints")
+    assert [p.name for p in manager.all_steps()] == ["step_0000004", "step_0000008"]
+    assert all(p.is_dir() for p in manager.all_steps()) and not list(manager.directory.glob("*.pt"))
+    assert follow_pointer(whole / "checkpoints" / "latest") == manager.sharded_path_for(8)
+    # A run killed during step 6: the step-4 checkpoint, metrics up to a torn line, a half-written folder.
+    cut = tmp_path / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copytree(manager.sharded_path_for(4), cut / "checkpoints" / "step_0000004")
+    (cut / "checkpoints" / ".step_0000006.tmp").mkdir()
+    lines = (whole / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (cut / "metrics.jsonl").write_text("".join(lines[:4]) + '{"step": 5, "lo')
+    run_module("autoregressive.train", args(codes, cut, "--fsdp", "--ckpt-every", "4", "--resume", "auto"), nproc=2)
+    assert_same_losses(cut, whole, rel=1e-6)
+    assert not (cut / "checkpoints" / ".step_0000006.tmp").exists()
+    # The same checkpoint resumes without FSDP on one process (DCP reshards the tensors on load).
+    single = tmp_path / "single"
+    (single / "checkpoints").mkdir(parents=True)
+    shutil.copytree(manager.sharded_path_for(4), single / "checkpoints" / "step_0000004")
+    (single / "metrics.jsonl").write_text("".join(lines[:4]))
+    main(*parse_args(args(codes, single, "--resume", "auto")))
+    assert_same_losses(single, whole, rel=1e-5)
+    # Export: the sharded step-8 checkpoint becomes what GPT.from_pretrained reads, equal to final/ (the EMA)
+    # and, with --raw, to final_raw/.
+    for flag, folder in (("", "final"), ("--raw", "final_raw")):
+        out = tmp_path / f"export{flag}"
+        export_main(export_args([str(whole / "checkpoints" / "latest"), str(out), *([flag] if flag else [])]))
+        expected = weights(whole / folder)
+        for key, value in weights(out).items():
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+
+
+def test_checkpoint_manager_treats_sharded_folders_like_files(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    (tmp_path / "step_0000002.pt").write_bytes(b"x")
+    for step in (3, 5):
+        temporary = manager.temporary_folder_for(step)
+        temporary.mkdir()
+        (temporary / "train_state.pt").write_bytes(b"x")
+        manager.commit(temporary, step)
+    manager.temporary_folder_for(7).mkdir()  # a write killed before its rename: not a checkpoint
+    (tmp_path / "step_0000009").mkdir()  # no extras file: not one either
+    assert [p.name for p in manager.all_steps()] == ["step_0000003", "step_0000005"]  # step 2 pruned
+    assert manager.latest() == manager.sharded_path_for(5)
+    assert resolve_resume("auto", manager) == str(manager.sharded_path_for(5))
+    assert resolve_resume(str(tmp_path / "latest"), manager) == str(manager.sharded_path_for(5))
+    assert manager.sweep() == [manager.temporary_folder_for(7)]
+    assert not manager.temporary_folder_for(7).exists()
