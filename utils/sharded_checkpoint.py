@@ -19,6 +19,7 @@ module's full weights in a single process without a process group (the export co
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from utils.checkpoint import SHARDED_META, CheckpointManager, is_sharded_checkpoint, safe_torch_load
-from utils.distributed import DistEnv, all_gather_object, barrier
+from utils.distributed import DistEnv, all_gather_object, barrier, is_initialized
 from utils.errors import UserError
 from utils.run import capture_rng_state, restore_rng_state
 
@@ -51,6 +52,16 @@ def _tensor_state(modules: dict[str, nn.Module], optimizers: Optimizers) -> dict
         # Creates empty optimizer states first where none exist yet, so that a load has slots to fill.
         "optimizers": {name: get_optimizer_state_dict(model, opt) for name, (model, opt) in optimizers.items()},
     }
+
+
+def _load(state: dict[str, Any], path: Path) -> None:
+    """``dcp.load``; in one process without a group it reads every shard itself (torch warns that it does)."""
+    if is_initialized():
+        dcp.load(state, checkpoint_id=path)
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=True)
 
 
 def save_sharded_checkpoint(manager: CheckpointManager, env: DistEnv, step: int, config: dict[str, Any],
@@ -101,7 +112,7 @@ def load_sharded_checkpoint(path: str | Path, env: DistEnv, modules: dict[str, n
             raise UserError(f"{path} has no state for {kind}(s) {missing}: it was written with another recipe "
                             "(e.g. without EMA); resume with the recipe that wrote it")
     state = _tensor_state(modules, optimizers)
-    dcp.load(state, checkpoint_id=Path(path))
+    _load(state, Path(path))
     for name, module in modules.items():
         set_model_state_dict(module, state["modules"][name])
     for name, (model, optimizer) in optimizers.items():
@@ -120,5 +131,5 @@ def load_module_weights(path: str | Path, name: str, template: dict[str, torch.T
     if name not in meta["modules"]:
         raise UserError(f"{path} holds no {name!r} weights (it holds {', '.join(meta['modules'])})")
     state = {"modules": {name: {key: torch.empty_like(value) for key, value in template.items()}}}
-    dcp.load(state, checkpoint_id=Path(path), no_dist=True)
+    _load(state, Path(path))
     return state["modules"][name]
