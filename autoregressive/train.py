@@ -50,6 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from autoregressive import sample_draws
 from autoregressive.config import GPT_PRESETS, GPTConfig
+from autoregressive.loading import GPTLoadError, read_gpt_checkpoint
 from autoregressive.model import GPT, TransformerBlock, build_gpt
 from autoregressive.stream import image_seed, sample_images
 from dataset.codes import MANIFEST, CodeDataset
@@ -58,10 +59,11 @@ from dataset.shards import open_images, require_data_path
 from dataset.sampler import ResumableDistributedSampler
 from tokenizer.config import TOKENIZER_PRESETS, TokenizerConfig
 from tokenizer.model import DARTokenizer
+from utils.checkpoint import follow_pointer
 from utils.cli import OneLineArgumentParser
 from utils.config import ConfigError, dataclass_from_dict, dataclass_to_dict, keys_fit, load_yaml
 from utils.distributed import DistEnv, gradient_sync, resolve_device, run_then_cleanup, seed_everything, setup_distributed
-from utils.errors import PathNotFoundError, require_path, run_cli
+from utils.errors import PathNotFoundError, UserError, require_path, run_cli
 from utils.images import save_grid, to_uint8
 from utils.run import create_logger
 from utils.trainer import (
@@ -166,6 +168,9 @@ class ARTrainSettings:
     # compute for far fewer stored activations; the trained network is the same.
     activation_checkpointing: bool = False
     compile: bool = False
+    # Fine-tune: start from these GPT weights (official file, our checkpoint / folder / final/, hub id),
+    # their EMA when they keep one; weights only, ignored when resuming.
+    init_from: str | None = None
     data: ARDataConfig = field(default_factory=ARDataConfig)
     sample: ARSampleConfig = field(default_factory=ARSampleConfig)
 
@@ -233,6 +238,7 @@ def apply_overrides(cfg: ARTrainConfig, args: argparse.Namespace) -> ARTrainConf
         ("max_steps", args.max_steps), ("global_batch_size", args.global_batch_size), ("epochs", args.epochs),
         ("grad_accum_steps", args.grad_accum_steps),
         ("log_every", args.log_every), ("ckpt_every", args.ckpt_every), ("seed", args.seed),
+        ("init_from", args.init_from),
     ) if v is not None}
     if args.precision != "auto":
         train_changes["precision"] = args.precision
@@ -488,6 +494,7 @@ def check_run_settings(cfg: ARTrainConfig, env: DistEnv) -> tuple[ARTrainConfig,
     """Every setting and input checked; (config with the resolved precision, per-rank micro-batch size)."""
     check_settings(cfg.train)
     check_inputs(cfg.train.data)
+    check_weights_source(cfg.train.init_from, "--init-from")
     t = cfg.train
     t = replace(t, precision=default_precision(env.device) if t.precision == "auto" else t.precision)
     if t.global_batch_size % (env.world_size * t.grad_accum_steps):
@@ -505,11 +512,41 @@ def log_code_views(dataset: Any, logger: Any) -> None:
                     "ten-crop codes (tokenizer.extract_codes --ten-crop)")
 
 
-def build_model(cfg: ARTrainConfig, env: DistEnv, logger: Any) -> tuple[GPT, nn.Module | None, nn.Module]:
+def init_weights(cfg: ARTrainConfig, resume_path: str | None) -> dict[str, torch.Tensor] | None:
+    """``--init-from``: the source's weights (its EMA when it keeps one) checked against the recipe's
+    model; None without the flag or when resuming (the checkpoint holds the weights)."""
+    source = cfg.train.init_from
+    if source is None or resume_path is not None:
+        return None
+    # An official file without a stored config (renamed, say) is read with the recipe's preset.
+    preset = next((name for name, preset in GPT_PRESETS.items() if preset == cfg.model), None)
+    local = Path(source).expanduser()
+    ema = local.exists() and follow_pointer(local).suffix == ".pt"  # training checkpoints: their EMA if kept
+    try:
+        try:
+            state, _ = read_gpt_checkpoint(source, ema=ema)
+        except GPTLoadError as error:
+            if preset is None or "does not store a GPT config" not in error.template:
+                raise
+            state, _ = read_gpt_checkpoint(source, preset=preset, ema=ema)
+        return build_gpt(cfg.model, state).state_dict()
+    except GPTLoadError as error:
+        flags = {"preset": "a recipe whose model is a preset", "filename": "the file's own path", "ema": "EMA"}
+        raise UserError(f"--init-from {source}: {error.for_flags(flags)}") from None
+    except UserError as error:
+        detail = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise UserError(f"--init-from {source}: {detail}; pass GPT weights that fit the recipe's model") from None
+
+
+def build_model(cfg: ARTrainConfig, env: DistEnv, logger: Any,
+                init_state: dict[str, torch.Tensor] | None = None) -> tuple[GPT, nn.Module | None, nn.Module]:
     """(GPT, its EMA or None, the module the step calls); sharded with FSDP2 or wrapped in DDP."""
     t = cfg.train
     seed_everything(t.seed)  # identical initialisation on every rank
     model = GPT(cfg.model, activation_checkpointing=t.activation_checkpointing).to(env.device)
+    if init_state is not None:
+        model.load_state_dict(init_state, strict=True)
+        logger.info(f"initialised from {t.init_from}")
     ema = create_ema(model) if t.optim.ema_decay > 0 else None
     sample_draws.install(model)  # per-sample dropout draws: the same at any world size
     logger.info(f"GPT: {model.num_params() / 1e6:.1f}M parameters; EMA {'%g' % t.optim.ema_decay if ema else 'off'}")
@@ -553,6 +590,7 @@ def _train(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
     cfg, batch_size = check_run_settings(cfg, env)  # every input is checked before the run folder is created
     run, manager, resume_path = open_run(opts, env)
     t = cfg.train
+    init_state = init_weights(cfg, resume_path)
 
     # -- data (the schedule depends on the dataset size) ----------------------------------------
     dataset, source, collate, tokenizer = build_data(t, cfg.model, env)
@@ -575,7 +613,7 @@ def _train(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
                 f"batch {t.global_batch_size} over {env.world_size} rank(s), {t.precision} on {env.device}")
 
     # -- model, objective (next-code cross-entropy, in train_step), state -----------------------
-    state = build_state(cfg, env, build_model(cfg, env, logger), loader)
+    state = build_state(cfg, env, build_model(cfg, env, logger, init_state), loader)
     last_step = t.max_steps if opts.stop_after_step is None else min(t.max_steps, opts.stop_after_step)
     ctx = RunContext(env=env, run=run, manager=manager, logger=logger, config=cfg, max_steps=t.max_steps,
                      last_step=last_step, log_every=t.log_every, ckpt_every=t.ckpt_every,
@@ -680,6 +718,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ARTrainConfig, RunOptions
     parser.add_argument("--gpt-model", default=None, choices=sorted(GPT_PRESETS),
                         help="replace the recipe's model by this preset (LlamaGen's flag; --set model.KEY=... adjusts it)")
     parser.add_argument("--epochs", type=int, default=None, help="override train.epochs (when max-steps is unset)")
+    parser.add_argument("--init-from", default=None,
+                        help="fine-tune from these GPT weights (official file, checkpoint, folder or hub id; ignored "
+                             "when resuming)")
     parser.add_argument("--ema-decay", type=float, default=None, help="EMA decay (0 disables; paper option 0.9999)")
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP (XL/XXL)")
     parser.add_argument("--sample-every", type=int, default=None,

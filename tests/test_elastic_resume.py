@@ -1,4 +1,4 @@
-"""Checkpoints that resume anywhere: elastic DDP resume, sharded (DCP) FSDP checkpoints, their export.
+"""Checkpoints that resume anywhere: elastic DDP resume, sharded (DCP) FSDP checkpoints, their export, --init-from.
 
 Each global step trains on the same samples with the same per-sample random draws at any world size,
 so a run stopped on 2 ranks and continued on 1 (or the reverse) logs the losses of an uninterrupted
@@ -20,6 +20,7 @@ from autoregressive.export_checkpoint import parse_args as export_args
 from autoregressive.train import main, parse_args
 from dataset.codes import write_manifest, write_shard
 from tests.extraction_testing import REPO, run_module
+from tests.gpt_testing import random_gpt
 from utils.checkpoint import CheckpointManager, follow_pointer
 from utils.errors import UserError
 from utils.run import read_metrics
@@ -133,3 +134,30 @@ def test_checkpoint_manager_treats_sharded_folders_like_files(tmp_path: Path) ->
     assert resolve_resume(str(tmp_path / "latest"), manager) == str(manager.sharded_path_for(5))
     assert manager.sweep() == [manager.temporary_folder_for(7)]
     assert not manager.temporary_folder_for(7).exists()
+
+
+def test_init_from_starts_fine_tuning_from_the_given_weights(codes: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    random_gpt(seed=5).save_pretrained(tmp_path / "source")  # every weight random: unlike a fresh init
+    # No optimizer step: the weights (and so the EMA) stay exactly where --init-from put them.
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, closure=None: None)
+    fine = ["--max-steps", "2", "--ckpt-every", "100"]
+    main(*parse_args(args(codes, tmp_path / "run", *fine, "--init-from", str(tmp_path / "source"))))
+    expected = weights(tmp_path / "source")
+    for folder in ("final", "final_raw"):
+        for key, value in weights(tmp_path / "run" / folder).items():
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+    # A training checkpoint of ours works too (its EMA); when resuming, the checkpoint's weights win.
+    out = tmp_path / "again"
+    main(*parse_args(args(codes, out, *fine, "--stop-after-step", "1")))
+    started = weights_of_checkpoint(out / "checkpoints" / "step_0000001.pt")
+    main(*parse_args(args(codes, out, *fine, "--resume", "auto", "--init-from", str(tmp_path / "source"))))
+    for key, value in weights(out / "final").items():
+        torch.testing.assert_close(value, started[key], rtol=0, atol=0)
+    main(*parse_args(args(codes, tmp_path / "from_run", *fine, "--init-from", str(out / "checkpoints" / "latest"))))
+    for key, value in weights(tmp_path / "from_run" / "final").items():
+        torch.testing.assert_close(value, started[key], rtol=0, atol=0)
+
+
+def weights_of_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    return GPT.from_pretrained(path, ema=True).state_dict()
