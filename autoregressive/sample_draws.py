@@ -71,6 +71,12 @@ class SampleKeys:
     def __init__(self) -> None:
         self.keys: torch.Tensor | None = None
 
+    def for_rows(self, rows: int) -> torch.Tensor | None:
+        """The keys of a batch of ``rows`` samples; None outside :meth:`use`."""
+        if self.keys is not None and self.keys.shape[0] != rows:
+            raise RuntimeError(f"{self.keys.shape[0]} sample keys for a batch of {rows}: set the keys of this batch")
+        return self.keys
+
     @contextlib.contextmanager
     def use(self, keys: torch.Tensor) -> Iterator[None]:
         """Keys for the forward and backward (recomputation) inside the block."""
@@ -93,7 +99,7 @@ class SampleDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keys = self._source[0].keys
+        keys = self._source[0].for_rows(x.shape[0])
         if keys is None:
             return F.dropout(x, self.p, True)
         keep = keep_mask(keys, self.site, tuple(x.shape[1:]), self.p)
@@ -112,7 +118,7 @@ class SampleDropPath(DropPath):
         self._source = [source]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        keys = self._source[0].keys
+        keys = self._source[0].for_rows(x.shape[0]) if self.training else None
         if not self.training or self.p == 0.0 or keys is None:
             return super().forward(x)
         keep = keep_mask(keys, self.site, (), self.p).view(-1, *([1] * (x.dim() - 1)))
@@ -131,7 +137,7 @@ class SampleLabelEmbedder(LabelEmbedder):
         self._source = [source]
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        keys = self._source[0].keys
+        keys = self._source[0].for_rows(labels.shape[0]) if self.training else None
         if not self.training or self.dropout_prob == 0 or keys is None:
             return super().forward(labels)
         drop = ~keep_mask(keys, self.site, (), self.dropout_prob)

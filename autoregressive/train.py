@@ -21,17 +21,24 @@ step (``step``, ``epoch``, ``loss`` = mean over the steps since the previous lin
 with on-the-fly encoding a ``bad_files`` record at every epoch end);
 ``checkpoints/step_XXXXXXX.pt`` (``utils.training`` layout: modules ``model`` and, with EMA,
 ``ema``; optimizer; data position; RNG of every rank; plus top-level ``model`` / ``ema`` /
-``gpt_config`` so that ``GPT.from_pretrained(checkpoint, ema=...)`` reads it directly);
+``gpt_config`` so that ``GPT.from_pretrained(checkpoint, ema=...)`` reads it directly), or with
+``--fsdp`` sharded ``checkpoints/step_XXXXXXX/`` folders (``utils.sharded_checkpoint``: every rank
+writes its shards, nothing is gathered) that ``python -m autoregressive.export_checkpoint CKPT OUT``
+turns into the ``final/`` format;
 ``samples/step_XXXXXXX.png`` with ``train.sample.every``; at the end ``final/`` (the weights to
 sample with: the EMA when the run keeps one) and, with an EMA, ``final_raw/`` (the trained weights
 without averaging), written by ``GPT.save_pretrained`` for the sampling CLIs. ``--resume auto``
 continues from the latest checkpoint, and a run killed at any moment and resumed on the same world
-size logs exactly the losses of an uninterrupted run; ``--stop-after-step`` ends a launch early
-(with a checkpoint) without changing the schedule.
+size logs exactly the losses of an uninterrupted run. Resume is elastic: each global step trains on
+the same samples at any world size (``dataset.sampler``'s global-batch layout) with per-sample
+dropout draws (``autoregressive.sample_draws``), so a run continued on another number of ranks, at
+the same global batch, follows the same trajectory up to float summation order.
+``--stop-after-step`` ends a launch early (with a checkpoint) without changing the schedule;
+``--init-from WEIGHTS`` starts a fine-tuning run from GPT weights (official or ours; weights only).
 
 Parallelism: DDP by default (nccl on CUDA, gloo on CPU); ``--fsdp`` shards every transformer block
-with FSDP2 ``fully_shard`` (checkpoints are gathered to the same full layout, so DDP and FSDP runs
-resume each other); ``train.grad_accum_steps`` splits each rank's batch into micro-batches.
+with FSDP2 ``fully_shard`` (an FSDP run resumes a DDP checkpoint, and a sharded checkpoint loads
+into a DDP run); ``train.grad_accum_steps`` splits each rank's batch into micro-batches.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ from dataset.sampler import ResumableDistributedSampler
 from tokenizer.config import TOKENIZER_PRESETS, TokenizerConfig
 from tokenizer.model import DARTokenizer
 from utils.checkpoint import follow_pointer
+from utils.hub import OFFICIAL_REPO_ID
 from utils.cli import OneLineArgumentParser
 from utils.config import ConfigError, dataclass_from_dict, dataclass_to_dict, keys_fit, load_yaml
 from utils.distributed import DistEnv, gradient_sync, resolve_device, run_then_cleanup, seed_everything, setup_distributed
@@ -161,8 +169,8 @@ class ARTrainSettings:
     seed: int = 0
     log_every: int = 100
     ckpt_every: int = 5000
-    # FSDP2 (fully_shard per transformer block) instead of DDP, for XL / XXL. Checkpoints hold the
-    # full (gathered) state either way, but resume with the same setting: optimizer states differ in layout.
+    # FSDP2 (fully_shard per transformer block) instead of DDP, for XL / XXL. Checkpoints are then
+    # sharded folders (utils.sharded_checkpoint), loadable at any world size and by DDP runs too.
     fsdp: bool = False
     # Recompute every transformer block in backward (GPT.set_activation_checkpointing): ~1/3 more
     # compute for far fewer stored activations; the trained network is the same.
@@ -524,7 +532,7 @@ def init_weights(cfg: ARTrainConfig, resume_path: str | None) -> dict[str, torch
     ema = local.exists() and follow_pointer(local).suffix == ".pt"  # training checkpoints: their EMA if kept
     try:
         try:
-            state, _ = read_gpt_checkpoint(source, ema=ema)
+            state, _ = read_gpt_checkpoint(source, preset=preset if source == OFFICIAL_REPO_ID else None, ema=ema)
         except GPTLoadError as error:
             if preset is None or "does not store a GPT config" not in error.template:
                 raise

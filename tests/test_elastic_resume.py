@@ -161,3 +161,26 @@ def test_init_from_starts_fine_tuning_from_the_given_weights(codes: Path, tmp_pa
 
 def weights_of_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return GPT.from_pretrained(path, ema=True).state_dict()
+
+
+def test_training_draws_follow_the_sample_not_its_batch() -> None:
+    from autoregressive import sample_draws
+
+    model = random_gpt(drop_path_rate=0.2).train()  # token/resid/ffn dropout, label dropout, stochastic depth
+    keys_source = sample_draws.install(model)
+    codes, labels = torch.randint(0, 64, (6, 16)), torch.arange(6)
+    keys = sample_draws.sample_keys(0, 3, torch.arange(10, 16))
+    with keys_source.use(keys):
+        whole = model(codes, labels)
+        swapped = model(codes.flip(0), labels.flip(0))
+        assert not torch.equal(model(codes, labels), model.eval()(codes, labels))  # dropout is on
+    model.train()
+    halves = []
+    for i in (0, 3):  # as on two ranks
+        with keys_source.use(keys[i:i + 3]):
+            halves.append(model(codes[i:i + 3], labels[i:i + 3]))
+    torch.testing.assert_close(torch.cat(halves), whole)
+    # Draws depend on the key, not on the row: a permuted batch with the same keys order differs.
+    assert not torch.allclose(swapped.flip(0), whole)
+    with keys_source.use(keys.flip(0)):
+        torch.testing.assert_close(model(codes.flip(0), labels.flip(0)).flip(0), whole)

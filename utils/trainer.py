@@ -11,7 +11,9 @@ here, written once:
   checkpoint, and stale temporaries of killed checkpoint writes are swept;
 - :class:`TrainState`: model, EMA, optimizers, data position, non-finite guard, log window, skipped
   batches and bad-file counts, i.e. everything a checkpoint restores (:func:`resume`,
-  :func:`save_checkpoint`, through ``utils.training.save_train_checkpoint``);
+  :func:`save_checkpoint`, through ``utils.training.save_train_checkpoint``, or with
+  ``RunContext.sharded_checkpoints`` through ``utils.sharded_checkpoint``: one folder of per-rank
+  shards, nothing gathered); ``RunContext.elastic`` runs (the GPT trainer) resume on another world size;
 - :func:`run_loop`: step, log window (:func:`log_window`: the same record fields for both trainers),
   checkpoints, and at the end the export rule of :func:`final_exports`.
 
@@ -194,8 +196,9 @@ def _sharded_parts(state: TrainState) -> tuple[dict[str, nn.Module], dict[str, A
 def resume(state: TrainState, ctx: RunContext, path: str) -> None:
     """Restore ``state`` from a training checkpoint and drop metrics logged after it."""
     env = ctx.env
-    # Elastic runs: a world-size change is expected and harmless, said once below instead.
-    log = ctx.logger.info if ctx.elastic else ctx.logger.warning
+    # Elastic runs draw nothing that matters from the RNG streams, so not restoring them on another
+    # world size is harmless: check_elastic says what does matter instead.
+    log = (lambda message: None) if ctx.elastic else ctx.logger.warning
     if is_sharded_checkpoint(path):
         extra = load_sharded_checkpoint(path, env, *_sharded_parts(state), log=log)
     else:
