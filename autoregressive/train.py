@@ -21,17 +21,24 @@ step (``step``, ``epoch``, ``loss`` = mean over the steps since the previous lin
 with on-the-fly encoding a ``bad_files`` record at every epoch end);
 ``checkpoints/step_XXXXXXX.pt`` (``utils.training`` layout: modules ``model`` and, with EMA,
 ``ema``; optimizer; data position; RNG of every rank; plus top-level ``model`` / ``ema`` /
-``gpt_config`` so that ``GPT.from_pretrained(checkpoint, ema=...)`` reads it directly);
+``gpt_config`` so that ``GPT.from_pretrained(checkpoint, ema=...)`` reads it directly), or with
+``--fsdp`` sharded ``checkpoints/step_XXXXXXX/`` folders (``utils.sharded_checkpoint``: every rank
+writes its shards, nothing is gathered) that ``python -m autoregressive.export_checkpoint CKPT OUT``
+turns into the ``final/`` format;
 ``samples/step_XXXXXXX.png`` with ``train.sample.every``; at the end ``final/`` (the weights to
 sample with: the EMA when the run keeps one) and, with an EMA, ``final_raw/`` (the trained weights
 without averaging), written by ``GPT.save_pretrained`` for the sampling CLIs. ``--resume auto``
 continues from the latest checkpoint, and a run killed at any moment and resumed on the same world
-size logs exactly the losses of an uninterrupted run; ``--stop-after-step`` ends a launch early
-(with a checkpoint) without changing the schedule.
+size logs exactly the losses of an uninterrupted run. Resume is elastic: each global step trains on
+the same samples at any world size (``dataset.sampler``'s global-batch layout) with per-sample
+dropout draws (``autoregressive.sample_draws``), so a run continued on another number of ranks, at
+the same global batch, follows the same trajectory up to float summation order.
+``--stop-after-step`` ends a launch early (with a checkpoint) without changing the schedule;
+``--init-from WEIGHTS`` starts a fine-tuning run from GPT weights (official or ours; weights only).
 
 Parallelism: DDP by default (nccl on CUDA, gloo on CPU); ``--fsdp`` shards every transformer block
-with FSDP2 ``fully_shard`` (checkpoints are gathered to the same full layout, so DDP and FSDP runs
-resume each other); ``train.grad_accum_steps`` splits each rank's batch into micro-batches.
+with FSDP2 ``fully_shard`` (an FSDP run resumes a DDP checkpoint, and a sharded checkpoint loads
+into a DDP run); ``train.grad_accum_steps`` splits each rank's batch into micro-batches.
 """
 
 from __future__ import annotations
@@ -48,7 +55,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from autoregressive import sample_draws
 from autoregressive.config import GPT_PRESETS, GPTConfig
+from autoregressive.loading import GPTLoadError, read_gpt_checkpoint
 from autoregressive.model import GPT, TransformerBlock, build_gpt
 from autoregressive.stream import image_seed, sample_images
 from dataset.codes import MANIFEST, CodeDataset
@@ -57,10 +66,12 @@ from dataset.shards import open_images, require_data_path
 from dataset.sampler import ResumableDistributedSampler
 from tokenizer.config import TOKENIZER_PRESETS, TokenizerConfig
 from tokenizer.model import DARTokenizer
+from utils.checkpoint import follow_pointer
+from utils.hub import OFFICIAL_REPO_ID
 from utils.cli import OneLineArgumentParser
 from utils.config import ConfigError, dataclass_from_dict, dataclass_to_dict, keys_fit, load_yaml
 from utils.distributed import DistEnv, gradient_sync, resolve_device, run_then_cleanup, seed_everything, setup_distributed
-from utils.errors import PathNotFoundError, call_cli, require_path
+from utils.errors import PathNotFoundError, UserError, call_cli, require_path
 from utils.images import save_grid, to_uint8
 from utils.run import create_logger
 from utils.trainer import (
@@ -158,13 +169,16 @@ class ARTrainSettings:
     seed: int = 0
     log_every: int = 100
     ckpt_every: int = 5000
-    # FSDP2 (fully_shard per transformer block) instead of DDP, for XL / XXL. Checkpoints hold the
-    # full (gathered) state either way, but resume with the same setting: optimizer states differ in layout.
+    # FSDP2 (fully_shard per transformer block) instead of DDP, for XL / XXL. Checkpoints are then
+    # sharded folders (utils.sharded_checkpoint), loadable at any world size and by DDP runs too.
     fsdp: bool = False
     # Recompute every transformer block in backward (GPT.set_activation_checkpointing): ~1/3 more
     # compute for far fewer stored activations; the trained network is the same.
     activation_checkpointing: bool = False
     compile: bool = False
+    # Fine-tune: start from these GPT weights (official file, our checkpoint / folder / final/, hub id),
+    # their EMA when they keep one; weights only, ignored when resuming.
+    init_from: str | None = None
     data: ARDataConfig = field(default_factory=ARDataConfig)
     sample: ARSampleConfig = field(default_factory=ARSampleConfig)
 
@@ -232,6 +246,7 @@ def apply_overrides(cfg: ARTrainConfig, args: argparse.Namespace) -> ARTrainConf
         ("max_steps", args.max_steps), ("global_batch_size", args.global_batch_size), ("epochs", args.epochs),
         ("grad_accum_steps", args.grad_accum_steps),
         ("log_every", args.log_every), ("ckpt_every", args.ckpt_every), ("seed", args.seed),
+        ("init_from", args.init_from),
     ) if v is not None}
     if args.precision != "auto":
         train_changes["precision"] = args.precision
@@ -487,6 +502,7 @@ def check_run_settings(cfg: ARTrainConfig, env: DistEnv) -> tuple[ARTrainConfig,
     """Every setting and input checked; (config with the resolved precision, per-rank micro-batch size)."""
     check_settings(cfg.train)
     check_inputs(cfg.train.data)
+    check_weights_source(cfg.train.init_from, "--init-from")
     t = cfg.train
     t = replace(t, precision=default_precision(env.device) if t.precision == "auto" else t.precision)
     if t.global_batch_size % (env.world_size * t.grad_accum_steps):
@@ -504,12 +520,43 @@ def log_code_views(dataset: Any, logger: Any) -> None:
                     "ten-crop codes (tokenizer.extract_codes --ten-crop)")
 
 
-def build_model(cfg: ARTrainConfig, env: DistEnv, logger: Any) -> tuple[GPT, nn.Module | None, nn.Module]:
+def init_weights(cfg: ARTrainConfig, resume_path: str | None) -> dict[str, torch.Tensor] | None:
+    """``--init-from``: the source's weights (its EMA when it keeps one) checked against the recipe's
+    model; None without the flag or when resuming (the checkpoint holds the weights)."""
+    source = cfg.train.init_from
+    if source is None or resume_path is not None:
+        return None
+    # An official file without a stored config (renamed, say) is read with the recipe's preset.
+    preset = next((name for name, preset in GPT_PRESETS.items() if preset == cfg.model), None)
+    local = Path(source).expanduser()
+    ema = local.exists() and follow_pointer(local).suffix == ".pt"  # training checkpoints: their EMA if kept
+    try:
+        try:
+            state, _ = read_gpt_checkpoint(source, preset=preset if source == OFFICIAL_REPO_ID else None, ema=ema)
+        except GPTLoadError as error:
+            if preset is None or "does not store a GPT config" not in error.template:
+                raise
+            state, _ = read_gpt_checkpoint(source, preset=preset, ema=ema)
+        return build_gpt(cfg.model, state).state_dict()
+    except GPTLoadError as error:
+        flags = {"preset": "a recipe whose model is a preset", "filename": "the file's own path", "ema": "EMA"}
+        raise UserError(f"--init-from {source}: {error.for_flags(flags)}") from None
+    except UserError as error:
+        detail = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise UserError(f"--init-from {source}: {detail}; pass GPT weights that fit the recipe's model") from None
+
+
+def build_model(cfg: ARTrainConfig, env: DistEnv, logger: Any,
+                init_state: dict[str, torch.Tensor] | None = None) -> tuple[GPT, nn.Module | None, nn.Module]:
     """(GPT, its EMA or None, the module the step calls); sharded with FSDP2 or wrapped in DDP."""
     t = cfg.train
     seed_everything(t.seed)  # identical initialisation on every rank
     model = GPT(cfg.model, activation_checkpointing=t.activation_checkpointing).to(env.device)
+    if init_state is not None:
+        model.load_state_dict(init_state, strict=True)
+        logger.info(f"initialised from {t.init_from}")
     ema = create_ema(model) if t.optim.ema_decay > 0 else None
+    sample_draws.install(model)  # per-sample dropout draws: the same at any world size
     logger.info(f"GPT: {model.num_params() / 1e6:.1f}M parameters; EMA {'%g' % t.optim.ema_decay if ema else 'off'}")
     if t.fsdp:
         model = shard_model(model)
@@ -551,15 +598,17 @@ def _train(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
     cfg, batch_size = check_run_settings(cfg, env)  # every input is checked before the run folder is created
     run, manager, resume_path = open_run(opts, env)
     t = cfg.train
+    init_state = init_weights(cfg, resume_path)
 
     # -- data (the schedule depends on the dataset size) ----------------------------------------
     dataset, source, collate, tokenizer = build_data(t, cfg.model, env)
-    sampler = ResumableDistributedSampler(len(dataset), env.world_size, env.rank, seed=t.seed, shuffle=True,
-                                          drop_last=True)
-    steps_per_epoch = sampler.num_samples // (batch_size * t.grad_accum_steps)
-    if steps_per_epoch == 0:
+    if len(dataset) < t.global_batch_size:
         raise ConfigError(f"{len(dataset)} samples give no full batch of {t.global_batch_size}; pass a smaller "
                           "--global-batch-size")
+    # Global batches cut from one permutation per epoch: the same samples per step at any world size.
+    sampler = ResumableDistributedSampler(len(dataset), env.world_size, env.rank, seed=t.seed, shuffle=True,
+                                          drop_last=True, global_batch_size=t.global_batch_size)
+    steps_per_epoch = sampler.num_samples // (batch_size * t.grad_accum_steps)  # whole global batches
     create_run_folder(run, manager, env, resume_path)
     logger = create_logger("autoregressive.train", run.root if env.is_main else None, env.is_main)
     log_code_views(dataset, logger)
@@ -572,17 +621,19 @@ def _train(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
                 f"batch {t.global_batch_size} over {env.world_size} rank(s), {t.precision} on {env.device}")
 
     # -- model, objective (next-code cross-entropy, in train_step), state -----------------------
-    state = build_state(cfg, env, build_model(cfg, env, logger), loader)
+    state = build_state(cfg, env, build_model(cfg, env, logger, init_state), loader)
     last_step = t.max_steps if opts.stop_after_step is None else min(t.max_steps, opts.stop_after_step)
     ctx = RunContext(env=env, run=run, manager=manager, logger=logger, config=cfg, max_steps=t.max_steps,
                      last_step=last_step, log_every=t.log_every, ckpt_every=t.ckpt_every,
                      steps_per_epoch=steps_per_epoch, global_batch_size=t.global_batch_size,
-                     aliases=partial(checkpoint_aliases, cfg.model))
+                     aliases=partial(checkpoint_aliases, cfg.model), sharded_checkpoints=t.fsdp, elastic=True)
     if tokenizer is not None and t.data.data_path is not None:  # images encoded on the fly
         track_bad_files(state, ctx, t.data.data_path)
 
     # -- resume, loop, export ------------------------------------------------------------------
-    seed_everything(t.seed * env.world_size + env.rank)  # per-rank dropout / label-dropout streams
+    # Dropout and label dropout draw per sample (autoregressive.sample_draws), not from these streams;
+    # one seed on every rank keeps whatever else might draw independent of the rank too.
+    seed_everything(t.seed)
     if resume_path is not None:
         resume(state, ctx, resume_path)
     ctx.wandb = WandbLogger(opts.wandb, env, opts.wandb_project, run.root.name, cfg)
@@ -606,8 +657,10 @@ def train_step(source: CodeSource, t: ARTrainSettings, ctx: RunContext, state: T
     records: list[dict[str, torch.Tensor]] = []
     items = 0
     while len(records) < t.grad_accum_steps:
-        codes, labels = source(next_batch(state, ctx, _batch_size))  # (B, N), (B,)
-        with gradient_sync(state.trained, len(records) == t.grad_accum_steps - 1):
+        batch = next_batch(state, ctx, _batch_size)
+        codes, labels = source(batch)  # (B, N), (B,)
+        with gradient_sync(state.trained, len(records) == t.grad_accum_steps - 1), \
+                sample_draws.keys_of(state.model).use(draw_keys(batch, state.loader, t.seed, ctx.env.device)):
             with autocast(ctx.env.device, t.precision):
                 logits = state.trained(codes, labels)  # (B, N, V)
             loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
@@ -618,6 +671,18 @@ def train_step(source: CodeSource, t: ARTrainSettings, ctx: RunContext, state: T
     terms = reduce_micro_batches(records)
     applied = apply_update(state, [terms["loss"], grad_norm])
     return StepResult(terms=terms, grad_norm=grad_norm, lr=lr, items=items, applied=applied)
+
+
+def draw_keys(batch: Any, loader: InfiniteLoader, seed: int, device: torch.device) -> torch.Tensor:
+    """(B,) keys of the batch just fetched: its samples' random draws follow them to any rank.
+
+    Codes: the samples' places in the epoch's global order; images (bad files dropped): their dataset indices.
+    """
+    if isinstance(batch, ImageBatch):
+        return sample_draws.sample_keys(seed ^ 0x1A5E, loader.epoch, batch.indices).to(device)
+    rows = batch[1].shape[0]
+    start = loader.consumed_in_epoch // loader.world_size - rows  # this rank's position before the batch
+    return sample_draws.sample_keys(seed, loader.epoch, loader.sampler.global_positions(start, rows)).to(device)
 
 
 def checkpoint_aliases(model_config: GPTConfig, state: TrainState) -> dict[str, Any]:
@@ -661,6 +726,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ARTrainConfig, RunOptions
     parser.add_argument("--gpt-model", default=None, choices=sorted(GPT_PRESETS),
                         help="replace the recipe's model by this preset (LlamaGen's flag; --set model.KEY=... adjusts it)")
     parser.add_argument("--epochs", type=int, default=None, help="override train.epochs (when max-steps is unset)")
+    parser.add_argument("--init-from", default=None,
+                        help="fine-tune from these GPT weights (official file, checkpoint, folder or hub id; ignored "
+                             "when resuming)")
     parser.add_argument("--ema-decay", type=float, default=None, help="EMA decay (0 disables; paper option 0.9999)")
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP (XL/XXL)")
     parser.add_argument("--sample-every", type=int, default=None,

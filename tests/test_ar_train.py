@@ -179,6 +179,21 @@ def test_two_rank_training_learns_and_resumes_exactly(assets: dict[str, Path], d
     assert_same_weights(ddp_reference / "final", cut / "final")
 
 
+def read_sharded(folder: Path, scratch: Path) -> dict:
+    """A sharded checkpoint as one dict in the single-file layout (optimizer states keyed by position)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(folder, scratch)
+    state = {**safe_torch_load(folder / "train_state.pt"), **safe_torch_load(scratch)}  # tensors over the name lists
+    optimizer = state["optimizers"]["optimizer"]
+    position = {name: i for i, name in enumerate(n for g in optimizer["param_groups"] for n in g["params"])}
+    state["optimizers"]["optimizer"] = {
+        "state": {position[name]: value for name, value in optimizer["state"].items()},
+        "param_groups": [{**g, "params": [position[n] for n in g["params"]]} for g in optimizer["param_groups"]],
+    }
+    return state
+
+
 @pytest.mark.slow
 def test_fsdp_resumes_a_ddp_checkpoint_and_trains_like_ddp(assets: dict[str, Path], ddp_reference: Path,
                                                            tmp_path: Path) -> None:
@@ -190,9 +205,9 @@ def test_fsdp_resumes_a_ddp_checkpoint_and_trains_like_ddp(assets: dict[str, Pat
     assert [s for s, _ in ours] == [s for s, _ in reference]
     assert [loss for _, loss in ours] == pytest.approx([loss for _, loss in reference], rel=1e-5)
     assert_same_weights(ddp_reference / "final", cut / "final", exact=False)  # the EMA
-    # FSDP checkpoints are gathered into the plain layout: the same keys and values as DDP's.
+    # FSDP checkpoints are sharded (utils.sharded_checkpoint) and hold the same values as DDP's single file.
     a = safe_torch_load(ddp_reference / "checkpoints" / "step_0000020.pt")
-    b = safe_torch_load(cut / "checkpoints" / "step_0000020.pt")
+    b = read_sharded(cut / "checkpoints" / "step_0000020", tmp_path / "b.pt")
     assert b["config"]["train"]["fsdp"] is True
     # (betas come back from a weights_only load as a list)
     groups = [[{**g, "betas": tuple(g["betas"])} for g in c["optimizers"]["optimizer"]["param_groups"]] for c in (a, b)]

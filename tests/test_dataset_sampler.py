@@ -73,3 +73,52 @@ def test_resume_refuses_a_different_setup() -> None:
         ResumableDistributedSampler(40, 2, 0, seed=8).load_state_dict(state)
     with pytest.raises(ValueError, match="position"):
         ResumableDistributedSampler(40, 2, 0, seed=7).state_dict(consumed=21)
+
+
+def global_layout(n: int, replicas: int, batch: int, epoch: int = 0) -> list[list[int]]:
+    samplers = [ResumableDistributedSampler(n, replicas, r, seed=3, global_batch_size=batch) for r in range(replicas)]
+    for s in samplers:
+        s.set_epoch(epoch)
+    return [list(s) for s in samplers]
+
+
+@pytest.mark.parametrize("epoch", [0, 2])
+def test_global_batches_are_the_same_at_any_world_size(epoch: int) -> None:
+    n, batch = 103, 8  # 12 whole global batches; the last 7 items of the permutation are dropped
+    one = global_layout(n, 1, batch, epoch)[0]
+    assert len(one) == 96 and len(set(one)) == 96
+    for replicas in (2, 4):
+        ranks = global_layout(n, replicas, batch, epoch)
+        share = batch // replicas
+        for step in range(12):
+            # Step `step` trains on the same samples whatever the world size: the ranks' shares in order.
+            assert [i for r in ranks for i in r[step * share:(step + 1) * share]] == one[step * batch:(step + 1) * batch]
+    s = ResumableDistributedSampler(n, 4, 3, seed=3, global_batch_size=batch)
+    s.set_epoch(epoch)
+    order = list(s)
+    positions = s.global_positions(0, len(order)).tolist()
+    assert [one[p] for p in positions] == order  # each sample's place in the global order
+
+
+def test_global_position_resumes_at_another_world_size() -> None:
+    n, batch = 50, 8
+    two = ResumableDistributedSampler(n, 2, 1, seed=3, global_batch_size=batch)
+    two.set_epoch(1)
+    state = two.state_dict(consumed=3 * 4)  # three global batches done
+    assert state["global_position"] == 24
+    one = ResumableDistributedSampler(n, 1, 0, seed=3, global_batch_size=batch)
+    one.load_state_dict(state)
+    assert one.epoch == 1 and list(one) == global_layout(n, 1, batch, 1)[0][24:]
+    four = ResumableDistributedSampler(n, 4, 2, seed=3, global_batch_size=batch)
+    four.load_state_dict(one.state_dict(consumed=8))
+    assert list(four) == global_layout(n, 4, batch, 1)[2][8:]
+    # Inside a global batch only the same world size knows where each rank stands.
+    with pytest.raises(ValueError, match="inside a global batch"):
+        one.load_state_dict(two.state_dict(consumed=14))
+    same = ResumableDistributedSampler(n, 2, 1, seed=3, global_batch_size=batch)
+    same.load_state_dict(two.state_dict(consumed=14))
+    assert list(same) == global_layout(n, 2, batch, 1)[1][14:]
+    with pytest.raises(ValueError, match="global_batch_size: saved 8, now 16"):
+        ResumableDistributedSampler(n, 2, 0, seed=3, global_batch_size=16).load_state_dict(state)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        ResumableDistributedSampler(n, 2, 0, seed=3).load_state_dict(state)

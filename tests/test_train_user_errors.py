@@ -376,3 +376,17 @@ def test_settings_errors_stay_config_errors_for_callers(tmp_path: Path, images: 
     cfg, opts = tok_args(tok_argv(tmp_path, images, tmp_path / "run", "--lr", "nan"))
     with pytest.raises(ConfigError, match="--lr"):
         tok_main(cfg, opts)
+
+
+def test_gpt_init_from_mistakes_are_one_line(tmp_path: Path, codes: Path) -> None:
+    out = tmp_path / "run"
+    missing = tmp_path / "missing"
+    assert_user_error(run_module_cli("autoregressive.train", *ar_argv(codes, out, "--init-from", str(missing))),
+                      "--init-from", f"{missing} does not exist")
+    tokenizer = make_tokenizer(tmp_path / "tokenizer")  # the wrong kind of weights
+    assert_user_error(run_module_cli("autoregressive.train", *ar_argv(codes, out, "--init-from", str(tokenizer))),
+                      "--init-from", str(tokenizer))
+    wider = random_gpt(dim=128).save_pretrained(tmp_path / "wider")  # a GPT of another size
+    assert_user_error(run_module_cli("autoregressive.train", *ar_argv(codes, out, "--init-from", str(wider))),
+                      "--init-from", "shape mismatches")
+    assert not out.exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,16 @@ __all__ = [
 ]
 
 POINTER_NAME = "latest"
-_STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
+# step_XXXXXXX.pt: one file; step_XXXXXXX/: a sharded checkpoint (utils.sharded_checkpoint), whose
+# folder appears only by renaming a complete temporary one.
+_STEP_PATTERN = re.compile(r"^step_(\d+)(\.pt)?$")
+SHARDED_META = "train_state.pt"  # the non-tensor part of a sharded checkpoint; marks the folder as one
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """A ``step_XXXXXXX/`` folder written by ``utils.sharded_checkpoint``."""
+    path = Path(path)
+    return path.is_dir() and (path / SHARDED_META).is_file()
 
 
 class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
@@ -152,7 +162,7 @@ def follow_pointer(path: str | os.PathLike) -> Path:
     if not _STEP_PATTERN.match(name):
         return path
     target = path.parent / name
-    if target.is_file():
+    if target.is_file() or is_sharded_checkpoint(target):
         return target
     newest = CheckpointManager(path.parent).latest()
     if newest is None:
@@ -168,6 +178,9 @@ def load_state_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     path = follow_pointer(path)
     if not path.exists():
         raise PathNotFoundError(path)
+    if is_sharded_checkpoint(path):
+        raise UserError(f"{path} is a sharded checkpoint (an FSDP run's); turn it into one file with "
+                        f"python -m autoregressive.export_checkpoint {path} OUT_DIR")
     if not path.is_file():
         raise UserError(f"{path} is a folder; pass a checkpoint file inside it")
     if path.suffix == ".safetensors":
@@ -190,7 +203,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 class CheckpointManager:
-    """``DIR/step_XXXXXXX.pt`` files plus a ``latest`` pointer, written atomically, pruned to ``keep_last``.
+    """``DIR/step_XXXXXXX.pt`` files (or sharded ``step_XXXXXXX/`` folders) plus a ``latest`` pointer,
+    written atomically, pruned to ``keep_last``.
 
     ``latest`` is a small text file naming the newest complete checkpoint; it is updated only after
     the checkpoint itself has been renamed into place, so a run killed at any moment leaves either the
@@ -206,6 +220,23 @@ class CheckpointManager:
     def path_for(self, step: int) -> Path:
         return self.directory / f"step_{step:07d}.pt"
 
+    def sharded_path_for(self, step: int) -> Path:
+        return self.directory / f"step_{step:07d}"
+
+    def temporary_folder_for(self, step: int) -> Path:
+        """Where a sharded checkpoint is written before :meth:`commit` renames it (swept when stale)."""
+        return self.directory / f".step_{step:07d}.tmp"
+
+    def commit(self, temporary: Path, step: int) -> Path:
+        """Rename a complete temporary sharded checkpoint into place, then update ``latest`` and prune."""
+        path = self.sharded_path_for(step)
+        if path.exists():  # the same step written again by a resumed launch: replace it whole
+            shutil.rmtree(path)
+        os.replace(temporary, path)
+        atomic_write_text(self.directory / POINTER_NAME, path.name + "\n")
+        self._prune()
+        return path
+
     def save(self, state: dict, step: int) -> Path:
         path = self.path_for(step)
         atomic_save(state, path)
@@ -216,7 +247,7 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         """The newest complete checkpoint, None when there is none.
 
-        Every ``step_*.pt`` is complete (it appears only by an atomic rename), so the highest step
+        Every ``step_*.pt`` and ``step_*/`` is complete (each appears only by a rename), so the highest step
         wins even when ``latest`` lags behind it (a kill between the rename and the pointer update)
         or is missing.
         """
@@ -225,20 +256,28 @@ class CheckpointManager:
 
     def all_steps(self) -> list[Path]:
         """Complete checkpoints, oldest first (by step number, not by name)."""
-        found = [(int(m.group(1)), p) for p in self.directory.glob("step_*.pt")
-                 if (m := _STEP_PATTERN.match(p.name)) and p.is_file()]
+        found = [(int(m.group(1)), p) for p in self.directory.glob("step_*")
+                 if (m := _STEP_PATTERN.match(p.name)) and (p.is_file() if m.group(2) else is_sharded_checkpoint(p))]
         return [p for _, p in sorted(found)]
 
     def sweep(self) -> list[Path]:
         """Delete temporaries of killed checkpoint writes. Call on rank 0 before training starts."""
-        return sweep_temporaries(self.directory, ["step_*.pt", POINTER_NAME])
+        removed = sweep_temporaries(self.directory, ["step_*.pt", POINTER_NAME])
+        for stale in self.directory.glob(".step_*.tmp"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+                removed.append(stale)
+        return removed
 
     def _prune(self) -> None:
         for old in self.all_steps()[: -self.keep_last]:
-            old.unlink(missing_ok=True)
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
 
     def load(self, path: str | os.PathLike | None = None, map_location: Any = "cpu") -> dict | None:
-        """Load ``path`` (or ``latest`` when None); None when no checkpoint exists yet."""
+        """Load a single-file ``path`` (or ``latest`` when None); None when no checkpoint exists yet."""
         target = follow_pointer(path) if path is not None else self.latest()
         if target is None:
             return None

@@ -11,7 +11,9 @@ here, written once:
   checkpoint, and stale temporaries of killed checkpoint writes are swept;
 - :class:`TrainState`: model, EMA, optimizers, data position, non-finite guard, log window, skipped
   batches and bad-file counts, i.e. everything a checkpoint restores (:func:`resume`,
-  :func:`save_checkpoint`, through ``utils.training.save_train_checkpoint``);
+  :func:`save_checkpoint`, through ``utils.training.save_train_checkpoint``, or with
+  ``RunContext.sharded_checkpoints`` through ``utils.sharded_checkpoint``: one folder of per-rank
+  shards, nothing gathered); ``RunContext.elastic`` runs (the GPT trainer) resume on another world size;
 - :func:`run_loop`: step, log window (:func:`log_window`: the same record fields for both trainers),
   checkpoints, and at the end the export rule of :func:`final_exports`.
 
@@ -36,11 +38,12 @@ import torch
 import torch.nn as nn
 
 from dataset.images import BadFileStats
-from utils.checkpoint import CheckpointManager
+from utils.checkpoint import CheckpointManager, is_sharded_checkpoint
 from utils.config import config_differences, dataclass_to_dict
 from utils.distributed import DistEnv, all_reduce_mean, all_reduce_sum
 from utils.errors import UserError
 from utils.run import RunFolder
+from utils.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from utils.training import (
     InfiniteLoader,
     NonFiniteGuard,
@@ -140,6 +143,11 @@ class RunContext:
     # Top-level checkpoint entries for from_pretrained (rank 0, after FSDP states are gathered).
     aliases: Callable[[TrainState], dict[str, Any]] | None = None
     throughput: Throughput = field(default_factory=Throughput)
+    # FSDP: every rank writes its shards (utils.sharded_checkpoint) instead of gathering to one file.
+    sharded_checkpoints: bool = False
+    # The data order is cut into global batches and random draws follow the samples (the GPT
+    # trainer): a checkpoint then resumes on another world size onto the same trajectory.
+    elastic: bool = False
 
 
 @dataclass
@@ -177,9 +185,26 @@ def create_run_folder(run: RunFolder, manager: CheckpointManager, env: DistEnv, 
         run.truncate_metrics(0)  # lines of an earlier launch that died before its first checkpoint
 
 
+def _sharded_parts(state: TrainState) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+    """The sharded (or plain) modules and (model, optimizer) pairs a sharded checkpoint holds."""
+    modules = {"model": state.model} if state.ema is None else {"model": state.model, "ema": state.ema}
+    if set(state.optimizers) != {"optimizer"}:
+        raise NotImplementedError("sharded checkpoints hold one optimizer (the GPT trainer's)")
+    return modules, {"optimizer": (state.model, state.optimizer)}
+
+
 def resume(state: TrainState, ctx: RunContext, path: str) -> None:
     """Restore ``state`` from a training checkpoint and drop metrics logged after it."""
-    extra = load_train_checkpoint(path, ctx.env, state.modules, state.optimizers, log=ctx.logger.warning)
+    env = ctx.env
+    # Elastic runs draw nothing that matters from the RNG streams, so not restoring them on another
+    # world size is harmless: check_elastic says what does matter instead.
+    log = (lambda message: None) if ctx.elastic else ctx.logger.warning
+    if is_sharded_checkpoint(path):
+        extra = load_sharded_checkpoint(path, env, *_sharded_parts(state), log=log)
+    else:
+        extra = load_train_checkpoint(path, env, state.modules, state.optimizers, log=log)
+    if ctx.elastic:
+        check_elastic(extra, ctx, path)
     state.step = extra["step"]
     state.loader.load_state_dict(extra["loader"])
     state.guard.load_state_dict(extra["guard"])
@@ -196,17 +221,40 @@ def resume(state: TrainState, ctx: RunContext, path: str) -> None:
     ctx.logger.info(f"resumed from {path} at step {state.step}")
 
 
+def check_elastic(extra: dict[str, Any], ctx: RunContext, path: str) -> None:
+    """An elastic run's checkpoint must share its global batch; older checkpoints resume with a warning."""
+    saved_batch = extra.get("global_batch_size", (extra.get("config") or {}).get("train", {}).get("global_batch_size"))
+    if saved_batch is not None and saved_batch != ctx.global_batch_size:
+        raise UserError(f"{path} was trained at global batch {saved_batch}, this launch uses {ctx.global_batch_size}: "
+                        f"the data position and schedule would not line up; resume with --global-batch-size {saved_batch}")
+    if extra.get("data_order") != "global-batches":
+        ctx.logger.warning(f"{path} predates world-size-independent data order: training continues, but the samples "
+                           "after this point differ from those the run would have seen uninterrupted")
+    elif extra.get("world_size", ctx.env.world_size) != ctx.env.world_size:
+        ctx.logger.info(f"resuming a {extra['world_size']}-rank checkpoint on {ctx.env.world_size} rank(s): the "
+                        "global batches and per-sample draws are the same, so the run continues its trajectory")
+
+
 def save_checkpoint(state: TrainState, ctx: RunContext) -> None:
-    """Collective: every rank calls it (FSDP states and RNG streams are gathered); rank 0 writes."""
-    holders = [h for h in (*state.modules.values(), *state.optimizers.values()) if hasattr(h, "gather")]
-    for holder in holders:
-        holder.gather()
+    """Collective: every rank calls it (FSDP states and RNG streams are gathered, or shards written); rank 0
+    writes the single file."""
     extra: dict[str, Any] = {"loader": state.loader.state_dict(), "guard": state.guard.state_dict(),
                              "window": dict(state.window), "empty_batches": state.empty_batches,
-                             "config": dataclass_to_dict(ctx.config), "steps_per_epoch": ctx.steps_per_epoch}
+                             "config": dataclass_to_dict(ctx.config), "steps_per_epoch": ctx.steps_per_epoch,
+                             "world_size": ctx.env.world_size, "global_batch_size": ctx.global_batch_size}
+    if ctx.elastic:
+        extra["data_order"] = "global-batches"
     if state.bad is not None:
         state.bad.sync(ctx.env.device)
         extra["bad_files"] = dataclasses.asdict(state.bad.synced)
+    if ctx.sharded_checkpoints:
+        save_sharded_checkpoint(ctx.manager, ctx.env, state.step, dataclass_to_dict(ctx.config),
+                                *_sharded_parts(state), extra=extra)
+        ctx.logger.info(f"saved sharded checkpoint at step {state.step}")
+        return
+    holders = [h for h in (*state.modules.values(), *state.optimizers.values()) if hasattr(h, "gather")]
+    for holder in holders:
+        holder.gather()
     aliases = ctx.aliases(state) if ctx.aliases is not None and ctx.env.is_main else None
     save_train_checkpoint(ctx.manager, ctx.env, state.step, ctx.config, state.modules, state.optimizers,
                           extra=extra, aliases=aliases)

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from utils.checkpoint import CheckpointManager, check_state_dict, follow_pointer, load_state_file
+from utils.checkpoint import CheckpointManager, check_state_dict, follow_pointer, is_sharded_checkpoint, load_state_file
 from utils.config import ConfigError, apply_assignments, config_to_yaml
 from utils.distributed import DistEnv, all_gather_object, is_initialized
 from utils.errors import PathNotFoundError, UserError, require_path
@@ -509,7 +509,7 @@ def resolve_resume(resume: str | None, manager: CheckpointManager) -> str | None
     if not Path(resume).expanduser().exists():
         raise PathNotFoundError(resume, "pass --resume auto or an existing checkpoint (RUN/checkpoints/step_*.pt)")
     path = follow_pointer(resume)
-    if path.is_dir():
+    if path.is_dir() and not is_sharded_checkpoint(path):
         raise UserError(f"--resume {resume} is a folder; pass --resume auto or a checkpoint file "
                         "(RUN/checkpoints/step_*.pt or RUN/checkpoints/latest)")
     if path.suffix == ".safetensors":  # inference weights: no optimizer, data position or RNG to resume
