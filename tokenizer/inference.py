@@ -16,6 +16,9 @@ element-wise passes over (B, L, D) activations, and that is what is cut here (do
 - The encoder's last layer computes the rows that are read afterwards only (the query tokens; the
   patch tokens contribute their keys and values); the patch rows of that layer were thrown away.
 - Residual updates, gates, SiLU and the adaLN modulation work in place on tensors owned by the call.
+- The widest projections (fused q/k/v, the MLP's hidden layer, the pixel decoder's adaLN modulation)
+  are written into buffers kept for the whole call (:class:`Workspace`) instead of fresh allocations
+  that fault in new pages every time.
 - The pixel decoder's condition-side work (cond_embed + LayerNorm, cross-attention keys and values per
   block) depends on the condition window only, so it is computed once per window and call and reused
   by every step that reads the same window (clipped windows; ``steps`` > groups). The time embedding
@@ -199,7 +202,8 @@ def _encoder_attend(
         parts.append(patch_out.transpose(1, 2))
     if split < q.shape[1]:
         query_out = F.scaled_dot_product_attention(
-            q[:, split:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=query_mask)
+            q[:, split:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=query_mask[query_mask.shape[0] - (q.shape[1] - split):])
         parts.append(query_out.transpose(1, 2))
     out = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, rows, h, d)
     return _linear(attention.proj, out.flatten(2))
