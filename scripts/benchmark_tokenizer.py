@@ -14,7 +14,10 @@ reported with their ratio. Peak memory is the rise of the process's resident set
 Equality: codes must be identical, decoded images within 1e-5 of the reference relative to its
 largest magnitude (the fast path is bit-identical in float32 on the machines we measured).
 ``--bf16`` also decodes once with ``dtype=torch.bfloat16`` and reports its PSNR against float32
-(data range 2, images in [-1, 1]). On a shared machine other processes' load distorts all times.
+(data range 2, images in [-1, 1]). On a shared machine other processes' load distorts wall times;
+the process CPU time of each call (all threads, ``time.process_time``) is reported next to them, and
+``--threads 1`` makes it a measure of the work done that other jobs' load barely moves (with several
+threads it also counts threads waiting at a barrier while a sibling is descheduled).
 """
 
 from __future__ import annotations
@@ -84,25 +87,40 @@ def peak_rss_rise_mib(fn: Callable[[], Any]) -> tuple[float | None, Any]:
     return ((peak_after - peak_before) / 1024 if peak_after > peak_before else None), result
 
 
-def interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-    """Wall times of ``repeats`` rounds, each calling every entry once in order."""
+def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """(wall seconds, process CPU seconds, result) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, result
+
+
+def interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(wall times, CPU times) of ``repeats`` rounds, each calling every entry once in order."""
     times: dict[str, list[float]] = {name: [] for name in calls}
+    cpu_times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
+            wall, cpu, _ = timed(fn)
+            times[name].append(wall)
+            cpu_times[name].append(cpu)
+    return times, cpu_times
 
 
-def summary(times: dict[str, list[float]], memory: dict[str, float | None]) -> dict[str, Any]:
-    fast, ref = times["fast"], times["reference"]
+def summary(times: dict[str, list[float]], cpu_times: dict[str, list[float]], memory: dict[str, float | None]) -> dict[str, Any]:
+    def one(name: str) -> dict[str, Any]:
+        wall, cpu = times[name], cpu_times[name]
+        return {"min_s": min(wall), "median_s": statistics.median(wall), "times_s": wall,
+                "cpu_min_s": min(cpu), "cpu_median_s": statistics.median(cpu), "cpu_times_s": cpu,
+                "peak_rss_rise_mib": memory[name]}
+
+    fast, ref = one("fast"), one("reference")
     return {
-        "fast": {"min_s": min(fast), "median_s": statistics.median(fast), "times_s": fast, "peak_rss_rise_mib": memory["fast"]},
-        "reference": {"min_s": min(ref), "median_s": statistics.median(ref), "times_s": ref,
-                      "peak_rss_rise_mib": memory["reference"]},
-        "speedup_min": min(ref) / min(fast),
-        "speedup_median": statistics.median(ref) / statistics.median(fast),
+        "fast": fast,
+        "reference": ref,
+        "speedup_min": ref["min_s"] / fast["min_s"],
+        "speedup_median": ref["median_s"] / fast["median_s"],
+        "cpu_speedup_min": ref["cpu_min_s"] / fast["cpu_min_s"],
+        "cpu_speedup_median": ref["cpu_median_s"] / fast["cpu_median_s"],
     }
 
 
@@ -131,6 +149,8 @@ def machine() -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     model = build(args.tiny, args.seed)
     config = model.config
     size = config.sampling_resolution
@@ -143,7 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     memory, codes = {}, {}
     for name, fn in encode.items():  # the warm-up call, also measured for memory and kept for the check
         memory[name], codes[name] = peak_rss_rise_mib(fn)
-    report["encode"] = summary(interleaved(encode, args.repeats), memory)
+    report["encode"] = summary(*interleaved(encode, args.repeats), memory)
     report["encode"]["images"] = list(images.shape)
     report["encode"]["codes_equal"] = bool(torch.equal(codes["fast"], codes["reference"]))
 
@@ -155,22 +175,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model.decode(one, noise=noise, steps=1, reference=name == "reference")
     memory, decoded = {}, {}
     times: dict[str, list[float]] = {name: [] for name in decode}
+    cpu_times: dict[str, list[float]] = {name: [] for name in decode}
     for _ in range(args.repeats):
         for name, fn in decode.items():
-            start = time.perf_counter()
-            rise, decoded[name] = peak_rss_rise_mib(fn)
-            times[name].append(time.perf_counter() - start)
+            wall, cpu, (rise, decoded[name]) = timed(lambda: peak_rss_rise_mib(fn))  # noqa: B023
+            times[name].append(wall)
+            cpu_times[name].append(cpu)
             memory[name] = rise if memory.get(name) is None else max(memory[name], rise or 0.0)
-    report["decode"] = summary(times, memory)
+    report["decode"] = summary(times, cpu_times, memory)
     report["decode"]["steps"] = config.num_denoising_steps
     difference = relative_difference(decoded["fast"], decoded["reference"])
     report["decode"]["max_relative_difference"] = difference
     report["decode"]["bit_identical"] = bool(torch.equal(decoded["fast"], decoded["reference"]))
     report["decode"]["within_tolerance"] = difference <= IMAGE_TOLERANCE
     if args.bf16:
-        start = time.perf_counter()
-        low = model.decode(one, noise=noise, dtype=torch.bfloat16)
-        report["decode_bf16"] = {"time_s": time.perf_counter() - start, "psnr_vs_fp32_db": psnr(low, decoded["fast"])}
+        wall, cpu, low = timed(lambda: model.decode(one, noise=noise, dtype=torch.bfloat16))
+        report["decode_bf16"] = {"time_s": wall, "cpu_s": cpu, "psnr_vs_fp32_db": psnr(low, decoded["fast"])}
     return report
 
 
@@ -185,13 +205,15 @@ def print_report(report: dict[str, Any]) -> None:
         for name in ("reference", "fast"):
             mem = r[name]["peak_rss_rise_mib"]
             mem_text = "n/a" if mem is None else f"{mem:.0f} MiB"
-            print(f"  {name:9s} min {r[name]['min_s']:8.3f} s  median {r[name]['median_s']:8.3f} s  peak RSS rise {mem_text}")
-        print(f"  speed-up  min {r['speedup_min']:.2f}x  median {r['speedup_median']:.2f}x")
+            print(f"  {name:9s} min {r[name]['min_s']:8.3f} s  median {r[name]['median_s']:8.3f} s  "
+                  f"(CPU min {r[name]['cpu_min_s']:8.3f} s  median {r[name]['cpu_median_s']:8.3f} s)  peak RSS rise {mem_text}")
+        print(f"  speed-up  min {r['speedup_min']:.2f}x  median {r['speedup_median']:.2f}x  "
+              f"(CPU time: min {r['cpu_speedup_min']:.2f}x  median {r['cpu_speedup_median']:.2f}x)")
     print(f"codes equal: {report['encode']['codes_equal']}; decoded images bit-identical: "
           f"{report['decode']['bit_identical']} (max relative difference {report['decode']['max_relative_difference']:.2e})")
     if "decode_bf16" in report:
         r = report["decode_bf16"]
-        print(f"bf16 decode: {r['time_s']:.3f} s, PSNR vs fp32 {r['psnr_vs_fp32_db']:.2f} dB")
+        print(f"bf16 decode: {r['time_s']:.3f} s (CPU {r['cpu_s']:.3f} s), PSNR vs fp32 {r['psnr_vs_fp32_db']:.2f} dB")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -201,6 +223,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--encode-batch", type=positive_int, default=2, help="images per encode call")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                         help="also decode once in bf16 and report its PSNR against fp32")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the report to this JSON file")
     return parser.parse_args(argv)

@@ -170,3 +170,52 @@ def test_benchmark_tiny_runs(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     out = capsys.readouterr().out
     assert "speed-up" in out and "codes equal: True" in out
     assert (tmp_path / "bench.json").is_file()
+
+
+@pytest.mark.parametrize("rows", [None, 4, 20])
+def test_encoder_attention_split_equals_one_masked_call(rows: int | None) -> None:
+    """Patch rows attend to the patch keys alone; query rows use their mask rows (encoder fast path)."""
+    model = random_tokenizer(seed=6)
+    layer = model.encoder_layers[0]
+    attention, patches, queries = layer.attention, 6, model.config.num_all_queries
+    length = patches + queries
+    generator = torch.Generator().manual_seed(15)
+    q, k, v = (torch.randn(2, length, attention.num_heads, attention.head_dim, generator=generator) for _ in range(3))
+    mask = model._encoder_mask(patches, torch.device("cpu"))  # (P+N, P+N) bool
+    expected = attention.proj(torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2).flatten(2))
+    query_mask = inference.additive_mask(mask[patches:], q.dtype)
+    first = 0 if rows is None else length - rows
+    with torch.no_grad():
+        ours = inference._encoder_attend(attention, q[:, first:], k, v, query_mask, patches)
+    assert_same(ours, expected[:, first:].detach())
+
+
+def test_workspace_linear_equals_linear() -> None:
+    generator = torch.Generator().manual_seed(16)
+    weight, bias = torch.randn(24, 16, generator=generator), torch.randn(24, generator=generator)
+    workspace = inference.Workspace()
+    with torch.no_grad():
+        for shape in [(2, 10, 16), (2, 4, 16), (3, 12, 16)]:  # fewer rows reuse a prefix, more rows reallocate
+            x = torch.randn(*shape, generator=generator)
+            assert torch.equal(workspace.linear("a", x, weight, bias), torch.nn.functional.linear(x, weight, bias))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # falls back to the autocast linear
+            assert workspace.linear("a", x, weight, bias).dtype == torch.bfloat16
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    out = workspace.linear("a", x, weight, bias)  # autograd: a fresh result that carries the graph
+    out.sum().backward()
+    assert x.grad is not None
+
+
+def test_pixel_decoder_session_reused_across_sizes_matches_reference() -> None:
+    """One session's buffers serve calls of different token counts without mixing them up."""
+    model = random_tokenizer(seed=7)
+    decoder = model.pixel_decoder
+    cond = model.cond_from_codes(model.encode(images(1, 32, seed=17)))
+    session = inference.PixelDecoderSession(decoder, cond)
+    generator = torch.Generator().manual_seed(18)
+    t = torch.tensor([0.3])
+    with torch.no_grad():
+        for height, width in [(32, 32), (48, 40), (16, 16), (32, 32)]:
+            x = torch.randn(1, 3, height, width, generator=generator)
+            assert_same(session.velocity(x, t, 0, 4), decoder(x, t, cond[:, 0:4]))
