@@ -1,0 +1,211 @@
+"""Speed on GPUs, checked on the CPU: no host synchronisation per training step, a device-side non-finite
+guard that leaves a skipped step without a trace, compile resolution, TF32, FSDP's bf16 policy."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import autoregressive.train
+import tokenizer.train
+import utils.trainer
+from dataset.images import BadFileStats
+from tests.extraction_testing import REPO, make_image_folder
+from tests.test_train_user_errors import make_codes
+from utils.distributed import enable_tf32
+from utils.run import read_metrics
+from utils.training import InfiniteLoader, NonFiniteGuard, resolve_compile, step_unless_skipped, update_ema
+
+AR_TINY = REPO / "configs" / "ar" / "tiny.yaml"
+TOK_TINY = REPO / "configs" / "tokenizer" / "train_tiny.yaml"
+
+# Ops that copy a device value to the host (item / bool / int / float / tolist all end in
+# _local_scalar_dense) or wait for it to size their output.
+_SYNCING_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                torch.ops.aten.masked_select.default, torch.ops.aten.unique_consecutive.default,
+                torch.ops.aten._unique2.default, torch.ops.aten.equal.default}
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts the ops that would wait for a CUDA device; paused while the loader makes a batch (CPU workers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.paused = False
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func in _SYNCING_OPS and not self.paused:
+            self.count += 1
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def count_syncs_per_step(monkeypatch: pytest.MonkeyPatch, trainer: object) -> list[int]:
+    """Patch ``trainer.train_step`` and ``utils.trainer.record_step`` to count host syncs per step.
+
+    Log lines and checkpoints run outside these two: they are the steps allowed to read the device.
+    Python-level reads are counted too (``tolist`` does not dispatch an op on the CPU).
+    """
+    per_step: list[int] = []
+    counter = HostSyncCounter()
+    original_step, original_record = trainer.train_step, utils.trainer.record_step
+    original_tolist = torch.Tensor.tolist
+
+    def tolist(self: torch.Tensor) -> object:
+        if not counter.paused:
+            counter.count += 1
+            counter.seen.append("tolist")
+        return original_tolist(self)
+
+    def paused(fn: object) -> object:
+        def call(*args: object) -> object:
+            before, counter.paused = counter.paused, True
+            try:
+                return fn(*args)
+            finally:
+                counter.paused = before
+        return call
+
+    def train_step(*args: object) -> object:
+        counter.count = 0
+        with counter:
+            return original_step(*args)
+
+    def record_step(*args: object) -> None:
+        with counter:
+            original_record(*args)
+        per_step.append(counter.count)
+
+    monkeypatch.setattr(trainer, "train_step", train_step)
+    monkeypatch.setattr(utils.trainer, "record_step", record_step)
+    # Batches come from CPU workers in real runs, with their bad-file counts (CPU tensors): no device read.
+    # (The loader's epoch-end report, once per epoch, reads the device; it runs inside __next__.)
+    monkeypatch.setattr(InfiniteLoader, "__next__", paused(InfiniteLoader.__next__))
+    monkeypatch.setattr(BadFileStats, "update", paused(BadFileStats.update))
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    return per_step
+
+
+def test_gpt_training_steps_do_not_read_the_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    per_step = count_syncs_per_step(monkeypatch, autoregressive.train)
+    codes = make_codes(tmp_path / "codes")
+    out = tmp_path / "run"
+    argv = ["--config", str(AR_TINY), "--code-path", str(codes), "--results-dir", str(out), "--device", "cpu",
+            "--global-batch-size", "4", "--max-steps", "6", "--log-every", "3", "--ckpt-every", "6",
+            "--ema-decay", "0.9"]
+    autoregressive.train.main(*autoregressive.train.parse_args(argv))
+    assert per_step == [0] * 6
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [3, 6]
+
+
+def test_tokenizer_training_steps_do_not_read_the_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    per_step = count_syncs_per_step(monkeypatch, tokenizer.train)
+    images = make_image_folder(tmp_path / "images", per_class=(2, 2), bad=None)
+    recipe = yaml.safe_load(TOK_TINY.read_text())
+    recipe["model"] = "tiny"
+    recipe["train"].update(global_batch_size=2, max_steps=4, ckpt_every=4, sample_every=100, log_every=2)
+    recipe["train"]["loss"].update(perceptual_weight=0.0, repa_weight=0.0, gan_weight=0.5, gan_start_step=1)
+    path = tmp_path / "tok.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    argv = ["--config", str(path), "--data-path", str(images), "--results-dir", str(tmp_path / "run"),
+            "--device", "cpu"]
+    tokenizer.train.main(*tokenizer.train.parse_args(argv))
+    assert per_step == [0] * 4, per_step
+
+
+# ------------------------------------------------------------------------------------------------ the guard
+def _model_and_optimizer() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1, fused=True)
+    return model, optimizer
+
+
+def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: torch.nn.Module, poison: bool) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(torch.randn(2, 4)).square().mean() * (math.nan if poison else 1.0)
+    loss.backward()
+    ok = NonFiniteGuard.finite(loss)
+    step_unless_skipped(optimizer, ok)
+    update_ema(ema, model, 0.9, applied=ok)
+    return ok
+
+
+def test_a_skipped_step_leaves_parameters_moments_step_count_and_ema_exactly_unchanged() -> None:
+    model, optimizer = _model_and_optimizer()
+    ema = copy.deepcopy(model)
+    _step(model, optimizer, ema, poison=False)
+    before = copy.deepcopy((model.state_dict(), optimizer.state_dict(), ema.state_dict()))
+    assert not bool(_step(model, optimizer, ema, poison=True))
+    after = (model.state_dict(), optimizer.state_dict(), ema.state_dict())
+    torch.testing.assert_close(after[0], before[0], rtol=0, atol=0)
+    torch.testing.assert_close(after[1]["state"], before[1]["state"], rtol=0, atol=0)
+    torch.testing.assert_close(after[2], before[2], rtol=0, atol=0)
+    assert not hasattr(optimizer, "found_inf")
+    # An applied step after the skipped one equals the same step taken with no skipped step in between.
+    twin, twin_optimizer = _model_and_optimizer()
+    twin_ema = copy.deepcopy(twin)
+    twin.load_state_dict(before[0]), twin_optimizer.load_state_dict(before[1]), twin_ema.load_state_dict(before[2])
+    torch.manual_seed(1)
+    _step(model, optimizer, ema, poison=False)
+    torch.manual_seed(1)
+    _step(twin, twin_optimizer, twin_ema, poison=False)
+    torch.testing.assert_close(model.state_dict(), twin.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(ema.state_dict(), twin_ema.state_dict(), rtol=0, atol=0)
+    assert optimizer.state_dict()["state"][0]["step"].item() == 2
+
+
+def test_the_guard_counts_on_the_device_and_aborts_at_the_next_read() -> None:
+    guard = NonFiniteGuard(max_bad_steps=3)
+    for value in (1.0, math.nan, math.inf, 1.0, math.nan):
+        guard.record(guard.finite(torch.tensor(value)))
+    assert (guard.consecutive, guard.total) == (0, 0)  # nothing read yet
+    assert guard.sync() == 3
+    assert (guard.consecutive, guard.total) == (1, 3)
+    # A run of three that ended before the read still aborts: the longest run is kept on the device.
+    for value in (math.nan, math.nan, 1.0):
+        guard.record(guard.finite(torch.tensor(value)))
+    with pytest.raises(FloatingPointError, match="max-bad-steps=3"):
+        guard.state_dict()  # checkpoints read the guard first: nothing is written past the limit
+
+
+# ------------------------------------------------------------------------------------------------ switches
+def test_compile_is_auto_on_cuda_only_and_the_flags_force_it(tmp_path: Path) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert (resolve_compile("auto", cpu), resolve_compile("auto", cuda)) == (False, True)
+    assert (resolve_compile(True, cpu), resolve_compile(False, cuda)) == (True, False)
+    codes = make_codes(tmp_path / "codes")
+    base = ["--config", str(AR_TINY), "--code-path", str(codes), "--results-dir", str(tmp_path / "r")]
+    for trainer, extra in ((autoregressive.train, []),):
+        assert trainer.parse_args(base)[0].train.compile == "auto"
+        assert trainer.parse_args([*base, "--compile"])[0].train.compile is True
+        assert trainer.parse_args([*base, "--no-compile"])[0].train.compile is False
+    recipe = yaml.safe_load(TOK_TINY.read_text())
+    tok = ["--config", str(TOK_TINY), "--data-path", str(tmp_path), "--results-dir", str(tmp_path / "t")]
+    assert "compile" not in recipe["train"] and tokenizer.train.parse_args(tok)[0].train.compile == "auto"
+    assert tokenizer.train.parse_args([*tok, "--no-compile"])[0].train.compile is False
+    assert tokenizer.train.parse_args([*tok, "--compile"])[0].train.compile is True
+    # The resolved config a CPU run writes says what it did.
+    argv = [*base, "--device", "cpu", "--global-batch-size", "4", "--max-steps", "1"]
+    out = autoregressive.train.main(*autoregressive.train.parse_args(argv))
+    assert yaml.safe_load((Path(out["results_dir"]) / "config.yaml").read_text())["train"]["compile"] is False
+    with pytest.raises(ValueError, match="train.compile"):
+        autoregressive.train.parse_args([*base, "--set", "train.compile=sometimes"])
+
+
+def test_tf32_is_switched_on_for_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
+    enable_tf32(torch.device("cpu"))
+    assert calls == []
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    enable_tf32(torch.device("cuda", 0))
+    assert calls == ["high"] and torch.backends.cudnn.allow_tf32 is True
