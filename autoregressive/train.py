@@ -534,6 +534,8 @@ def build_model(cfg: ARTrainConfig, env: DistEnv, logger: Any) -> tuple[GPT, nn.
     ema = create_ema(model) if t.optim.ema_decay > 0 else None
     logger.info(f"GPT: {model.num_params() / 1e6:.1f}M parameters; EMA {'%g' % t.optim.ema_decay if ema else 'off'}")
     if t.fsdp:
+        logger.info("FSDP: " + ("bf16 parameters in forward and backward, fp32 gradient reduction and master weights"
+                                if t.precision == "bf16" else "fp32 throughout"))
         model = shard_model(model, t.precision)
         if ema is not None:
             ema = shard_model(ema)  # never runs a forward while training: fp32, no policy

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import autoregressive.train
 import tokenizer.train
 import utils.trainer
 from dataset.images import BadFileStats
-from tests.extraction_testing import REPO, make_image_folder
+from tests.extraction_testing import REPO, make_image_folder, run_module
 from tests.test_train_user_errors import make_codes
 from utils.distributed import enable_tf32
 from utils.run import read_metrics
@@ -209,3 +210,56 @@ def test_tf32_is_switched_on_for_cuda_only(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     enable_tf32(torch.device("cuda", 0))
     assert calls == ["high"] and torch.backends.cudnn.allow_tf32 is True
+
+
+# ------------------------------------------------------------------------------------------------ FSDP
+def _sharded_forward_dtypes(tmp_path: Path, precision: str) -> tuple[set[torch.dtype], torch.dtype, set[torch.dtype]]:
+    """(parameter dtypes the blocks compute with, logits dtype, gradient dtypes) of an FSDP2 GPT in one gloo rank."""
+    import torch.distributed as dist
+
+    from autoregressive.model import GPT, TransformerBlock
+    from tests.gpt_testing import tiny_config
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        model = autoregressive.train.shard_model(GPT(tiny_config()), precision)
+        seen: set[torch.dtype] = set()
+        for block in (m for m in model.modules() if isinstance(m, TransformerBlock)):
+            block.attention.register_forward_pre_hook(lambda m, args: seen.update(p.dtype for p in m.parameters()))
+        codes = torch.randint(0, model.config.vocab_size, (2, model.config.block_size))
+        logits = model(codes, torch.tensor([1, 2]))
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), codes.flatten()).backward()
+        grads = {p.grad.dtype for p in model.parameters() if p.grad is not None}
+        return seen, logits.dtype, grads
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_bf16_policy_gathers_bf16_parameters_and_keeps_fp32_gradients(tmp_path: Path) -> None:
+    seen, logits, grads = _sharded_forward_dtypes(tmp_path / "bf16", "bf16")
+    assert seen == {torch.bfloat16} and logits == torch.float32 and grads == {torch.float32}
+    seen, logits, grads = _sharded_forward_dtypes(tmp_path / "fp32", "fp32")
+    assert seen == {torch.float32} and logits == torch.float32 and grads == {torch.float32}
+    # With the policy the step runs without autocast; without FSDP (or in fp32) autocast stays as it was.
+    settings = autoregressive.train.ARTrainSettings
+    assert autoregressive.train.uses_fsdp_precision(settings(fsdp=True, precision="bf16"))
+    assert not autoregressive.train.uses_fsdp_precision(settings(fsdp=False, precision="bf16"))
+    assert not autoregressive.train.uses_fsdp_precision(settings(fsdp=True, precision="fp32"))
+
+
+@pytest.mark.slow
+def test_two_rank_fsdp_bf16_run_trains_with_finite_losses(tmp_path: Path) -> None:
+    codes = make_codes(tmp_path / "codes", count=16)
+    out = tmp_path / "run"
+    result = run_module("autoregressive.train", ["--config", str(AR_TINY), "--code-path", str(codes), "--results-dir",
+                                                 str(out), "--device", "cpu", "--global-batch-size", "4",
+                                                 "--max-steps", "4", "--log-every", "1", "--ckpt-every", "4",
+                                                 "--fsdp", "--precision", "bf16", "--ema-decay", "0.9"], nproc=2)
+    assert "FSDP: bf16 parameters in forward and backward, fp32 gradient reduction" in result.stderr
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
+    assert "skipped_steps" not in records[-1]
