@@ -202,14 +202,23 @@ def test_compile_is_auto_on_cuda_only_and_the_flags_force_it(tmp_path: Path) -> 
         autoregressive.train.parse_args([*base, "--set", "train.compile=sometimes"])
 
 
-def test_tf32_is_switched_on_for_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
-    monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
-    enable_tf32(torch.device("cpu"))
-    assert calls == []
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    enable_tf32(torch.device("cuda", 0))
-    assert calls == ["high"] and torch.backends.cudnn.allow_tf32 is True
+def test_tf32_is_switched_on_for_cuda_only() -> None:
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        enable_tf32(torch.device("cpu"))
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        enable_tf32(torch.device("cuda", 0))
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cudnn.allow_tf32
+        # Still readable both ways (torch.compile reads the legacy switch), also after the Inception's
+        # exact-fp32 block has turned TF32 off and back on.
+        from evaluations.metrics import exact_fp32
+
+        with exact_fp32():
+            assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 # ------------------------------------------------------------------------------------------------ FSDP

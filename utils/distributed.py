@@ -92,13 +92,19 @@ def enable_tf32(device: torch.device) -> None:
 
     TF32 keeps float32's range with a 10-bit mantissa in the products (sums stay float32): the
     fp32 parts of a bf16 run (the loss, the tokenizer's fp32 decoding) and fp32 runs get several
-    times faster. The CPU has no TF32, and its settings are left alone there, so CPU results (and
-    every equality test run on the CPU) are unchanged.
+    times faster; the official sampling script (LlamaGen's) switches it on too. The CPU has no TF32,
+    and its settings are left alone there, so CPU results (and every equality test run on the CPU)
+    are unchanged. The FID Inception turns it off again around its forward
+    (``evaluations.metrics.exact_fp32``) and restores it after.
+
+    Through the legacy switches on purpose: they also set the new per-backend ``fp32_precision``
+    values, and both stay readable (torch.compile reads the legacy ones), whereas setting only the
+    new ones makes every later legacy read raise "mix of the legacy and new APIs".
     """
     if device.type != "cuda":
         return
-    torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls (torch.backends.cuda.matmul)
-    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls
+    torch.backends.cudnn.allow_tf32 = True  # and for cuDNN convolutions (already torch's default)
 
 
 def cleanup_distributed() -> None:
