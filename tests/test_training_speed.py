@@ -136,7 +136,7 @@ def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: torch.n
     loss.backward()
     ok = NonFiniteGuard.finite(loss)
     step_unless_skipped(optimizer, ok)
-    update_ema(ema, model, 0.9, applied=ok)
+    update_ema(ema, model, torch.where(ok, torch.tensor(0.9, dtype=torch.float64), 1.0))
     return ok
 
 
@@ -272,3 +272,27 @@ def test_two_rank_fsdp_bf16_run_trains_with_finite_losses(tmp_path: Path) -> Non
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
     assert "skipped_steps" not in records[-1]
+
+
+def test_fused_adamw_skips_on_the_device_with_fsdp_parameters_too(tmp_path: Path) -> None:
+    """On CUDA, FSDP's DTensor parameters get the fused AdamW: the skip flag must work through DTensor."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=60))
+    try:
+        model, _ = _model_and_optimizer()
+        ema = copy.deepcopy(model)
+        fully_shard(model), fully_shard(ema)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1, fused=True)
+        full = lambda module: {k: v.full_tensor().clone() for k, v in module.state_dict().items()}  # noqa: E731
+        for poison, changes in ((False, True), (True, False)):
+            before, ema_before = full(model), full(ema)
+            _step(model, optimizer, ema, poison=poison)
+            after, ema_after = full(model), full(ema)
+            assert all(torch.equal(before[k], after[k]) != changes for k in before)
+            assert all(torch.equal(ema_before[k], ema_after[k]) != changes for k in ema_before)
+        assert all(state["step"].item() == 1 for state in optimizer.state.values())
+    finally:
+        dist.destroy_process_group()

@@ -291,7 +291,9 @@ def apply_update(state: TrainState, checks: list[torch.Tensor], *others: torch.o
     for optimizer in (state.optimizer, *others):
         step_unless_skipped(optimizer, ok)
     if state.ema is not None:
-        update_ema(state.ema, state.model, state.ema_decay, applied=ok)
+        # decay 1 on a skipped step: the EMA stays exactly as it was (decided on the device).
+        decay = torch.full((), state.ema_decay, dtype=torch.float64, device=ok.device)
+        update_ema(state.ema, state.model, torch.where(ok, decay, 1.0))
     return ok
 
 

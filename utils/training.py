@@ -179,22 +179,25 @@ def create_ema(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float, applied: torch.Tensor | None = None) -> None:
-    """``ema <- lerp(ema, model, 1 - decay)``; with the 0-dim boolean ``applied`` false, ``ema`` stays as it is.
+def update_ema(ema: nn.Module, model: nn.Module, decay: float | torch.Tensor) -> None:
+    """``ema <- lerp(ema, model, 1 - decay)``; buffers are copied.
 
-    ``applied`` masks the step on the device (weight 0 leaves every EMA value bit-exact), so a skipped
-    update needs no host synchronisation.
+    ``decay`` may be a 0-dim float64 tensor on the device (the trainers' skip flag: a skipped step
+    passes 1.0, which leaves every EMA value and buffer bit-exact), so nothing is read on the host.
     """
     ema_params = [p for p in ema.parameters()]
     params = [p.detach() for p in unwrap_model(model).parameters()]
-    if applied is None:
+    if not isinstance(decay, torch.Tensor):
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        keep = None
     else:
-        # One 0-dim weight tensor per parameter: a single tensor would be read on the host as a number.
-        weight = applied.to(torch.float32) * (1.0 - decay)
+        # 1 - decay in float64, then float32: the same weight as the float path. One 0-dim tensor per
+        # parameter: a single tensor would be read on the host as a number.
+        weight = (1.0 - decay.to(torch.float64)).to(torch.float32)
         torch._foreach_lerp_(ema_params, params, [weight] * len(ema_params))
+        keep = weight == 0
     for ema_buffer, buffer in zip(ema.buffers(), unwrap_model(model).buffers()):
-        ema_buffer.copy_(buffer if applied is None else torch.where(applied, buffer, ema_buffer))
+        ema_buffer.copy_(buffer if keep is None else torch.where(keep, ema_buffer, buffer))
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
