@@ -94,6 +94,7 @@ from utils.trainer import (
 from utils.training import (
     InfiniteLoader,
     NonFiniteGuard,
+    CompileSetting,
     OptimConfig,
     WandbLogger,
     add_common_train_args,
@@ -108,6 +109,7 @@ from utils.training import (
     finish_cli_config,
     learning_rate,
     normalise_common_args,
+    resolve_compile,
     set_lr,
     unwrap_model,
 )
@@ -175,7 +177,8 @@ class ARTrainSettings:
     # Recompute every transformer block in backward (GPT.set_activation_checkpointing): ~1/3 more
     # compute for far fewer stored activations; the trained network is the same.
     activation_checkpointing: bool = False
-    compile: bool = False
+    # torch.compile the GPT: "auto" = on CUDA, off on the CPU; true / false force it (--compile / --no-compile).
+    compile: CompileSetting = "auto"
     # Fine-tune: start from these GPT weights (official file, our checkpoint / folder / final/, hub id),
     # their EMA when they keep one; weights only, ignored when resuming.
     init_from: str | None = None
@@ -284,6 +287,7 @@ def check_settings(t: ARTrainSettings) -> None:
     check_optim(t.optim)
     if t.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision {t.precision!r}: use fp32 or bf16 (fp16 would need loss scaling)")
+    resolve_compile(t.compile, torch.device("cpu"))  # true, false or auto
     if not (math.isfinite(t.decay_epochs) and t.decay_epochs >= 0):
         raise ConfigError(f"train.decay_epochs must be a finite number >= 0, got {t.decay_epochs}")
 
@@ -484,15 +488,29 @@ def full_state_dict(module: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
     return holder.state_dict()
 
 
-def shard_model(model: GPT) -> GPT:
-    """FSDP2: each transformer block is one unit, the rest (embeddings, norm, head) the root unit."""
-    from torch.distributed.fsdp import fully_shard
+def shard_model(model: GPT, precision: str = "fp32") -> GPT:
+    """FSDP2: each transformer block is one unit, the rest (embeddings, norm, head) the root unit.
 
+    ``precision`` "bf16" gives FSDP's mixed-precision policy: the fp32 parameters (and the optimizer
+    state) stay sharded in fp32, every unit gathers them as bf16 for its forward and backward, and
+    gradients are reduced (and kept) in fp32. The step then runs without autocast
+    (:func:`uses_fsdp_precision`); the GPT computes its norms, rotary embeddings and logits in fp32
+    itself, and the loss is taken in fp32. "fp32" shards without a policy.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
+        else MixedPrecisionPolicy()
     for module in model.modules():
         if isinstance(module, TransformerBlock):
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     return model
+
+
+def uses_fsdp_precision(t: ARTrainSettings) -> bool:
+    """True when FSDP's bf16 policy already casts the forward (autocast on top would only add casts)."""
+    return t.fsdp and t.precision == "bf16"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -504,7 +522,8 @@ def check_run_settings(cfg: ARTrainConfig, env: DistEnv) -> tuple[ARTrainConfig,
     check_inputs(cfg.train.data)
     check_weights_source(cfg.train.init_from, "--init-from")
     t = cfg.train
-    t = replace(t, precision=default_precision(env.device) if t.precision == "auto" else t.precision)
+    t = replace(t, precision=default_precision(env.device) if t.precision == "auto" else t.precision,
+                compile=resolve_compile(t.compile, env.device))
     if t.global_batch_size % (env.world_size * t.grad_accum_steps):
         raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by world size "
                           f"{env.world_size} x grad_accum_steps {t.grad_accum_steps}")
@@ -555,13 +574,18 @@ def build_model(cfg: ARTrainConfig, env: DistEnv, logger: Any,
     if init_state is not None:
         model.load_state_dict(init_state, strict=True)
         logger.info(f"initialised from {t.init_from}")
+    # Codes were range-checked when written (or come from the tokenizer), labels in build_data: the
+    # per-step checks would only add host synchronisations.
+    model.check_input_values = False
     ema = create_ema(model) if t.optim.ema_decay > 0 else None
     sample_draws.install(model)  # per-sample dropout draws: the same at any world size
     logger.info(f"GPT: {model.num_params() / 1e6:.1f}M parameters; EMA {'%g' % t.optim.ema_decay if ema else 'off'}")
     if t.fsdp:
-        model = shard_model(model)
+        logger.info("FSDP: " + ("bf16 parameters in forward and backward, fp32 gradient reduction and master weights"
+                                if t.precision == "bf16" else "fp32 throughout"))
+        model = shard_model(model, t.precision)
         if ema is not None:
-            ema = shard_model(ema)
+            ema = shard_model(ema)  # never runs a forward while training: fp32, no policy
     if t.compile:
         # In place (state-dict keys keep their names); after sharding, as FSDP2 expects.
         model.compile()
@@ -661,8 +685,8 @@ def train_step(source: CodeSource, t: ARTrainSettings, ctx: RunContext, state: T
         codes, labels = source(batch)  # (B, N), (B,)
         with gradient_sync(state.trained, len(records) == t.grad_accum_steps - 1), \
                 sample_draws.keys_of(state.model).use(draw_keys(batch, state.loader, t.seed, ctx.env.device)):
-            with autocast(ctx.env.device, t.precision):
-                logits = state.trained(codes, labels)  # (B, N, V)
+            with autocast(ctx.env.device, "fp32" if uses_fsdp_precision(t) else t.precision):
+                logits = state.trained(codes, labels)  # (B, N, V), float32
             loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
             (loss / t.grad_accum_steps).backward()
         records.append({"loss": loss.detach()})

