@@ -351,8 +351,9 @@ class GPT(nn.Module):
         ``start``: input_pos[0] as a Python int, with input_pos = start..start+S-1 (the decode loop
         knows it without reading the device). In an eager one-position step the cache is then written
         by a slice and attention runs over its filled part only, so a step's attention grows with the
-        position instead of costing the whole cache every time; the logits are bit-identical to those
-        of the full masked cache. Ignored under torch.compile, where the whole cache under the mask
+        position instead of costing the whole cache every time; on the CPU the logits are bit-identical
+        to those of the full masked cache (tests check it; CUDA may pick another attention kernel for the
+        unmasked call, equal up to rounding). Ignored under torch.compile, where the whole cache under the mask
         keeps the shapes static (CUDA graphs replay one shape), and for several positions.
         """
         if torch.compiler.is_compiling():
