@@ -42,7 +42,7 @@ class CachedDecoder(Protocol):
                      device: torch.device | str | None = None) -> None: ...
 
     def forward_cached(self, input_pos: torch.Tensor, codes: torch.Tensor | None = None,
-                       labels: torch.Tensor | None = None) -> torch.Tensor: ...
+                       labels: torch.Tensor | None = None, *, start: int | None = None) -> torch.Tensor: ...
 
     def check_labels(self, labels: torch.Tensor, allow_null: bool = True) -> None: ...
 
@@ -194,14 +194,18 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative > top_p
-        # Shift right by one: the token that crosses p is kept, and position 0 can never be dropped.
-        drop_sorted = torch.cat([torch.zeros_like(drop_sorted[..., :1]), drop_sorted[..., :-1]], dim=-1)
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, -math.inf)
+        logits = logits.masked_fill(_top_p_drop(logits, top_p), -math.inf)
     return logits
+
+
+def _top_p_drop(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(B, V) bool: the entries top-p removes (see :func:`filter_logits`)."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative > top_p
+    # Shift right by one: the token that crosses p is kept, and position 0 can never be dropped.
+    drop_sorted = torch.cat([torch.zeros_like(drop_sorted[..., :1]), drop_sorted[..., :-1]], dim=-1)
+    return drop_sorted.scatter(-1, order, drop_sorted)
 
 
 def sample_token(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.0,
@@ -223,6 +227,35 @@ def apply_guidance(logits: torch.Tensor, scale: torch.Tensor | float) -> torch.T
     """Logits (2B, V) of [conditional; null-class] rows → u + s·(c − u), shape (B, V)."""
     cond, uncond = logits.chunk(2, dim=0)
     return uncond + (cond - uncond) * scale
+
+
+def select_token(logits: torch.Tensor, uniforms: torch.Tensor, scale: torch.Tensor | float = 1.0,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 guided: bool = False) -> torch.Tensor:
+    """``sample_token(apply_guidance(logits, scale) if guided else logits, ...)`` with equal results, fused.
+
+    logits (B', V) (B' = 2B when guided), uniforms (B,) → (B,) int64. Guidance, temperature and the
+    top-k/top-p masks are applied in place on one (B, V) working buffer, and the CDF is accumulated
+    in place in the softmax's output: four (B, V) temporaries fewer per token than the separate
+    functions. Every arithmetic step is the one of the separate functions, in the same order
+    (x/1 and x + 0 are exact), so the chosen tokens are identical. ``logits`` is not modified.
+    """
+    if guided:
+        cond, uncond = logits.float().chunk(2, dim=0)
+        work = torch.sub(cond, uncond).mul_(scale).add_(uncond)  # u + (c − u)·s, as apply_guidance
+        if temperature != 1.0:
+            work.div_(max(temperature, MIN_TEMPERATURE))
+    else:
+        work = logits.float() / max(temperature, MIN_TEMPERATURE)  # a copy: the caller's logits stay intact
+    if top_k > 0:
+        kth = torch.topk(work, min(top_k, work.shape[-1]), dim=-1).values[..., -1:]
+        work.masked_fill_(work < kth, -math.inf)
+    if top_p < 1.0:
+        work.masked_fill_(_top_p_drop(work, top_p), -math.inf)
+    cdf = work.softmax(dim=-1).cumsum_(dim=-1)  # (B, V)
+    total = cdf[:, -1:]
+    target = torch.minimum(uniforms[:, None].to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
 def draw_uniforms(
@@ -271,18 +304,40 @@ def prefill(model: CachedDecoder, labels: torch.Tensor, prefix_codes: torch.Tens
 
 
 def guided_logits(model: CachedDecoder, tokens: torch.Tensor, input_pos: torch.Tensor, scale: torch.Tensor,
-                  guided: bool) -> torch.Tensor:
-    """The model half of a decode step: feed tokens (B', 1) at input_pos (1,) → logits (B, V), guided."""
-    logits = model.forward_cached(input_pos, codes=tokens)[:, -1]  # (B', V)
+                  guided: bool, start: int | None = None) -> torch.Tensor:
+    """The model half of a decode step: feed tokens (B', 1) at input_pos (1,) → logits (B, V), guided.
+
+    ``start`` (input_pos as a Python int) lets the eager model attend to the filled cache only.
+    """
+    logits = model.forward_cached(input_pos, codes=tokens, start=start)[:, -1]  # (B', V)
     return apply_guidance(logits, scale) if guided else logits
 
 
 def decode_one_token(model: CachedDecoder, tokens: torch.Tensor, input_pos: torch.Tensor, scale: torch.Tensor,
                      uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                     guided: bool) -> torch.Tensor:
-    """Feed tokens (B', 1) at input_pos (1,) and pick the next token (B,); B' = 2B when guided."""
+                     guided: bool, start: int | None = None) -> torch.Tensor:
+    """Feed tokens (B', 1) at input_pos (1,) and pick the next token (B,); B' = 2B when guided.
+
+    ``start``: input_pos[0] as a Python int, which :func:`iter_decode` passes to eager steps so the
+    model attends to the filled part of its cache only (same logits). The sampler is the fused
+    :func:`select_token`; :func:`reference_decode_one_token` is the unfused step kept as a baseline.
+    """
+    logits = model.forward_cached(input_pos, codes=tokens, start=start)[:, -1]  # (B', V)
+    return select_token(logits, uniforms, scale, temperature, top_k, top_p, guided)
+
+
+def reference_decode_one_token(model: CachedDecoder, tokens: torch.Tensor, input_pos: torch.Tensor,
+                               scale: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_k: int,
+                               top_p: float, guided: bool) -> torch.Tensor:
+    """The decode step before the fast paths: the whole cache under the causal mask, then
+    :func:`apply_guidance` and :func:`sample_token` as separate passes. Same tokens as
+    :func:`decode_one_token`; benchmarks and tests measure and check the fast step against it."""
     return sample_token(guided_logits(model, tokens, input_pos, scale, guided), uniforms, temperature, top_k, top_p)
 
+
+# Eager steps that take the Python position. A set, not a function attribute: torch.compile's wrapper
+# copies a function's attributes, and a compiled step given a new int every token would recompile.
+POSITION_STEPS: set[Callable[..., torch.Tensor]] = {decode_one_token}
 
 DecodeStep = Callable[..., torch.Tensor]
 
@@ -292,17 +347,28 @@ def iter_decode(model: CachedDecoder, first: torch.Tensor, start_pos: int, scale
                 step: DecodeStep = decode_one_token) -> Iterator[torch.Tensor]:
     """From token first (B,) at position start_pos, yield uniforms.shape[1] more tokens (B,) one by one.
 
-    scales (n,) and uniforms (B, n) belong to the tokens being produced.
+    scales (n,) and uniforms (B, n) belong to the tokens being produced. The positions are counted
+    on the host, so the loop never waits for the device; the eager steps in ``POSITION_STEPS`` get them.
     """
-    current = first[:, None]
+    batch = first.shape[0]
+    takes_start = step in POSITION_STEPS
+    # One buffer for the fed tokens and for the positions, written in place each step (the guided
+    # [cond; null] rows share the token: the two halves are filled from the same values).
+    fed = first.new_empty(2 * batch if guided else batch, 1)
+    fed[:batch, 0] = first
+    if guided:
+        fed[batch:, 0] = first
     input_pos = torch.tensor([start_pos], device=first.device)
     for i in range(uniforms.shape[1]):
-        fed = torch.cat([current, current]) if guided else current
+        extra = {"start": start_pos + i} if takes_start else {}
         # clone: a CUDA-graph step reuses its output buffer on the next call.
-        nxt = step(model, fed, input_pos, scales[i], uniforms[:, i], temperature, top_k, top_p, guided).clone()
+        nxt = step(model, fed, input_pos, scales[i], uniforms[:, i], temperature, top_k, top_p, guided,
+                   **extra).clone()
         yield nxt
-        current = nxt[:, None]
-        input_pos = input_pos + 1
+        fed[:batch, 0] = nxt
+        if guided:
+            fed[batch:, 0] = nxt
+        input_pos.add_(1)
 
 
 def decode_n_tokens(model: CachedDecoder, first: torch.Tensor, start_pos: int, scales: torch.Tensor,
@@ -421,9 +487,7 @@ def _decode_stream(model: CachedDecoder, labels: torch.Tensor, uniforms: torch.T
     # The last code is never fed back, so positions 0..N-1 (class + N-1 codes) fill the cache.
     model.setup_caches(labels_in.shape[0], num_tokens, device=labels.device)
     logits = prefill(model, labels_in, prefix_in)  # (B', V)
-    if guided:
-        logits = apply_guidance(logits, scales[k])
-    first = sample_token(logits, uniforms[:, k], temperature, top_k, top_p)  # (B,)
+    first = select_token(logits, uniforms[:, k], scales[k], temperature, top_k, top_p, guided)  # (B,)
     yield first
     yield from iter_decode(model, first, k + 1, scales[k + 1:], uniforms[:, k + 1:], temperature, top_k, top_p,
                            guided, step=step)

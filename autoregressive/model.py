@@ -78,6 +78,13 @@ class FeedForward(nn.Module):
         return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
+# The cache length is a multiple of this, and the eager decode step attends to a multiple of it too:
+# the CPU attention kernels sum the softmax in 8-wide vector lanes, so attending to the filled part
+# rounded up to 8 (the rest masked) adds the same numbers in the same order as attending to the whole
+# masked cache, and the logits stay bit-identical; an unrounded length would regroup the last lanes.
+CACHE_ALIGN = 8
+
+
 class KVCache(nn.Module):
     """Preallocated keys/values (batch, kv_heads, max_len, head_dim); rows beyond the batch are unused."""
 
@@ -89,14 +96,25 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, kv_heads, S, hd) at positions input_pos (S,); return the (B, kv_heads, L, hd) caches."""
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, kv_heads, S, hd) at positions input_pos (S,); return the (B, kv_heads, L, hd) caches.
+
+        With ``start`` (input_pos is then start..start+S-1) the rows are written by a slice copy and only
+        the filled part is returned: L = start + S rounded up to CACHE_ALIGN (the caller masks the rest).
+        """
         batch = k.shape[0]
         if batch > self.k_cache.shape[0]:
             raise ValueError(
                 f"batch {batch} exceeds the KV cache batch {self.k_cache.shape[0]}; call setup_caches again"
             )
         k_all, v_all = self.k_cache[:batch], self.v_cache[:batch]
+        if start is not None:
+            end = start + k.shape[2]
+            k_all[:, :, start:end].copy_(k)
+            v_all[:, :, start:end].copy_(v)
+            filled = find_multiple(end, CACHE_ALIGN)
+            return k_all[:, :, :filled], v_all[:, :, :filled]
         k_all[:, :, input_pos] = k.to(k_all.dtype)
         v_all[:, :, input_pos] = v.to(v_all.dtype)
         return k_all, v_all
@@ -115,8 +133,13 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, S, D); with input_pos/mask the KV cache is written and attended over (mask: (S, L) bool)."""
+                mask: torch.Tensor | None = None, start: int | None = None) -> torch.Tensor:
+        """x (B, S, D); with input_pos/mask the KV cache is written and attended over (mask: (S, L) bool).
+
+        ``start`` (eager decoding): input_pos is start..start+S-1 and only the filled cache positions
+        are attended (0..start+S-1, rounded up to CACHE_ALIGN); ``mask`` is then (S, that length), or
+        None when the queries see all of it.
+        """
         batch, seq, _ = x.shape
         kv_dim = self.kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([self.dim, kv_dim, kv_dim], dim=-1)
@@ -128,7 +151,7 @@ class Attention(nn.Module):
         if input_pos is not None:
             if self.kv_cache is None:
                 raise RuntimeError("cached attention needs setup_caches() first")
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, kv_heads, L, hd)
+            k, v = self.kv_cache.update(input_pos, k, v, start)  # (B, kv_heads, L, hd)
         if self.kv_heads != self.n_head:
             # The cache stores only the KV heads (that is what GQA saves); share them per query group here.
             k = k.repeat_interleave(self.n_head // self.kv_heads, dim=1)
@@ -136,7 +159,9 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=None if mask is None else mask[None, None],
-            is_causal=mask is None,
+            # Only training (no cache) is plainly causal; a cached call without a mask is one query
+            # over the filled cache, which it sees whole.
+            is_causal=mask is None and input_pos is None,
             dropout_p=self.attn_dropout_p if self.training else 0.0,
         )  # (B, H, S, hd)
         out = out.transpose(1, 2).reshape(batch, seq, self.dim)
@@ -178,8 +203,8 @@ class TransformerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = x + self.drop_path(self.attention(self.attention_norm(x), rope, input_pos, mask))
+                mask: torch.Tensor | None = None, start: int | None = None) -> torch.Tensor:
+        h = x + self.drop_path(self.attention(self.attention_norm(x), rope, input_pos, mask, start))
         return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
 
 
@@ -320,13 +345,23 @@ class GPT(nn.Module):
         return self._head(h)
 
     def forward_cached(self, input_pos: torch.Tensor, codes: torch.Tensor | None = None,
-                       labels: torch.Tensor | None = None) -> torch.Tensor:
+                       labels: torch.Tensor | None = None, *, start: int | None = None) -> torch.Tensor:
         """Incremental forward through the KV cache → logits (B, S, V) for positions input_pos (S,).
 
         With ``labels`` the class token comes first (input_pos must then start at 0), followed by
         ``codes`` (B, S-1) if given; without labels ``codes`` (B, S) are fed at input_pos. No input
         checks here: this is the hot decode step, its callers validate once.
+
+        ``start``: input_pos[0] as a Python int, with input_pos = start..start+S-1 (the decode loop
+        knows it without reading the device). In an eager one-position step the cache is then written
+        by a slice and attention runs over its filled part only, so a step's attention grows with the
+        position instead of costing the whole cache every time; on the CPU the logits are bit-identical
+        to those of the full masked cache (tests check it; CUDA may pick another attention kernel for the
+        unmasked call, equal up to rounding). Ignored under torch.compile, where the whole cache under the mask
+        keeps the shapes static (CUDA graphs replay one shape), and for several positions.
         """
+        if torch.compiler.is_compiling():
+            start = None
         if self.causal_mask is None:
             raise RuntimeError("call setup_caches() before cached decoding")
         parts = []
@@ -335,10 +370,21 @@ class GPT(nn.Module):
         if codes is not None:
             parts.append(self.tok_embeddings(codes))
         h = self.tok_dropout(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])  # (B, S, D)
-        rope = self._rope_on(h.device)[input_pos]
-        mask = self.causal_mask[input_pos]  # (S, L)
+        seq = h.shape[1]
+        if seq != 1:
+            # Several queries (the prefill, once per generation) take the masked whole cache: the CPU
+            # kernel's blocking of a short multi-query attention depends on the key length.
+            start = None
+        if start is None:
+            rope = self._rope_on(h.device)[input_pos]
+            mask = self.causal_mask[input_pos]  # (S, L)
+        else:
+            end = start + 1
+            filled = find_multiple(end, CACHE_ALIGN)
+            rope = self._rope_on(h.device)[start:end]
+            mask = None if filled == end else self.causal_mask[start:end, :filled]  # (1, filled)
         for layer in self.layers:
-            h = layer(h, rope, input_pos, mask)
+            h = layer(h, rope, input_pos, mask, start)
         return self._head(h)
 
     # -- KV cache --------------------------------------------------------------------------------
@@ -350,7 +396,7 @@ class GPT(nn.Module):
         dtype = dtype or self.dtype
         device = torch.device(device) if device is not None else self.device
         # Rounded up to a multiple of 8 like the official cache, for aligned attention kernels.
-        length = find_multiple(max_len, 8)
+        length = find_multiple(max_len, CACHE_ALIGN)
         cfg = self.config
         shape = (max_batch, cfg.kv_heads, length, cfg.head_dim)
         current = self.layers[0].attention.kv_cache

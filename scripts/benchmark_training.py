@@ -1,6 +1,7 @@
-"""Tokenizer training speed and memory: images/s and peak memory, gradient checkpointing off vs on.
+"""Training speed and memory: the tokenizer (checkpointing off vs on) and GPT-B (fast vs baseline paths).
 
-    python -m scripts.benchmark_training                                  # tiny and v1, small CPU batches
+    python -m scripts.benchmark_training                                  # GPT-B forward and training step
+    python -m scripts.benchmark_training --configs tiny,v1                # the tokenizer, small CPU batches
     python -m scripts.benchmark_training --device cuda --batch-v1 32      # realistic GPU batch, bf16
 
 One measurement is one full training step of ``tokenizer.train`` (forward, every loss term of the
@@ -13,6 +14,17 @@ ratio to the baseline of the same config measured in the same run (checkpointing
 On CUDA, ``--sdpa-only`` (default on) runs the timed steps with SDPA restricted to the flash and
 memory-efficient kernels, so the benchmark fails loudly if some attention call would fall back to
 the slow math kernel. On a shared machine other processes' load distorts all numbers.
+
+``--configs GPT-B`` (or ``gpt-tiny``) measures the GPT in this process, each path against its baseline
+in the same run (interleaved, warm-up first, min / median of ``--repeats`` calls, peak memory rise):
+
+- teacher-forcing forward, no grad, ``--gpt-batch`` × 256 codes: the default forward (SDPA's fused
+  attention) against the same forward with SDPA restricted to its unfused math kernel; logits compared
+  (max relative difference, 1e-5 allowed).
+- training step (forward, cross-entropy, backward, clipping, AdamW) at ``--gpt-train-batch`` × 256:
+  ``build_optimizer``'s fused AdamW against the per-tensor AdamW loop, parameters after the step
+  compared; and activation checkpointing on (memory against speed).
+``--quick``: 64 codes, batch 1, the smallest run that exercises every path.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import contextlib
 import json
 import logging
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -29,6 +42,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from autoregressive.config import GPT_PRESETS
+from autoregressive.model import GPT
+from scripts.benchmark_sampling import interleaved, peak_memory_mib
 
 from tokenizer.config import TOKENIZER_PRESETS
 from tokenizer.model import DARTokenizer
@@ -41,6 +60,7 @@ from utils.errors import run_cli
 # REPA encoder / discriminator presets that fit each tokenizer preset's REPA head and image size.
 REPA_PRESET = {"tiny": "tiny", "v1": "dinov2_vitb14"}
 IMAGE_SIZE = {"tiny": 32, "v1": 256}
+GPT_CONFIGS = ("GPT-B", "gpt-tiny")
 
 
 def measure(config_name: str, grad_ckpt: bool, batch: int, steps: int, device: torch.device, sdpa_only: bool) -> dict:
@@ -92,6 +112,111 @@ def measure(config_name: str, grad_ckpt: bool, batch: int, steps: int, device: t
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
+# ------------------------------------------------------------------------------------------------
+# GPT
+# ------------------------------------------------------------------------------------------------
+def _gpt(name: str, tokens: int, device: torch.device) -> GPT:
+    config = GPT_PRESETS["GPT-B" if name == "GPT-B" else "tiny"]
+    config = replace(config, block_size=tokens, attn_dropout_p=0.0)
+    torch.manual_seed(0)
+    gpt = GPT(config)
+    torch.nn.init.normal_(gpt.output.weight, std=0.02)  # the real zero init would make the logits trivial
+    return gpt.to(device)
+
+
+def _relative(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    scale = reference.abs().max().item()
+    return (ours - reference).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def _row(times: list[float], memory: float | None) -> dict:
+    return {"min_s": min(times), "median_s": statistics.median(times), "times_s": times, "peak_rise_mib": memory}
+
+
+def gpt_measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """GPT forward and training step, each fast path against its baseline in this process."""
+    tokens = 64 if args.quick else 256
+    gpt = _gpt(name, tokens, device)
+    vocab, classes = gpt.config.vocab_size, gpt.config.num_classes
+    gen = torch.Generator().manual_seed(0)
+    report: dict = {"config": name, "tokens": tokens}
+
+    batch = 1 if args.quick else args.gpt_batch
+    codes = torch.randint(0, vocab, (batch, tokens), generator=gen).to(device)
+    labels = torch.randint(0, classes, (batch,), generator=gen).to(device)
+    gpt.eval()
+
+    @torch.no_grad()
+    def forward(math: bool) -> torch.Tensor:
+        if not math:
+            return gpt(codes, labels)
+        with sdpa_kernel(SDPBackend.MATH):
+            return gpt(codes, labels)
+
+    calls = {"baseline": lambda: forward(True), "fast": lambda: forward(False)}
+    memory, out = {}, {}
+    for key, fn in calls.items():
+        memory[key], out[key] = peak_memory_mib(fn, device)
+    times = interleaved(calls, device, args.repeats)
+    report["forward"] = {"batch": batch, **{k: _row(times[k], memory[k]) for k in calls},
+                         "logits_rel_diff": _relative(out["fast"], out["baseline"])}
+    del out
+
+    batch = 1 if args.quick else args.gpt_train_batch
+    codes = torch.randint(0, vocab, (batch, tokens), generator=gen).to(device)
+    labels = torch.randint(0, classes, (batch,), generator=gen).to(device)
+    gpt.train()
+    start_state = {k: v.clone() for k, v in gpt.state_dict().items()}
+    optim = OptimConfig(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+
+    def make_step(fused: bool, ckpt: bool):
+        optimizer = build_optimizer(gpt, optim, device)
+        if not fused:
+            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+            optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, foreach=False)
+
+        def step() -> dict:
+            gpt.load_state_dict(start_state)  # every call is the same first step, so the results compare
+            gpt.set_activation_checkpointing(ckpt)
+            torch.manual_seed(1)  # dropout draws
+            loss = F.cross_entropy(gpt(codes, labels).flatten(0, 1), codes.flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(gpt.parameters(), optim.grad_clip)
+            optimizer.step()
+            return {k: v.detach().clone() for k, v in gpt.named_parameters()}
+
+        return step
+
+    calls = {"baseline": make_step(False, False), "fast": make_step(True, False), "fast+ckpt": make_step(True, True)}
+    memory, params = {}, {}
+    for key, fn in calls.items():
+        memory[key], params[key] = peak_memory_mib(fn, device)
+    times = interleaved(calls, device, args.repeats)
+    diff = {key: max(_relative(params[key][n], params["baseline"][n]) for n in params["baseline"])
+            for key in ("fast", "fast+ckpt")}
+    report["train"] = {"batch": batch, **{k: _row(times[k], memory[k]) for k in calls}, "params_rel_diff": diff}
+    return report
+
+
+def print_gpt(report: dict) -> None:
+    for part, label in (("forward", "teacher-forcing forward, no grad"), ("train", "training step")):
+        r = report[part]
+        print(f"{report['config']} {label}, batch {r['batch']} x {report['tokens']} codes (min / median s, peak rise):")
+        base = r["baseline"]
+        for key in [k for k in r if k in ("baseline", "fast", "fast+ckpt")]:
+            row = r[key]
+            mem = "n/a" if row["peak_rise_mib"] is None else f"{row['peak_rise_mib']:.0f} MiB"
+            ratio = (f"  speed-up {base['min_s'] / row['min_s']:.2f}x / {base['median_s'] / row['median_s']:.2f}x"
+                     if key != "baseline" else "")
+            print(f"  {key:10s} {row['min_s']:8.3f} / {row['median_s']:8.3f} s  peak rise {mem}{ratio}")
+        if part == "forward":
+            print(f"  logits max relative difference fast vs baseline: {r['logits_rel_diff']:.2e} (allowed 1e-5)")
+        else:
+            print("  parameters after the step, max relative difference vs baseline: "
+                  + ", ".join(f"{k} {v:.2e}" for k, v in r["params_rel_diff"].items()))
+
+
 def _sdpa_fast_kernels():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -108,24 +233,30 @@ def format_row(row: dict, base: dict) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = OneLineArgumentParser(prog="python -m scripts.benchmark_training", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", type=lambda t: t.split(","), default=["tiny", "v1"], help="tiny and/or v1")
+    parser.add_argument("--configs", type=lambda t: t.split(","), default=["GPT-B"],
+                        help="comma-separated: tiny, v1 (tokenizer), GPT-B, gpt-tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-tiny", type=int, default=None, help="default 8 on CPU, 256 on GPU")
     parser.add_argument("--batch-v1", type=int, default=None, help="default 1 on CPU, 32 on GPU")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 2 on CPU, 10 on GPU)")
     parser.add_argument("--no-sdpa-only", dest="sdpa_only", action="store_false",
                         help="allow the math SDPA kernel on CUDA")
+    parser.add_argument("--gpt-batch", type=int, default=8, help="GPT forward batch (x 256 codes)")
+    parser.add_argument("--gpt-train-batch", type=int, default=None, help="GPT training batch (default 2 on CPU, 8 on GPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="GPT: timed calls per path after the warm-up")
+    parser.add_argument("--quick", action="store_true", help="GPT: 64 codes, batch 1 (a smoke run)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # "config,ckpt": one measurement
     args = parser.parse_args(argv)
-    unknown = [c for c in args.configs if c not in IMAGE_SIZE]
+    unknown = [c for c in args.configs if c not in IMAGE_SIZE and c not in GPT_CONFIGS]
     if unknown:
-        parser.error(f"unknown config(s) {unknown}; choose from {', '.join(IMAGE_SIZE)}")
+        parser.error(f"unknown config(s) {unknown}; choose from {', '.join((*IMAGE_SIZE, *GPT_CONFIGS))}")
     gpu = args.device.startswith("cuda")
     args.batch_tiny = args.batch_tiny or (256 if gpu else 8)
     args.batch_v1 = args.batch_v1 or (32 if gpu else 1)
     args.steps = args.steps or (10 if gpu else 2)
+    args.gpt_train_batch = args.gpt_train_batch or (8 if gpu else 2)
     return args
 
 
@@ -142,7 +273,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(f"device {args.device}, {torch.get_num_threads()} threads, {args.steps} timed steps per row")
     rows = []
     passthrough = list(argv if argv is not None else sys.argv[1:])
-    for name in args.configs:
+    for name in [c for c in args.configs if c in GPT_CONFIGS]:
+        report = gpt_measure(name, args, torch.device(args.device))
+        print_gpt(report)
+        rows.append(report)
+    for name in [c for c in args.configs if c in IMAGE_SIZE]:
         base = None
         for ckpt in ("off", "on"):
             child = subprocess.run([sys.executable, "-m", "scripts.benchmark_training", *passthrough,

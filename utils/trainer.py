@@ -210,10 +210,12 @@ def resume(state: TrainState, ctx: RunContext, path: str) -> None:
     # Elastic runs draw nothing that matters from the RNG streams, so not restoring them on another
     # world size is harmless: check_elastic says what does matter instead.
     log = (lambda message: None) if ctx.elastic else ctx.logger.warning
+    kernels = _kernel_choices(state)
     if is_sharded_checkpoint(path):
         extra = load_sharded_checkpoint(path, env, *_sharded_parts(state), log=log)
     else:
         extra = load_train_checkpoint(path, env, state.modules, state.optimizers, log=log)
+    _restore_kernel_choices(kernels)
     if ctx.elastic:
         check_elastic(extra, ctx, path)
     state.step = extra["step"]
@@ -230,6 +232,25 @@ def resume(state: TrainState, ctx: RunContext, path: str) -> None:
         ctx.logger.warning(f"config changed since the checkpoint: {diff}")
     ctx.run.truncate_metrics(state.step)
     ctx.logger.info(f"resumed from {path} at step {state.step}")
+
+
+_KERNEL_FLAGS = ("fused", "foreach")
+
+
+def _kernel_choices(state: TrainState) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each optimizer group's kernel flags as this launch built them."""
+    optimizers = {id(o): o for o in (state.optimizer, *state.optimizers.values())
+                  if isinstance(o, torch.optim.Optimizer)}
+    return [(group, {k: group[k] for k in _KERNEL_FLAGS if k in group})
+            for optimizer in optimizers.values() for group in optimizer.param_groups]
+
+
+def _restore_kernel_choices(choices: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+    """``Optimizer.load_state_dict`` copies the saved groups' ``fused`` / ``foreach`` flags, i.e. the kernel
+    the *writing* launch picked (an FSDP run on the CPU uses the per-tensor loop); the kernel is this
+    launch's choice, and the on-device skip of a non-finite step needs the fused one."""
+    for group, flags in choices:
+        group.update(flags)
 
 
 def check_elastic(extra: dict[str, Any], ctx: RunContext, path: str) -> None:

@@ -314,7 +314,7 @@ def step_unless_skipped(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> N
     parameters, both moments and the step count stay exactly as they were, and nothing is read on the
     host. Other optimizers read ``ok`` on the host (one synchronisation per step).
     """
-    if not optimizer.defaults.get("fused"):
+    if not all(group.get("fused") for group in optimizer.param_groups):  # groups decide, after a load too
         if bool(ok):
             optimizer.step()
         return
