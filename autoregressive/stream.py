@@ -23,7 +23,16 @@ bit for bit in fp32 (tests/test_stream_pipelining.py). ``decoder_threads`` gives
 another thread count; CPU kernels may split their sums by thread count, so that can change the
 rounding (~1e-5 measured on the tiny models) and is not exact. Default (``pipeline=None``): the
 path measured faster on the device, see :data:`PIPELINE_BY_DEFAULT` and docs/performance.md,
-"Streaming (D-AR pipelining)": PIPELINE_NUMBERS.
+"Streaming (D-AR pipelining)". CPU default: sequential. On the 2-core machine where this was written
+(shared, load ≈ 10) the tiny models with ``OMP_WAIT_POLICY=PASSIVE`` gave first preview 0.02 / 0.13 s
+sequential vs 0.05 / 0.10 s pipelined and final image 0.08 / 0.35 s vs 0.16 / 0.18 s (min / median,
+5 repeats): no gain beyond the noise; two busy threads per core have no idle core to fill. With
+libgomp's default spin-waiting the pipelined path looked 9-17x faster there (final 0.75 / 2.0 s vs
+12.6 / 17.9 s), but only because four OpenMP threads on two cores switch libgomp to short spins,
+which an overloaded machine rewards: an artifact, not pipelining. The GPT-B + tokenizer-v1 runs did
+not finish on that machine in the time available. CUDA default: pipelined, by construction (the
+side stream overlaps at no host cost); not measured on a GPU yet (scripts/benchmark_streaming.py
+--device cuda measures it).
 
 Randomness. With ``seeds`` every sample b draws its code uniforms from ``seeds[b]`` (see
 :func:`autoregressive.generate.draw_uniforms`) and its pixel noise from :func:`noise_seed` of it, so
@@ -57,7 +66,7 @@ NOISE_STREAM = 0x5EED_0F_A1
 # Placeholder for codes not generated yet: any valid code works, the causal code decoder never reads it.
 PLACEHOLDER_CODE = 0
 # Device types where the pipelined path is the default (see the module docstring for the measurements).
-PIPELINE_BY_DEFAULT = ("cuda", "cpu")
+PIPELINE_BY_DEFAULT = ("cuda",)
 
 
 @dataclass(frozen=True)

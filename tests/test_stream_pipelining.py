@@ -16,6 +16,7 @@ import torch
 from autoregressive import GPT, StreamStep, stream
 from autoregressive.sample import main as sample_main
 from autoregressive.stream import PIPELINE_BY_DEFAULT, default_pipeline
+from scripts import benchmark_streaming
 from tests.extraction_testing import make_tokenizer
 from tests.gpt_testing import random_gpt
 from tokenizer import DARTokenizer
@@ -133,3 +134,9 @@ def test_cuda_side_stream_records_equal_sequential(gpt: GPT, tokenizer: DARToken
         assert_same_records(*runs)
     finally:
         tokenizer.to("cpu")
+
+
+def test_benchmark_tiny_runs_and_checks_equality(tmp_path: Path) -> None:
+    result = benchmark_streaming.main(["--tiny", "--repeats", "1", "--json", str(tmp_path / "bench.json")])
+    assert result["outputs_equal"] is True
+    assert set(result["sequential"]) == {"first", "final"} and (tmp_path / "bench.json").is_file()
