@@ -24,15 +24,17 @@ another thread count; CPU kernels may split their sums by thread count, so that 
 rounding (~1e-5 measured on the tiny models) and is not exact. Default (``pipeline=None``): the
 path measured faster on the device, see :data:`PIPELINE_BY_DEFAULT` and docs/performance.md,
 "Streaming (D-AR pipelining)". CPU default: sequential. On the 2-core machine where this was written
-(shared, load ≈ 10) the tiny models with ``OMP_WAIT_POLICY=PASSIVE`` gave first preview 0.02 / 0.13 s
+(shared, load ≈ 10, ``OMP_WAIT_POLICY=PASSIVE``) GPT-B + tokenizer v1 decoding at 128² gave first
+preview 5.29 / 5.71 s sequential vs 6.32 / 6.76 s pipelined and final image 40.70 / 61.10 s vs
+39.76 / 43.68 s (min / median, 3 repeats): the first preview comes later, the final image no
+earlier by the min. The tiny models with ``OMP_WAIT_POLICY=PASSIVE`` gave first preview 0.02 / 0.13 s
 sequential vs 0.05 / 0.10 s pipelined and final image 0.08 / 0.35 s vs 0.16 / 0.18 s (min / median,
 5 repeats): no gain beyond the noise; two busy threads per core have no idle core to fill. With
 libgomp's default spin-waiting the pipelined path looked 9-17x faster there (final 0.75 / 2.0 s vs
 12.6 / 17.9 s), but only because four OpenMP threads on two cores switch libgomp to short spins,
-which an overloaded machine rewards: an artifact, not pipelining. The GPT-B + tokenizer-v1 runs did
-not finish on that machine in the time available. CUDA default: pipelined, by construction (the
-side stream overlaps at no host cost); not measured on a GPU yet (scripts/benchmark_streaming.py
---device cuda measures it).
+which an overloaded machine rewards: an artifact, not pipelining. The 256² run did not finish on
+that machine in the time available. CUDA default: pipelined, by construction (the side stream
+overlaps at no host cost); not measured on a GPU yet (scripts/benchmark_streaming.py --device cuda).
 
 Randomness. With ``seeds`` every sample b draws its code uniforms from ``seeds[b]`` (see
 :func:`autoregressive.generate.draw_uniforms`) and its pixel noise from :func:`noise_seed` of it, so
