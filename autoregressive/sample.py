@@ -203,6 +203,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--previews-per-label", type=int, default=None,
                         help="rows of --previews per label: its first K samples (default: all)")
     parser.add_argument("--gif", default=None, help="animated GIF of the whole grid, one frame per group")
+    parser.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --previews/--gif: decode group k while the GPT writes group k+1 (same images; "
+                             "default: the faster path measured on the device, see autoregressive.stream)")
     args = parser.parse_args(argv)
     if args.previews_per_label is not None:
         if not 1 <= args.previews_per_label <= args.samples_per_label:
@@ -215,15 +218,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 @torch.no_grad()
 def generate_grid(gpt: GPT, tokenizer: DARTokenizer, labels: torch.Tensor, seeds: list[int], batch_size: int,
-                  streamed: bool, precision: str, **kwargs) -> tuple[np.ndarray, list[np.ndarray]]:
+                  streamed: bool, precision: str, pipeline: bool | None = None,
+                  **kwargs) -> tuple[np.ndarray, list[np.ndarray]]:
     """(final images uint8 (B, H, W, 3), previews per group [uint8 (B, H, W, 3)] or [] unless streamed)."""
     finals, previews = [], []
     for start in range(0, len(seeds), batch_size):
         chunk_labels, chunk_seeds = labels[start : start + batch_size], seeds[start : start + batch_size]
         with autocast(gpt.device, precision):
             if streamed:
-                steps = [s.preview for s in stream(gpt, tokenizer, chunk_labels, seeds=chunk_seeds, **kwargs)
-                         if s.preview is not None]
+                steps = [s.preview for s in stream(gpt, tokenizer, chunk_labels, seeds=chunk_seeds,
+                                                   pipeline=pipeline, **kwargs) if s.preview is not None]
                 previews.append(np.stack([to_uint8(p) for p in steps], axis=1))  # (b, groups, H, W, 3)
                 finals.append(to_uint8(steps[-1]))
             else:
@@ -248,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     seeds = [image_seed(args.seed, i) for i in range(labels.shape[0])]
     streamed = bool(args.previews or args.gif)
     finals, per_group = generate_grid(gpt, tokenizer, labels, seeds, args.batch_size, streamed,
-                                      precision_of(args, device), **sampling_kwargs(args))
+                                      precision_of(args, device), pipeline=args.pipeline, **sampling_kwargs(args))
 
     rows = lambda images: [images[r * n : (r + 1) * n] for r in range(len(args.labels))]  # noqa: E731
     written = {"grid": save_grid(rows(finals), args.out)}

@@ -13,6 +13,29 @@ condition tokens come from the code decoder run on the *full-length* sequence wi
 codes set to 0: the decoder is causal, so those placeholders cannot reach earlier rows, and with
 equal shapes each row is computed by exactly the same kernels as in ``decode``.
 
+Pipelining (``pipeline=True``). Pixel step k needs code groups ≤ k only, so it can run while the
+GPT writes group k + 1 instead of after it. On CUDA the pixel decoder runs on a side stream, ordered
+after group k's codes by an event, so one host thread keeps both streams busy; on the CPU it runs in
+a worker thread (torch releases the GIL in its ops) with the caller's intra-op thread count. A
+finished group is yielded as soon as its pixel steps are done (checked between GPT tokens). Both
+paths make the same calls on the same operands, so the records are identical, previews included,
+bit for bit in fp32 (tests/test_stream_pipelining.py). ``decoder_threads`` gives the CPU worker
+another thread count; CPU kernels may split their sums by thread count, so that can change the
+rounding (~1e-5 measured on the tiny models) and is not exact. Default (``pipeline=None``): the
+path measured faster on the device, see :data:`PIPELINE_BY_DEFAULT` and docs/performance.md,
+"Streaming (D-AR pipelining)". CPU default: sequential. On the 2-core machine where this was written
+(shared, load ≈ 10, ``OMP_WAIT_POLICY=PASSIVE``) GPT-B + tokenizer v1 decoding at 128² gave first
+preview 5.29 / 5.71 s sequential vs 6.32 / 6.76 s pipelined and final image 40.70 / 61.10 s vs
+39.76 / 43.68 s (min / median, 3 repeats): the first preview comes later, the final image no
+earlier by the min. The tiny models with ``OMP_WAIT_POLICY=PASSIVE`` gave first preview 0.02 / 0.13 s
+sequential vs 0.05 / 0.10 s pipelined and final image 0.08 / 0.35 s vs 0.16 / 0.18 s (min / median,
+5 repeats): no gain beyond the noise; two busy threads per core have no idle core to fill. With
+libgomp's default spin-waiting the pipelined path looked 9-17x faster there (final 0.75 / 2.0 s vs
+12.6 / 17.9 s), but only because four OpenMP threads on two cores switch libgomp to short spins,
+which an overloaded machine rewards: an artifact, not pipelining. The 256² run did not finish on
+that machine in the time available. CUDA default: pipelined, by construction (the side stream
+overlaps at no host cost); not measured on a GPU yet (scripts/benchmark_streaming.py --device cuda).
+
 Randomness. With ``seeds`` every sample b draws its code uniforms from ``seeds[b]`` (see
 :func:`autoregressive.generate.draw_uniforms`) and its pixel noise from :func:`noise_seed` of it, so
 a sample's codes depend only on its seed and label and its image (up to float rounding that can
@@ -21,9 +44,12 @@ differ with the batch size) on nothing else either.
 
 from __future__ import annotations
 
+import contextlib
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -41,6 +67,8 @@ if TYPE_CHECKING:
 NOISE_STREAM = 0x5EED_0F_A1
 # Placeholder for codes not generated yet: any valid code works, the causal code decoder never reads it.
 PLACEHOLDER_CODE = 0
+# Device types where the pipelined path is the default (see the module docstring for the measurements).
+PIPELINE_BY_DEFAULT = ("cuda",)
 
 
 @dataclass(frozen=True)
@@ -56,6 +84,11 @@ class StreamStep:
     @property
     def final(self) -> bool:
         return self.groups == self.num_groups
+
+
+def default_pipeline(device: torch.device | str) -> bool:
+    """Whether :func:`stream` pipelines by default on this device: the faster path measured there."""
+    return torch.device(device).type in PIPELINE_BY_DEFAULT
 
 
 class ModelPairError(UserError, ValueError):
@@ -155,6 +188,8 @@ def stream(
     sampler: str = "adams2",
     compile: bool = False,
     options: SamplingOptions | None = None,
+    pipeline: bool | None = None,
+    decoder_threads: int | None = None,
 ) -> Iterator[StreamStep]:
     """Generate images for labels (B,), yielding a :class:`StreamStep` after each of the G code groups.
 
@@ -163,42 +198,208 @@ def stream(
     ``noise`` are described in :func:`draw_randomness`; ``sampler`` is "adams2" or "euler". The last
     step's preview is the final image, equal to :func:`sample_images` with the same arguments.
     Arguments are validated when this is called, before the first step is requested.
+
+    ``pipeline``: run the pixel steps of group k while the GPT generates group k + 1 (module
+    docstring, "Pipelining"); the records are identical either way, only the timing changes. None
+    picks :func:`default_pipeline` for the tokenizer's device. ``decoder_threads``: intra-op threads
+    of the CPU decoder thread (default the caller's, the only exact choice).
     """
     per_group = check_pair(gpt, tokenizer)
+    if decoder_threads is not None and decoder_threads < 1:
+        raise ValueError(f"decoder_threads must be >= 1 or None, got {decoder_threads}")
     options = SamplingOptions.resolve(options, cfg_scale, temperature, top_k, top_p)
     labels, uniforms, noise = _sampling_inputs(gpt, tokenizer, labels, seeds, generator, noise)
     columns = iter_codes(gpt, labels, uniforms, options=options, prefix_codes=prefix_codes, compile=compile)
     state = tokenizer.start_sampler(labels.shape[0], noise, sampler=sampler)
-    return _stream_body(tokenizer, columns, state, per_group)
+    decoder = _GroupDecoder(tokenizer, state, per_group)
+    if pipeline is None:
+        pipeline = default_pipeline(tokenizer.device)
+    if not pipeline:
+        return _sequential_body(decoder, columns)
+    return _pipelined_body(decoder, columns, gpt.device, decoder_threads)
+
+
+class _GroupDecoder:
+    """The pixel-decoder side of a stream: advances the sampler by the steps each code prefix unlocks.
+
+    The sequential and the pipelined paths both call :meth:`advance` with the same prefixes in the
+    same order, so they run the same operations on the same operands and their previews are equal.
+    """
+
+    def __init__(self, tokenizer: "DARTokenizer", state: "SequentialSampler", per_group: int) -> None:
+        self.tokenizer = tokenizer
+        self.per_group = per_group
+        self.state = state
+        # The same length decode() feeds the code decoder, so every row sees identical matmul shapes.
+        self.cond_len = tokenizer.schedule.tokens_needed(state.num_steps)
+        self.padded: torch.Tensor | None = None  # (B, cond_len) known codes, placeholders after them
+        self.preview: torch.Tensor | None = None
+
+    def unlocks(self, n: int) -> bool:
+        """Whether a prefix of n codes unlocks the sampler's next step."""
+        state = self.state
+        return not state.done and self.tokenizer.schedule.window(state.step_index)[1] <= n
+
+    @torch.no_grad()
+    def advance(self, codes: torch.Tensor) -> StreamStep:
+        """codes (B, n), the whole prefix so far → the record of this group (the latest preview)."""
+        n = codes.shape[1]
+        tokenizer = self.tokenizer
+        if self.unlocks(n):
+            if self.padded is None:
+                self.padded = torch.full((codes.shape[0], self.cond_len), PLACEHOLDER_CODE, dtype=torch.long,
+                                         device=tokenizer.device)
+            known = min(n, self.cond_len)
+            self.padded[:, :known] = codes[:, :known].to(tokenizer.device)
+            # cond_from_codes minus its range check: the check reads the codes on the host, which on CUDA
+            # would stall the pipelined path; the GPT's codes lie in the codebook (check_pair) by construction.
+            cond = tokenizer.cond_from_quantized(tokenizer.quantize.lookup(self.padded))  # (B, cond_len, D)
+            while self.unlocks(n):
+                self.preview = tokenizer.sampler_step(self.state, cond, preview=True)
+        return StreamStep(groups=n // self.per_group, num_groups=tokenizer.config.num_query_groups, codes=codes,
+                          preview=self.preview, steps=self.state.step_index)
+
+
+def _group_prefixes(columns: Iterator[torch.Tensor], per_group: int) -> Iterator[torch.Tensor]:
+    """The (B, n) code prefixes at the end of each group, n = per_group, 2·per_group, ..."""
+    received: list[torch.Tensor] = []
+    for column in columns:
+        received.append(column)
+        if len(received) % per_group == 0:
+            yield torch.stack(received, dim=1)
 
 
 @torch.no_grad()
-def _stream_body(tokenizer: "DARTokenizer", columns: Iterator[torch.Tensor], state: "SequentialSampler",
-                 per_group: int) -> Iterator[StreamStep]:
-    schedule = tokenizer.schedule
-    num_groups = tokenizer.config.num_query_groups
-    # The same length decode() feeds the code decoder, so every row sees identical matmul shapes.
-    cond_len = schedule.tokens_needed(state.num_steps)
+def _sequential_body(decoder: _GroupDecoder, columns: Iterator[torch.Tensor]) -> Iterator[StreamStep]:
+    """Generate a group, then run the pixel steps it unlocks, then the next group: one thing at a time."""
+    for codes in _group_prefixes(columns, decoder.per_group):
+        yield decoder.advance(codes)
+
+
+class _Job(Protocol):
+    def ready(self) -> bool: ...
+
+    def result(self) -> StreamStep: ...
+
+
+class _ThreadLane:
+    """CPU: the pixel decoder in one worker thread, its jobs run in submission order.
+
+    torch releases the GIL inside its ops, so the GPT (this thread) and the decoder (the worker) run
+    at once. Grad, inference and autocast modes are thread-local, so the worker copies the caller's.
+    The worker's intra-op thread count is ``threads``, by default the caller's: CPU kernels may split
+    their reductions by thread count, so only equal counts give the sequential path's numbers bit for
+    bit. ``torch.set_num_threads`` also sets the count that threads started later inherit, so the
+    caller's count is put back when the lane closes.
+    """
+
+    def __init__(self, device: torch.device, threads: int | None) -> None:
+        caller_threads = torch.get_num_threads()
+        threads = caller_threads if threads is None else threads
+        inference = torch.is_inference_mode_enabled()
+        autocast_on = torch.is_autocast_enabled(device.type)
+        autocast_dtype = torch.get_autocast_dtype(device.type)
+
+        def modes() -> contextlib.ExitStack:
+            stack = contextlib.ExitStack()
+            stack.enter_context(torch.inference_mode(inference))
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_on))
+            return stack
+
+        self._modes = modes
+        self._caller_threads = caller_threads
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dar-pixel-decoder",
+                                        initializer=torch.set_num_threads, initargs=(threads,))
+
+    def submit(self, decoder: _GroupDecoder, codes: torch.Tensor) -> _Job:
+        def run() -> StreamStep:
+            with self._modes():
+                return decoder.advance(codes)
+
+        future = self._pool.submit(run)
+
+        class Job:
+            def ready(self) -> bool:
+                return future.done()
+
+            def result(self) -> StreamStep:
+                return future.result()
+
+        return Job()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(self._caller_threads)
+
+
+class _CudaLane:
+    """CUDA: the pixel decoder on a side stream; one host thread enqueues both models' kernels.
+
+    Each job waits (on the GPU) for an event recorded on the GPT's stream after its codes, so the
+    host never blocks; readiness is polled with an event query between GPT tokens.
+    """
+
+    def __init__(self, device: torch.device, decoder: _GroupDecoder) -> None:
+        self._main = torch.cuda.current_stream(device)
+        self._side = torch.cuda.Stream(device)
+        # Made on the caller's stream, read on the side one: the allocator must not hand them out again
+        # to the caller's stream before the side stream is done with them.
+        for tensor in (decoder.state.x, decoder.state.sigmas, decoder.state._steps):
+            tensor.record_stream(self._side)
+
+    def submit(self, decoder: _GroupDecoder, codes: torch.Tensor) -> _Job:
+        main, side = self._main, self._side
+        codes_ready = torch.cuda.Event()
+        codes_ready.record(main)
+        side.wait_event(codes_ready)
+        codes.record_stream(side)  # allocated on the GPT's stream, read on this one
+        with torch.cuda.stream(side):
+            step = decoder.advance(codes)
+        done = torch.cuda.Event()
+        done.record(side)
+
+        class Job:
+            def ready(self) -> bool:
+                return done.query()
+
+            def result(self) -> StreamStep:
+                main.wait_event(done)
+                if step.preview is not None:
+                    step.preview.record_stream(main)  # allocated on the side stream, read on the caller's
+                return step
+
+        return Job()
+
+    def close(self) -> None:
+        self._main.wait_stream(self._side)
+
+
+@torch.no_grad()
+def _pipelined_body(decoder: _GroupDecoder, columns: Iterator[torch.Tensor], gpt_device: torch.device,
+                    decoder_threads: int | None) -> Iterator[StreamStep]:
+    """The pixel steps of group k run while the GPT generates group k + 1 (step k needs groups ≤ k only).
+
+    Finished groups are yielded in order as soon as their decoder job is done, checked between GPT
+    tokens; the GPT waits while the consumer holds a yielded record, as in the sequential path.
+    """
+    device = decoder.tokenizer.device
+    # Events order the two streams of one device; other placements (e.g. the GPT on another GPU) use a thread.
+    lane = (_CudaLane(device, decoder) if device.type == "cuda" and device == gpt_device
+            else _ThreadLane(device, decoder_threads))
+    pending: deque[_Job] = deque()
     received: list[torch.Tensor] = []
-    padded: torch.Tensor | None = None
-    preview = None
-    for column in columns:
-        received.append(column)
-        if len(received) % per_group:
-            continue
-        codes = torch.stack(received, dim=1)  # (B, n)
-        n = codes.shape[1]
-        if not state.done and schedule.window(state.step_index)[1] <= n:
-            if padded is None:
-                padded = torch.full((codes.shape[0], cond_len), PLACEHOLDER_CODE, dtype=torch.long,
-                                    device=tokenizer.device)
-            known = min(n, cond_len)
-            padded[:, :known] = codes[:, :known].to(tokenizer.device)
-            cond = tokenizer.cond_from_codes(padded)  # (B, cond_len, D)
-            while not state.done and schedule.window(state.step_index)[1] <= n:
-                preview = tokenizer.sampler_step(state, cond, preview=True)
-        yield StreamStep(groups=n // per_group, num_groups=num_groups, codes=codes, preview=preview,
-                         steps=state.step_index)
+    try:
+        for column in columns:
+            received.append(column)
+            if len(received) % decoder.per_group == 0:
+                pending.append(lane.submit(decoder, torch.stack(received, dim=1)))
+            while pending and pending[0].ready():
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        lane.close()
 
 
 @torch.no_grad()
