@@ -34,7 +34,12 @@ tokenizer); ``samples/step_XXXXXXX.png`` (EMA reconstructions: input | reconstru
 streaming previews); once ``max_steps`` is reached ``final/`` (the EMA weights, via ``save_pretrained``)
 and ``final_raw/`` (the trained weights without averaging; only when the run keeps an EMA).
 ``--resume auto`` continues from the latest checkpoint; a run killed at any moment and resumed on
-the same world size logs exactly the losses of an uninterrupted run.
+the same world size logs exactly the losses of an uninterrupted run. Resume is elastic: each global step
+trains on the same images at any world size (``dataset.sampler``'s global-batch layout), and each image's
+flow time and noise come from its own generator seeded by (seed, epoch, dataset index)
+(:func:`flow_generators`), so a run continued on another number of ranks, at the same global batch and
+the same per-rank micro-batch (the pooled codebook / commitment means are per micro-batch: 2 ranks → 1
+rank with twice the ``--grad-accum-steps``), follows the same trajectory up to float summation order.
 """
 
 from __future__ import annotations
