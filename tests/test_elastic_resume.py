@@ -1,4 +1,4 @@
-"""Checkpoints that resume anywhere: elastic DDP resume, sharded (DCP) FSDP checkpoints, their export, --init-from.
+"""Checkpoints that resume anywhere: elastic DDP resume (GPT and tokenizer), sharded (DCP) FSDP checkpoints, their export, --init-from.
 
 Each global step trains on the same samples with the same per-sample random draws at any world size,
 so a run stopped on 2 ranks and continued on 1 (or the reverse) logs the losses of an uninterrupted
@@ -22,12 +22,12 @@ from autoregressive.train import main, parse_args
 from dataset.codes import write_manifest, write_shard
 from tests.extraction_testing import REPO, make_image_folder, run_module
 from tests.gpt_testing import random_gpt
+import tokenizer.train
+from tokenizer import DARTokenizer
 from utils.checkpoint import CheckpointManager, follow_pointer
 from utils.errors import UserError
 from utils.run import read_metrics
 from utils.training import resolve_resume
-import tokenizer.train
-from tokenizer import DARTokenizer
 
 TINY = str(REPO / "configs" / "ar" / "tiny.yaml")
 # 30 rows at global batch 8: 3 steps per epoch (6 rows dropped per epoch); step 4 is mid-epoch.
@@ -242,3 +242,24 @@ def test_tokenizer_elastic_resume_two_to_one_and_one_to_two_ranks(tmp_path: Path
     expected = DARTokenizer.from_pretrained(whole / "final").state_dict()
     for key, value in DARTokenizer.from_pretrained(cut / "final").state_dict().items():
         torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-6)
+    # Another global batch cannot continue the same data order: refused before training.
+    with pytest.raises(UserError, match="--global-batch-size 4"):
+        single(cut, "--resume", "auto", "--global-batch-size", "2")
+
+
+def test_tokenizer_flow_draws_follow_the_image_not_its_batch() -> None:
+    from tokenizer.config import TOKENIZER_PRESETS
+    from tokenizer.train import flow_generators
+
+    model = DARTokenizer(TOKENIZER_PRESETS["tiny"]).train()
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    indices, cpu = torch.tensor([7, 2, 11, 5]), torch.device("cpu")
+    whole = model(images, flow_generators(indices, 1, 0, cpu))
+    halves = [model(images[i:i + 2], flow_generators(indices[i:i + 2], 1, 0, cpu)) for i in (0, 2)]  # two ranks
+    for name in ("u", "x_t", "velocity"):
+        torch.testing.assert_close(torch.cat([getattr(h, name) for h in halves]), getattr(whole, name))
+    # An image's draws follow its dataset index wherever it sits in the batch, and change with the epoch.
+    flipped = model(images.flip(0), flow_generators(indices.flip(0), 1, 0, cpu))
+    torch.testing.assert_close(flipped.x_t.flip(0), whole.x_t)
+    assert not torch.equal(model(images, flow_generators(indices, 2, 0, cpu)).u, whole.u)
+    assert not torch.equal(model(images, flow_generators(indices.flip(0), 1, 0, cpu)).u, whole.u)
