@@ -1,4 +1,4 @@
-"""Checkpoints that resume anywhere: elastic DDP resume, sharded (DCP) FSDP checkpoints, their export, --init-from.
+"""Checkpoints that resume anywhere: elastic DDP resume (GPT and tokenizer), sharded (DCP) FSDP checkpoints, their export, --init-from.
 
 Each global step trains on the same samples with the same per-sample random draws at any world size,
 so a run stopped on 2 ranks and continued on 1 (or the reverse) logs the losses of an uninterrupted
@@ -13,14 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from autoregressive import GPT
 from autoregressive.export_checkpoint import main as export_main
 from autoregressive.export_checkpoint import parse_args as export_args
 from autoregressive.train import main, parse_args
 from dataset.codes import write_manifest, write_shard
-from tests.extraction_testing import REPO, run_module
+from tests.extraction_testing import REPO, make_image_folder, run_module
 from tests.gpt_testing import random_gpt
+import tokenizer.train
+from tokenizer import DARTokenizer
 from utils.checkpoint import CheckpointManager, follow_pointer
 from utils.errors import UserError
 from utils.run import read_metrics
@@ -184,3 +187,79 @@ def test_training_draws_follow_the_sample_not_its_batch() -> None:
     assert not torch.allclose(swapped.flip(0), whole)
     with keys_source.use(keys.flip(0)):
         torch.testing.assert_close(model(codes.flip(0), labels.flip(0)).flip(0), whole)
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+
+def tokenizer_args(recipe: Path, images: Path, results: Path, *extra: str) -> list[str]:
+    return ["--config", str(recipe), "--data-path", str(images), "--results-dir", str(results), "--device", "cpu",
+            "--keep-last", "10", *extra]
+
+
+def tokenizer_terms(results: Path) -> list[dict[str, float]]:
+    return [{k: v for k, v in r.items() if k not in ("images_per_s", "epoch")}
+            for r in read_metrics(results / "metrics.jsonl") if "loss" in r]
+
+
+def assert_same_terms(ours: Path, reference: Path) -> None:
+    a, b = tokenizer_terms(ours), tokenizer_terms(reference)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+    for mine, theirs in zip(a, b):
+        assert set(mine) == set(theirs)
+        for key in theirs:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), (theirs["step"], key)
+
+
+@pytest.mark.slow
+def test_tokenizer_elastic_resume_two_to_one_and_one_to_two_ranks(tmp_path: Path) -> None:
+    # 12 files, one undecodable, at global batch 4: 3 steps per epoch, so the cut at step 2 is mid-epoch
+    # and steps 4-6 are a second epoch. The per-rank micro-batch stays 2 images (1 rank: 2 micro-batches),
+    # since the pooled VQ means are per micro-batch.
+    images = make_image_folder(tmp_path / "images", per_class=(6, 6), bad="c1/img_003.png")
+    recipe = yaml.safe_load((REPO / "configs" / "tokenizer" / "train_tiny.yaml").read_text())
+    recipe["model"] = "tiny"
+    recipe["train"].update(global_batch_size=4, max_steps=6, log_every=1, ckpt_every=100, sample_every=100)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    one_rank = ["--grad-accum-steps", "2"]
+
+    def single(results: Path, *extra: str) -> None:
+        tokenizer.train.main(*tokenizer.train.parse_args(tokenizer_args(path, images, results, *one_rank, *extra)))
+
+    whole = tmp_path / "whole"
+    run_module("tokenizer.train", tokenizer_args(path, images, whole), nproc=2)
+    # 2 ranks → 1 rank.
+    cut = tmp_path / "two_to_one"
+    run_module("tokenizer.train", tokenizer_args(path, images, cut, "--stop-after-step", "2"), nproc=2)
+    single(cut, "--resume", "auto")
+    assert_same_terms(cut, whole)
+    # 1 rank → 2 ranks.
+    cut = tmp_path / "one_to_two"
+    single(cut, "--stop-after-step", "2")
+    run_module("tokenizer.train", tokenizer_args(path, images, cut, "--resume", "auto"), nproc=2)
+    assert_same_terms(cut, whole)
+    expected = DARTokenizer.from_pretrained(whole / "final").state_dict()
+    for key, value in DARTokenizer.from_pretrained(cut / "final").state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-6)
+    # Another global batch cannot continue the same data order: refused before training.
+    with pytest.raises(UserError, match="--global-batch-size 4"):
+        single(cut, "--resume", "auto", "--global-batch-size", "2")
+
+
+def test_tokenizer_flow_draws_follow_the_image_not_its_batch() -> None:
+    from tokenizer.config import TOKENIZER_PRESETS
+    from tokenizer.train import flow_generators
+
+    model = DARTokenizer(TOKENIZER_PRESETS["tiny"]).train()
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    indices, cpu = torch.tensor([7, 2, 11, 5]), torch.device("cpu")
+    whole = model(images, flow_generators(indices, 1, 0, cpu))
+    halves = [model(images[i:i + 2], flow_generators(indices[i:i + 2], 1, 0, cpu)) for i in (0, 2)]  # two ranks
+    for name in ("u", "x_t", "velocity"):
+        torch.testing.assert_close(torch.cat([getattr(h, name) for h in halves]), getattr(whole, name))
+    # An image's draws follow its dataset index wherever it sits in the batch, and change with the epoch.
+    flipped = model(images.flip(0), flow_generators(indices.flip(0), 1, 0, cpu))
+    torch.testing.assert_close(flipped.x_t.flip(0), whole.x_t)
+    assert not torch.equal(model(images, flow_generators(indices, 2, 0, cpu)).u, whole.u)
+    assert not torch.equal(model(images, flow_generators(indices.flip(0), 1, 0, cpu)).u, whole.u)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +138,19 @@ def _pixel_precision(device: torch.device, dtype: torch.dtype | None) -> context
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.compiler.disable  # B small draws from B generators: nothing for the compiler, and no guards on them
+def _per_sample_draws(images: Tensor, generators: Sequence[torch.Generator]) -> tuple[Tensor, Tensor]:
+    """(u (B,), x0 like ``images``): image b's time then noise, both from ``generators[b]`` only."""
+    if len(generators) != images.shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {images.shape[0]} images")
+    u = torch.empty(images.shape[0], device=images.device)
+    x0 = torch.empty_like(images)
+    for b, generator in enumerate(generators):
+        u[b : b + 1].uniform_(generator=generator)
+        x0[b].normal_(generator=generator)
+    return u, x0
 
 
 class DARTokenizer(nn.Module):
@@ -383,7 +397,7 @@ class DARTokenizer(nn.Module):
     def forward(
         self,
         images: Tensor,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         entropy_temperature: float | None = None,
         time_sampling: flow.TimeSampling = "uniform",
     ) -> TokenizerTrainOutput:
@@ -392,14 +406,20 @@ class DARTokenizer(nn.Module):
         u ~ U(0, 1) per image picks the condition window by the group rounding rule and, warped, the flow
         time; x0 ~ N(0, I). With ``time_sampling="group_balanced"`` u is remapped so that every condition
         window gets the same share of draws (:meth:`flow.GroupSchedule.group_balanced_times`); uniform times
-        are the paper's objective. Random draws use ``generator`` (on the images' device) or the global RNG.
+        are the paper's objective. Random draws use ``generator`` (on the images' device) or the global RNG;
+        a sequence of B generators (the trainer's, seeded per sample) draws image b's u and x0 from the b-th
+        alone, so a sample's draws do not depend on the batch it lands in.
         The flow loss and the prefix-masked VQ losses are returned as named terms, plus "entropy"
         (:meth:`Quantizer.entropy_loss` over all N tokens) when ``entropy_temperature`` is given.
         """
         if time_sampling not in flow.TIME_SAMPLINGS:
             raise ValueError(f"unknown time_sampling {time_sampling!r}; choose one of {flow.TIME_SAMPLINGS}")
         c = self.config
-        u = torch.rand(images.shape[0], generator=generator, device=images.device)
+        if generator is None or isinstance(generator, torch.Generator):
+            u = torch.rand(images.shape[0], generator=generator, device=images.device)
+            x0 = None
+        else:
+            u, x0 = _per_sample_draws(images, generator)
         if time_sampling == "group_balanced":
             u = self.schedule.group_balanced_times(u)
         starts = self.schedule.training_window_starts(u)  # (B,)
@@ -414,7 +434,8 @@ class DARTokenizer(nn.Module):
         window = torch.gather(cond, 1, index[..., None].expand(-1, -1, cond.shape[-1]))  # (B, Q, D)
         t = flow.warp_time(u, c.diff_decoder.time_shift)
         x1 = images * c.diff_decoder.data_std
-        x0 = torch.randn(x1.shape, generator=generator, device=images.device, dtype=images.dtype)
+        if x0 is None:
+            x0 = torch.randn(x1.shape, generator=generator, device=images.device, dtype=images.dtype)
         x_t = flow.interpolate(x0, x1, t)
         target = flow.target_velocity(x0, x1)
         if c.diff_decoder.has_repa_head:

@@ -34,7 +34,12 @@ tokenizer); ``samples/step_XXXXXXX.png`` (EMA reconstructions: input | reconstru
 streaming previews); once ``max_steps`` is reached ``final/`` (the EMA weights, via ``save_pretrained``)
 and ``final_raw/`` (the trained weights without averaging; only when the run keeps an EMA).
 ``--resume auto`` continues from the latest checkpoint; a run killed at any moment and resumed on
-the same world size logs exactly the losses of an uninterrupted run.
+the same world size logs exactly the losses of an uninterrupted run. Resume is elastic: each global step
+trains on the same images at any world size (``dataset.sampler``'s global-batch layout), and each image's
+flow time and noise come from its own generator seeded by (seed, epoch, dataset index)
+(:func:`flow_generators`), so a run continued on another number of ranks, at the same global batch and
+the same per-rank micro-batch (the pooled codebook / commitment means are per micro-batch: 2 ranks → 1
+rank with twice the ``--grad-accum-steps``), follows the same trajectory up to float summation order.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from autoregressive.config import GPT_PRESETS, GPTConfig
 from dataset.images import CenterCrop, DecodedImageDataset, RandomCropFlip, SkipImage, collate_skip_bad, decode_rgb
 from dataset.shards import open_images, require_data_path
 from dataset.sampler import ResumableDistributedSampler
+from dataset.seeding import sample_seed
 from tokenizer.config import TOKENIZER_PRESETS, TokenizerConfig, load_tokenizer_config
 from tokenizer.flow import TIME_SAMPLINGS, TimeSampling
 from tokenizer.losses import (
@@ -335,11 +341,13 @@ def build_data(t: TokenizerTrainSettings, env: DistEnv, batch_size: int) -> tupl
     d = t.data
     transform = RandomCropFlip(t.image_size, d.min_crop_frac, d.max_crop_frac, d.flip)
     dataset = open_images(d.data_path, transform, with_labels=False, seed=t.seed, min_size=d.min_size)
-    sampler = ResumableDistributedSampler(len(dataset), env.world_size, env.rank, seed=t.seed, drop_last=True)
-    steps_per_epoch = sampler.num_samples // (batch_size * t.grad_accum_steps)
-    if steps_per_epoch == 0:
+    if len(dataset) < t.global_batch_size:
         raise ConfigError(f"{d.data_path} holds {len(dataset)} images, no full batch of {t.global_batch_size}; "
                           "pass a smaller --global-batch-size")
+    # Global batches cut from one permutation per epoch: the same images per step at any world size.
+    sampler = ResumableDistributedSampler(len(dataset), env.world_size, env.rank, seed=t.seed, drop_last=True,
+                                          global_batch_size=t.global_batch_size)
+    steps_per_epoch = sampler.num_samples // (batch_size * t.grad_accum_steps)  # whole global batches
     loader = InfiniteLoader(dataset, sampler, batch_size, env.world_size, num_workers=d.num_workers,
                             collate_fn=collate_skip_bad, pin_memory=env.device.type == "cuda")
     return dataset, loader, steps_per_epoch
@@ -425,14 +433,16 @@ def _train(cfg: TokenizerTrainConfig, opts: TokenizerRunOptions) -> dict[str, An
     ctx = RunContext(env=env, run=run, manager=manager, logger=logger, config=cfg, max_steps=t.max_steps,
                      last_step=last_step, log_every=t.log_every, ckpt_every=t.ckpt_every,
                      steps_per_epoch=steps_per_epoch, global_batch_size=t.global_batch_size,
-                     aliases=partial(checkpoint_aliases, cfg.model))
+                     aliases=partial(checkpoint_aliases, cfg.model), elastic=True)
     track_bad_files(state, ctx, t.data.data_path)
     accum = f" in {t.grad_accum_steps} micro-batches of {batch_size}" if t.grad_accum_steps > 1 else ""
     logger.info(f"{len(dataset)} images, {steps_per_epoch} steps/epoch, {t.max_steps} steps, batch "
                 f"{t.global_batch_size} over {env.world_size} rank(s){accum}, {t.precision} on {env.device}")
 
     # -- resume, loop, export ------------------------------------------------------------------
-    seed_everything(t.seed * env.world_size + env.rank)  # per-rank time / noise streams
+    # The flow draws come from per-image generators (flow_generators), not from these streams; one seed on
+    # every rank keeps whatever else might draw independent of the rank too.
+    seed_everything(t.seed)
     if resume_path is not None:
         resume(state, ctx, resume_path)
     ctx.wandb = WandbLogger(opts.wandb, env, opts.wandb_project, run.root.name, cfg)
@@ -458,7 +468,8 @@ def train_step(objective: TokenizerObjective, t: TokenizerTrainSettings, ctx: Ru
         batch = next_batch(state, ctx, lambda b: b.images.shape[0])
         images = batch.images.to(ctx.env.device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
         sync = len(records) == t.grad_accum_steps - 1  # reduce gradients over ranks on the last micro-batch only
-        records.append(micro_step(objective, t, state, images, sync))
+        generators = flow_generators(batch.indices, state.loader.epoch, t.seed, images.device)
+        records.append(micro_step(objective, t, state, images, generators, sync))
         images_seen += images.shape[0]
     grad_norm = clip_gradients(state.model, t.optim.grad_clip)
     terms = reduce_micro_batches(records)
@@ -472,11 +483,11 @@ def train_step(objective: TokenizerObjective, t: TokenizerTrainSettings, ctx: Ru
 
 
 def micro_step(objective: TokenizerObjective, t: TokenizerTrainSettings, state: TrainState, images: torch.Tensor,
-               sync: bool) -> dict[str, torch.Tensor]:
+               generators: list[torch.Generator], sync: bool) -> dict[str, torch.Tensor]:
     """Forward and backward of one micro-batch (generator, then discriminator); its detached terms."""
     with gradient_sync(state.trained, sync):
         with autocast(images.device, t.precision):
-            out = state.trained(images, entropy_temperature=objective.entropy_temperature,
+            out = state.trained(images, generators, entropy_temperature=objective.entropy_temperature,
                                 time_sampling=t.time_sampling)
         loss, terms = objective.generator_loss(out, images, state.step)
         (loss / t.grad_accum_steps).backward()
@@ -487,6 +498,23 @@ def micro_step(objective: TokenizerObjective, t: TokenizerTrainSettings, state: 
             (disc_loss / t.grad_accum_steps).backward()
         record["disc"] = disc_loss.detach()
     return record
+
+
+# Mixed into the per-image seeds so that the flow draws and the crop/flip draws of one image are
+# different streams.
+_FLOW_STREAM = 0x70CE_F10E
+
+
+def flow_generators(indices: torch.Tensor, epoch: int, seed: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per image (on ``device``) for its flow time and noise, seeded from (seed, epoch, dataset
+    index) like its augmentation: the same draws on any rank and at any world size, and a skipped file
+    shifts no other image's draws. ``indices`` (B,) is the loader's CPU tensor, so no device value is read."""
+    generators = []
+    for index in indices.numpy().tolist():
+        generator = torch.Generator(device)
+        generator.manual_seed(sample_seed(seed, epoch, index) ^ _FLOW_STREAM)
+        generators.append(generator)
+    return generators
 
 
 def checkpoint_aliases(model_config: TokenizerConfig, state: TrainState) -> dict[str, Any]:
