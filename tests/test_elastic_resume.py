@@ -263,3 +263,25 @@ def test_tokenizer_flow_draws_follow_the_image_not_its_batch() -> None:
     torch.testing.assert_close(flipped.x_t.flip(0), whole.x_t)
     assert not torch.equal(model(images, flow_generators(indices, 2, 0, cpu)).u, whole.u)
     assert not torch.equal(model(images, flow_generators(indices.flip(0), 1, 0, cpu)).u, whole.u)
+
+
+def test_an_elastic_resume_that_changes_the_micro_batch_says_how_to_keep_it(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    from types import SimpleNamespace
+
+    from utils.trainer import warn_micro_batch_change
+
+    logger = logging.getLogger("test.elastic")
+    extra = {"world_size": 2, "config": {"train": {"grad_accum_steps": 1}}}
+
+    def ctx(world_size: int, accum: int) -> SimpleNamespace:
+        return SimpleNamespace(global_batch_size=8, env=SimpleNamespace(world_size=world_size), logger=logger,
+                               config=SimpleNamespace(train=SimpleNamespace(grad_accum_steps=accum)))
+
+    with caplog.at_level(logging.WARNING, logger="test.elastic"):
+        warn_micro_batch_change(extra, ctx(1, 2))  # 8 / (1 x 2) = 4 per micro-batch, as saved: silent
+        assert caplog.records == []
+        warn_micro_batch_change(extra, ctx(1, 1))
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "from 4 to 8" in message and "--grad-accum-steps 2 keeps it" in message

@@ -265,6 +265,25 @@ def check_elastic(extra: dict[str, Any], ctx: RunContext, path: str) -> None:
     elif extra.get("world_size", ctx.env.world_size) != ctx.env.world_size:
         ctx.logger.info(f"resuming a {extra['world_size']}-rank checkpoint on {ctx.env.world_size} rank(s): the "
                         "global batches and per-sample draws are the same, so the run continues its trajectory")
+        warn_micro_batch_change(extra, ctx)
+
+
+def warn_micro_batch_change(extra: dict[str, Any], ctx: RunContext) -> None:
+    """Terms averaged within a micro-batch (the tokenizer's codebook usage and entropy) follow the per-rank
+    micro-batch, so an elastic resume stays on the uninterrupted trajectory only when that size is kept."""
+    saved_accum = (extra.get("config") or {}).get("train", {}).get("grad_accum_steps")
+    accum = getattr(getattr(ctx.config, "train", None), "grad_accum_steps", None)
+    if saved_accum is None or accum is None:
+        return
+    saved_micro = ctx.global_batch_size // (extra["world_size"] * saved_accum)
+    micro = ctx.global_batch_size // (ctx.env.world_size * accum)
+    if saved_micro == micro:
+        return
+    keep = ctx.global_batch_size // (ctx.env.world_size * saved_micro)
+    hint = (f"; --grad-accum-steps {keep} keeps it" if keep * ctx.env.world_size * saved_micro == ctx.global_batch_size
+            else "")
+    ctx.logger.warning(f"the per-rank micro-batch changes from {saved_micro} to {micro}: per-micro-batch terms "
+                       f"(codebook statistics) change with it, so the run leaves its uninterrupted trajectory{hint}")
 
 
 def save_checkpoint(state: TrainState, ctx: RunContext) -> None:
