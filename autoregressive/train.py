@@ -61,7 +61,7 @@ from autoregressive.loading import GPTLoadError, read_gpt_checkpoint
 from autoregressive.model import GPT, TransformerBlock, build_gpt
 from autoregressive.stream import image_seed, sample_images
 from dataset.codes import MANIFEST, CodeDataset
-from dataset.images import ImageBatch, RandomTenCrop, collate_skip_bad
+from dataset.images import ImageBatch, RandomTenCrop, collate_skip_bad, to_model_range
 from dataset.shards import open_images, require_data_path
 from dataset.sampler import ResumableDistributedSampler
 from tokenizer.config import TOKENIZER_PRESETS, TokenizerConfig
@@ -342,7 +342,7 @@ class CodeSource:
         labels = batch.labels.to(self.device, non_blocking=True)
         if labels.numel() == 0:  # every file of this rank's batch was bad
             return torch.empty(0, 0, dtype=torch.long, device=self.device), labels
-        return self.tokenizer.encode(batch.images.to(self.device, non_blocking=True)), labels
+        return self.tokenizer.encode(to_model_range(batch.images.to(self.device, non_blocking=True))), labels
 
 
 def build_data(
@@ -360,7 +360,7 @@ def build_data(
         source, collate = CodeSource(env.device), None
         what = f"codes in {d.code_path}"
     else:
-        dataset = open_images(d.data_path, RandomTenCrop(d.image_size, d.crop_ratio), seed=t.seed)
+        dataset = open_images(d.data_path, RandomTenCrop(d.image_size, d.crop_ratio, uint8=True), seed=t.seed)
         seq_len, vocab = tokenizer.config.num_all_queries, tokenizer.config.vq_codebook_size
         max_label = max(dataset.labels)
         source, collate = CodeSource(env.device, tokenizer), collate_skip_bad

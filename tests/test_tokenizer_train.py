@@ -490,3 +490,24 @@ def test_missing_loss_network_weights_name_the_flags(tmp_path: Path) -> None:
     argv = train_args(recipe, tmp_path / "images", tmp_path / "run", "--vgg-weights", str(tmp_path / "missing.pth"))
     with pytest.raises(WeightsNotFoundError, match=r"--perceptual-weight 0(.|\n)*--vgg-weights"):
         main(*parse_args(argv))
+
+
+
+def test_training_images_leave_the_workers_as_uint8_and_reach_the_model_unchanged(tmp_path: Path) -> None:
+    # A quarter of the bytes to pin and copy to the GPU; the device-side conversion must give the float
+    # tensor the transform would have produced, so training is unchanged.
+    from dataset.images import RandomCropFlip, to_model_range
+    from tokenizer.train import build_data
+
+    cfg, _ = parse_args(train_args(write_recipe(tmp_path / "recipe.yaml"), make_image_folder(tmp_path / "images"),
+                                   tmp_path / "run"))
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    t = replace(cfg.train, global_batch_size=4)
+    dataset, _, _ = build_data(t, env, 4)
+    transform = dataset.transform
+    assert isinstance(transform, RandomCropFlip) and transform.uint8
+    as_float = replace(transform, uint8=False)
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 36, 3), dtype=np.uint8))
+    out = transform(picture, torch.Generator().manual_seed(3))
+    assert out.dtype == torch.uint8
+    assert torch.equal(to_model_range(out), as_float(picture, torch.Generator().manual_seed(3)))
