@@ -141,32 +141,22 @@ class ResumableDistributedSampler(Sampler[int]):
         if self.global_batch_size is not None or state.get("global_batch_size") is not None:
             self._load_global(state)
             return
-        mismatched = [
-            f"{k}: saved {state.get(k)!r}, now {getattr(self, k)!r}"
-            for k in _IDENTITY
-            if state.get(k) != getattr(self, k)
-        ]
+        mismatched = self._mismatches(state, _IDENTITY)
         if mismatched:
-            raise ValueError(
-                "cannot resume the data order exactly; the sampler differs from the saved one ("
-                + "; ".join(mismatched)
-                + ")"
-            )
+            raise ValueError(f"cannot resume the data order exactly; the sampler differs from the saved one ({mismatched})")
         self.set_epoch(int(state["epoch"]))
         self.set_start_index(int(state["start_index"]))
 
+    def _mismatches(self, state: dict[str, Any], fields: tuple[str, ...]) -> str:
+        """'field: saved X, now Y' for every identity field that differs ('' when none does)."""
+        return "; ".join(f"{k}: saved {state.get(k)!r}, now {getattr(self, k)!r}"
+                         for k in fields if state.get(k) != getattr(self, k))
+
     def _load_global(self, state: dict[str, Any]) -> None:
-        mismatched = [
-            f"{k}: saved {state.get(k)!r}, now {getattr(self, k)!r}"
-            for k in _GLOBAL_IDENTITY
-            if state.get(k) != getattr(self, k)
-        ]
+        mismatched = self._mismatches(state, _GLOBAL_IDENTITY)
         if mismatched:
-            raise ValueError(
-                "cannot resume the data order; the sampler differs from the saved one ("
-                + "; ".join(mismatched)
-                + "): resume with the same data, seed and global batch size"
-            )
+            raise ValueError(f"cannot resume the data order; the sampler differs from the saved one ({mismatched}): "
+                             "resume with the same data, seed and global batch size")
         position = int(state["global_position"])
         if state.get("num_replicas") == self.num_replicas:
             start = int(state["start_index"])

@@ -200,7 +200,8 @@ def _sharded_parts(state: TrainState) -> tuple[dict[str, nn.Module], dict[str, A
     """The sharded (or plain) modules and (model, optimizer) pairs a sharded checkpoint holds."""
     modules = {"model": state.model} if state.ema is None else {"model": state.model, "ema": state.ema}
     if set(state.optimizers) != {"optimizer"}:
-        raise NotImplementedError("sharded checkpoints hold one optimizer (the GPT trainer's)")
+        raise UserError("sharded checkpoints are written and resumed by GPT runs with train.fsdp only; resume this "
+                        "run from one of its own step_*.pt checkpoints")
     return modules, {"optimizer": (state.model, state.optimizer)}
 
 
