@@ -185,7 +185,8 @@ class CodeDataset(Dataset):
     """Rows of a code directory: ``(codes LongTensor[seq_len], label)``, one augmentation per draw.
 
     The augmentation is drawn from the (seed, epoch, index) generator, so it is the same for any
-    worker count or restart. Shards are memory-mapped lazily in each process.
+    worker count or restart; ``item_at(index, epoch)`` takes the epoch with the index (persistent
+    workers), ``dataset[index]`` uses the one of ``set_epoch``. Shards are memory-mapped lazily in each process.
     """
 
     def __init__(self, root: str | os.PathLike, seed: int = 0) -> None:
@@ -235,12 +236,16 @@ class CodeDataset(Dataset):
         return self.num_items
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.item_at(index, self.epoch)
+
+    def item_at(self, index: int, epoch: int) -> tuple[torch.Tensor, int]:
+        """Row ``index`` with the augmentation drawn for ``epoch``."""
         if not 0 <= index < self.num_items:
             raise IndexError(f"index {index} outside [0, {self.num_items})")
         shard = bisect.bisect_right(self._starts, index) - 1
         row = index - self._starts[shard]
         aug = 0
         if self.num_augs > 1:
-            aug = randint(sample_generator(self.seed, self.epoch, index), 0, self.num_augs)
+            aug = randint(sample_generator(self.seed, epoch, index), 0, self.num_augs)
         codes = torch.from_numpy(np.array(self._open()[shard][row, aug], dtype=np.int64))  # (seq_len,)
         return codes, int(self.labels[index])

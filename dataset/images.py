@@ -522,9 +522,10 @@ class DecodedImageDataset(Dataset):
     """What every image source shares: ``files[i]`` (anything ``decode_rgb`` opens), ``labels[i]``,
     ``classes``; decoding, skipping and per-sample seeding are the same for all of them.
 
-    Call ``set_epoch`` before each epoch's loader is created; workers must not be persistent (as
-    in ``utils.training.InfiniteLoader``) so that they pick up the new epoch. Batch with
-    ``collate_fn=collate_skip_bad``.
+    Per-sample random draws come from (seed, epoch, index): ``item_at(index, epoch)`` takes the epoch
+    with the index, so persistent data workers need no message when an epoch starts (what
+    ``utils.training.InfiniteLoader`` relies on); ``dataset[index]`` uses the epoch of ``set_epoch``.
+    Batch with ``collate_fn=collate_skip_bad``.
     """
 
     files: Sequence[ImageSource]
@@ -556,6 +557,10 @@ class DecodedImageDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> ImageItem:
+        return self.item_at(index, self.epoch)
+
+    def item_at(self, index: int, epoch: int) -> ImageItem:
+        """Sample ``index`` with the random draws of ``epoch``."""
         path = self.files[index]
         label = int(self.labels[index])
         try:
@@ -565,7 +570,7 @@ class DecodedImageDataset(Dataset):
             return ImageItem(None, label, index, (skip.reason,))
         if notes:
             logger.debug("converted %s (%s)", path, ", ".join(notes))
-        tensor = self.transform(image, sample_generator(self.seed, self.epoch, index))
+        tensor = self.transform(image, sample_generator(self.seed, epoch, index))
         return ImageItem(tensor, label, index, notes)
 
 

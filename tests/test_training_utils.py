@@ -115,3 +115,58 @@ def test_infinite_loader_resumes_mid_epoch_exactly() -> None:
     resumed.load_state_dict(state)
     tail = [next(resumed).tolist() for _ in range(3)]
     assert head + tail == reference
+
+
+class _TaggedItems(torch.utils.data.Dataset):
+    """Returns (index, epoch the item was asked for, process id) and never learns the epoch otherwise."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, index: int) -> tuple[int, int, int]:
+        raise AssertionError("the loader must ask for item_at(index, epoch)")
+
+    def item_at(self, index: int, epoch: int) -> tuple[int, int, int]:
+        import os
+
+        return index, epoch, os.getpid()
+
+
+def test_infinite_loader_keeps_persistent_workers_and_sends_each_index_its_epoch() -> None:
+    import os
+
+    from dataset.sampler import ResumableDistributedSampler
+    from utils.training import InfiniteLoader
+
+    def batches(num_workers: int) -> list[list[tuple[int, int, int]]]:
+        sampler = ResumableDistributedSampler(10, num_replicas=1, rank=0, seed=3)
+        loader = InfiniteLoader(_TaggedItems(), sampler, batch_size=5, world_size=1, num_workers=num_workers,
+                                collate_fn=list)
+        return [next(loader) for _ in range(6)]  # three epochs of two batches
+
+    inline, workers = batches(0), batches(2)
+    strip = lambda rows: [[(i, e) for i, e, _ in batch] for batch in rows]  # noqa: E731
+    assert strip(workers) == strip(inline)  # same samples, same epochs, whatever the worker count
+    assert [{e for _, e, _ in batch} for batch in workers] == [{0}, {0}, {1}, {1}, {2}, {2}]
+    pids = [{pid for _, _, pid in batch} for batch in workers]
+    first_epoch = pids[0] | pids[1]
+    assert os.getpid() not in first_epoch and len(first_epoch) == 2
+    assert all(p <= first_epoch for p in pids[2:])  # later epochs reuse the same two workers
+
+
+def test_datasets_draw_from_the_epoch_given_with_the_index(tmp_path) -> None:  # noqa: ANN001
+    import numpy as np
+
+    from dataset.codes import CodeDataset, write_manifest, write_shard
+
+    rng = np.random.default_rng(0)
+    write_shard(tmp_path, 0, rng.integers(0, 64, (6, 4, 16)), rng.integers(0, 10, 6), np.arange(6), 64)
+    write_manifest(tmp_path, seq_len=16, vocab_size=64, num_augs=4)
+    dataset = CodeDataset(tmp_path, seed=1)
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        for index in range(6):
+            codes, label = dataset.item_at(index, epoch)
+            assert torch.equal(codes, dataset[index][0]) and label == dataset[index][1]
+    draws = {tuple(dataset.item_at(0, epoch)[0].tolist()) for epoch in range(12)}
+    assert len(draws) > 1  # the epoch given with the index changes the augmentation drawn

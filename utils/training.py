@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Literal, TypeVar
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils.checkpoint import CheckpointManager, check_state_dict, follow_pointer, is_sharded_checkpoint, load_state_file
 from utils.config import ConfigError, apply_assignments, config_to_yaml
@@ -325,6 +325,37 @@ def step_unless_skipped(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> N
         del optimizer.found_inf
 
 
+class _EpochIndices(Sampler):
+    """The wrapped sampler's indices as ``(epoch, index)``: the epoch travels to the workers with each index."""
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class _EpochItems(Dataset):
+    """``dataset.item_at(index, epoch)`` for ``(epoch, index)`` keys (``dataset[index]`` for datasets without draws)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        if hasattr(self.dataset, "item_at"):
+            return self.dataset.item_at(index, epoch)
+        return self.dataset[index]
+
+
 class InfiniteLoader:
     """Endless batches over epochs with a resumable position.
 
@@ -332,6 +363,11 @@ class InfiniteLoader:
     rank's indices), as :class:`dataset.sampler.ResumableDistributedSampler` does. The position is kept
     in *global* samples consumed in the current epoch, so a resume on the same world size lands on
     exactly the next batch.
+
+    One ``DataLoader`` serves the whole run, and its workers are persistent: they are started once,
+    not at every epoch. Each index reaches them with its epoch (``dataset.item_at(index, epoch)``, the
+    per-sample draws of the datasets in ``dataset/``), so nothing has to tell a worker that an epoch
+    began, and the samples are the same for any worker count.
     """
 
     def __init__(
@@ -355,28 +391,32 @@ class InfiniteLoader:
         self.on_epoch_end = on_epoch_end
         self.epoch = 0
         self.consumed_in_epoch = 0
+        self._indices = _EpochIndices(sampler)
+        self._loader: DataLoader | None = None  # built at the first batch, kept for the run
         self._iterator: Iterator | None = None
 
     def _start_epoch(self) -> None:
-        # Datasets seed per-sample augmentation from (seed, epoch, index): tell them the epoch too.
-        if hasattr(self.dataset, "set_epoch"):
+        if hasattr(self.dataset, "set_epoch"):  # for code that indexes the dataset directly
             self.dataset.set_epoch(self.epoch)
         self.sampler.set_epoch(self.epoch)
         self.sampler.set_start_index(self.consumed_in_epoch // self.world_size)
-        loader = DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            sampler=self.sampler,
-            num_workers=self.num_workers,
-            collate_fn=self.collate_fn,
-            pin_memory=self.pin_memory,
-            drop_last=True,
-            persistent_workers=False,
-        )
-        # A new DataLoader iterator draws its base seed from the global RNG; isolating that draw keeps
-        # the training RNG streams independent of where epochs start and of resumes.
+        self._indices.epoch = self.epoch
+        if self._loader is None:
+            self._loader = DataLoader(
+                _EpochItems(self.dataset),
+                batch_size=self.batch_size,
+                sampler=self._indices,
+                num_workers=self.num_workers,
+                collate_fn=self.collate_fn,
+                pin_memory=self.pin_memory,
+                drop_last=True,
+                persistent_workers=self.num_workers > 0,
+            )
+        # The first iterator draws the workers' base seed from the global RNG; isolating that draw keeps
+        # the training RNG streams independent of where epochs start and of resumes. Later epochs
+        # reuse the workers (and re-read the sampler in this process).
         with torch.random.fork_rng(devices=[]):
-            self._iterator = iter(loader)
+            self._iterator = iter(self._loader)
 
     def __iter__(self) -> "InfiniteLoader":
         return self
