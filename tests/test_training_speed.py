@@ -20,7 +20,7 @@ from dataset.images import BadFileStats
 from tests.extraction_testing import REPO, make_image_folder, run_module
 from tests.test_train_user_errors import make_codes
 from utils.distributed import enable_tf32
-from utils.run import read_metrics
+from utils.run import RunFolder, read_metrics
 from utils.training import InfiniteLoader, NonFiniteGuard, resolve_compile, step_unless_skipped, update_ema
 
 AR_TINY = REPO / "configs" / "ar" / "tiny.yaml"
@@ -40,7 +40,16 @@ class HostSyncCounter(TorchDispatchMode):
         super().__init__()
         self.count = 0
         self.paused = False
+        self.active = False  # inside the counted calls (Python-level reads are counted only there)
         self.seen: list[str] = []
+
+    def __enter__(self) -> "HostSyncCounter":
+        self.active = True
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.active = False
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         if func in _SYNCING_OPS and not self.paused:
@@ -61,7 +70,7 @@ def count_syncs_per_step(monkeypatch: pytest.MonkeyPatch, trainer: object) -> li
     original_tolist = torch.Tensor.tolist
 
     def tolist(self: torch.Tensor) -> object:
-        if not counter.paused:
+        if counter.active and not counter.paused:
             counter.count += 1
             counter.seen.append("tolist")
         return original_tolist(self)
@@ -120,6 +129,61 @@ def test_tokenizer_training_steps_do_not_read_the_device(tmp_path: Path, monkeyp
             "--device", "cpu"]
     tokenizer.train.main(*tokenizer.train.parse_args(argv))
     assert per_step == [0] * 4, per_step
+
+
+def test_log_lines_are_read_from_the_device_one_step_late(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A log step only starts the copy of its values; the line is written once the next step is queued
+    (or before a checkpoint), so the device never waits for the host to read a log line."""
+    events: list[tuple[str, int]] = []
+    counter = HostSyncCounter()
+    original_step, original_begin, original_log = (autoregressive.train.train_step, utils.trainer.begin_log,
+                                                   RunFolder.log_metrics)
+    original_tolist = torch.Tensor.tolist
+
+    def tolist(self: torch.Tensor) -> object:
+        counter.count += counter.active
+        return original_tolist(self)
+
+    def train_step(*args: object) -> object:
+        events.append(("step", args[-1].step + 1))
+        return original_step(*args)
+
+    def begin_log(*args: object) -> object:
+        with counter:
+            return original_begin(*args)
+
+    def log_metrics(run: RunFolder, record: dict) -> None:
+        events.append(("line", record["step"]))
+        original_log(run, record)
+
+    monkeypatch.setattr(autoregressive.train, "train_step", train_step)
+    monkeypatch.setattr(utils.trainer, "begin_log", begin_log)
+    monkeypatch.setattr(RunFolder, "log_metrics", log_metrics)
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    codes = make_codes(tmp_path / "codes")
+    out = tmp_path / "run"
+    argv = ["--config", str(AR_TINY), "--code-path", str(codes), "--results-dir", str(out), "--device", "cpu",
+            "--global-batch-size", "4", "--max-steps", "6", "--log-every", "2", "--ckpt-every", "6"]
+    autoregressive.train.main(*autoregressive.train.parse_args(argv))
+    assert counter.count == 0, counter.seen  # starting a line reads nothing
+    assert events == [("step", 1), ("step", 2), ("step", 3), ("line", 2), ("step", 4), ("step", 5), ("line", 4),
+                      ("step", 6), ("line", 6)]  # step 6 checkpoints: its line is written first
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 and r["grad_norm"] > 0 for r in records)
+
+
+def test_the_guard_read_with_a_log_line_counts_and_aborts_like_a_sync() -> None:
+    guard = NonFiniteGuard(max_bad_steps=3)
+    for value in (math.nan, math.nan, 1.0, math.nan):
+        guard.record(guard.finite(torch.tensor(value)))
+    counts = guard.device_counts()
+    guard.record(guard.finite(torch.tensor(math.nan)))  # the device keeps counting meanwhile
+    assert guard.absorb(counts.tolist()) == 3 and (guard.consecutive, guard.total) == (1, 3)
+    assert guard.sync() == 1 and (guard.consecutive, guard.total) == (2, 4)
+    guard.record(guard.finite(torch.tensor(math.nan)))
+    with pytest.raises(FloatingPointError, match="max-bad-steps=3"):
+        guard.absorb(guard.device_counts().tolist())
 
 
 # ------------------------------------------------------------------------------------------------ the guard

@@ -14,7 +14,8 @@ here, written once:
   :func:`save_checkpoint`, through ``utils.training.save_train_checkpoint``, or with
   ``RunContext.sharded_checkpoints`` through ``utils.sharded_checkpoint``: one folder of per-rank
   shards, nothing gathered); ``RunContext.elastic`` runs (the GPT trainer) resume on another world size;
-- :func:`run_loop`: step, log window (:func:`log_window`: the same record fields for both trainers),
+- :func:`run_loop`: step, log window (:func:`begin_log` / :class:`PendingLog`: the same record fields for
+  both trainers, read from the device one step late so that the GPU never waits for a log line),
   checkpoints, and at the end the export rule of :func:`final_exports`.
 
 No host synchronisation per step: the non-finite guard decides on the device (a skipped update
@@ -405,53 +406,114 @@ def record_step(state: TrainState, ctx: RunContext, result: StepResult) -> None:
     ctx.throughput.add(result.items)
 
 
-def check_guard(state: TrainState, ctx: RunContext) -> None:
-    """Read the non-finite guard (log and checkpoint steps): warn about skipped steps, abort past the limit."""
-    skipped = state.guard.sync()
+@dataclass
+class PendingLog:
+    """A log line whose device values are on their way to the host; :meth:`write` finishes it.
+
+    :func:`begin_log` stacks everything the line needs from the device into one tensor and starts a
+    non-blocking copy into pinned host memory (CUDA); the loop writes the line after it has queued the
+    next step, so the GPU never waits for the host to read a log line. On the CPU the values are read
+    in place.
+    """
+
+    head: dict[str, Any]  # host fields before the window's means: step, epoch
+    tail: dict[str, Any]  # host fields after them: lr, the trainer's extras, peak memory
+    names: list[str]  # window terms, then grad_norm, the throughput and the guard's counters (if any)
+    values: torch.Tensor  # float64, on the host once ``ready`` has completed
+    ready: torch.cuda.Event | None
+    guard_counts: bool
+
+    def write(self, state: TrainState, ctx: RunContext) -> None:
+        """Read the copied values (waits for the logged step only) and write the line."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        values = dict(zip(self.names, self.values.tolist()))
+        if self.guard_counts:
+            skipped = state.guard.absorb([int(values.pop(k)) for k in _GUARD_FIELDS])
+            warn_skipped(state, ctx, skipped)
+        grad_norm, rate = values.pop("grad_norm"), values.pop("images_per_s")
+        count = values.pop("count", 0.0)
+        record = dict(self.head)
+        record.update({k: v / count for k, v in values.items()} if count else {"loss": float("nan")})
+        record.update(lr=self.tail["lr"], grad_norm=grad_norm, images_per_s=rate)
+        record.update({k: v for k, v in self.tail.items() if k != "lr"})
+        if state.guard.total or state.empty_batches:
+            record.update(skipped_steps=state.guard.total, empty_batches=state.empty_batches)
+        ctx.run.log_metrics(record)
+        if ctx.wandb is not None:
+            ctx.wandb.log(record)
+        ctx.logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+
+_GUARD_FIELDS = ("guard_consecutive", "guard_total", "guard_longest")
+
+
+def warn_skipped(state: TrainState, ctx: RunContext, skipped: int) -> None:
     if skipped:
         ctx.logger.warning(f"step {state.step}: {skipped} step(s) with a non-finite loss or gradient since the "
                            f"previous report, updates skipped ({state.guard.consecutive} in a row now)")
 
 
-def log_window(state: TrainState, ctx: RunContext, result: StepResult) -> None:
-    """One metrics line: means since the previous line, the logged step's LR and gradient norm, throughput."""
-    env = ctx.env
-    check_guard(state, ctx)
-    rate = all_reduce_sum(torch.tensor(ctx.throughput.rate(), device=env.device))
+def begin_log(state: TrainState, ctx: RunContext, result: StepResult) -> PendingLog:
+    """Start one metrics line (means since the previous line, the step's LR and gradient norm, throughput)
+    without reading the device; the window starts again."""
+    device = ctx.env.device
     epoch = state.loader.epoch + state.loader.consumed_in_epoch / (ctx.steps_per_epoch * ctx.global_batch_size)
-    # Everything the line needs from the device in one copy (the log step's only synchronisation).
-    names = list(state.window)
-    values = torch.stack([torch.as_tensor(state.window[k], dtype=torch.float64, device=env.device) for k in names]
-                         + [result.grad_norm.detach().to(torch.float64), rate.to(torch.float64)]).tolist()
-    window, (grad_norm, rate) = dict(zip(names, values[:-2])), values[-2:]
-    count = window.pop("count", 0.0)
-    record: dict[str, Any] = {"step": state.step, "epoch": round(epoch, 4)}
-    record.update({k: v / count for k, v in window.items()} if count else {"loss": float("nan")})
-    record.update(lr=result.lr, grad_norm=grad_norm, images_per_s=rate, **result.extras)
-    if env.device.type == "cuda":
-        record["max_mem_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
-    if state.guard.total or state.empty_batches:
-        record.update(skipped_steps=state.guard.total, empty_batches=state.empty_batches)
-    ctx.run.log_metrics(record)
-    if ctx.wandb is not None:
-        ctx.wandb.log(record)
-    ctx.logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    head = {"step": state.step, "epoch": round(epoch, 4)}
+    tail: dict[str, Any] = {"lr": result.lr, **result.extras}
+    if device.type == "cuda":
+        tail["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30  # allocator statistics, no sync
+    # torch.full writes the host number on the device: no copy waits for the queue.
+    rate = all_reduce_sum(torch.full((), ctx.throughput.rate(), dtype=torch.float64, device=device))
+    names = list(state.window) + ["grad_norm", "images_per_s"]
+    values = [torch.as_tensor(state.window[k], dtype=torch.float64, device=device) for k in state.window]
+    values += [result.grad_norm.detach().to(torch.float64), rate]
+    counts = state.guard.device_counts()
+    if counts is not None:
+        names += list(_GUARD_FIELDS)
+        values += list(counts.to(torch.float64))
+    stacked = torch.stack(values)
     state.window = {}
+    if device.type != "cuda":
+        return PendingLog(head, tail, names, stacked, None, counts is not None)
+    host = torch.empty(stacked.shape, dtype=torch.float64, pin_memory=True)
+    host.copy_(stacked, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return PendingLog(head, tail, names, host, ready, counts is not None)
+
+
+def check_guard(state: TrainState, ctx: RunContext) -> None:
+    """Read the non-finite guard (checkpoint steps): warn about skipped steps, abort past the limit."""
+    warn_skipped(state, ctx, state.guard.sync())
 
 
 def run_loop(state: TrainState, ctx: RunContext, train_step: Callable[[TrainState], StepResult],
              after_step: Callable[[TrainState], None] | None = None) -> None:
-    """Train until ``ctx.last_step``: step, log, ``after_step`` (e.g. sample grids), checkpoint."""
+    """Train until ``ctx.last_step``: step, log, ``after_step`` (e.g. sample grids), checkpoint.
+
+    A log step's line is written after the next step has been queued (:class:`PendingLog`), or before
+    a checkpoint, whichever comes first.
+    """
+    pending: PendingLog | None = None
     while state.step < ctx.last_step:
         result = train_step(state)
+        if pending is not None:
+            pending.write(state, ctx)
+            pending = None
         record_step(state, ctx, result)
         if state.step % ctx.log_every == 0 or state.step == ctx.last_step:
-            log_window(state, ctx, result)
+            pending = begin_log(state, ctx, result)
         if after_step is not None:
             after_step(state)
         if state.step % ctx.ckpt_every == 0 or state.step == ctx.last_step:
+            if pending is not None:
+                pending.write(state, ctx)
+                pending = None
             check_guard(state, ctx)  # never write a checkpoint past the --max-bad-steps limit
             save_checkpoint(state, ctx)
+    if pending is not None:
+        pending.write(state, ctx)
 
 
 def final_exports(state: TrainState) -> dict[str, nn.Module]:

@@ -243,8 +243,9 @@ class NonFiniteGuard:
     The per-step decision stays on the device, so a step costs no host synchronisation: ``finite``
     turns the (rank-reduced) check values into one boolean tensor, ``record`` counts it into device
     counters and the caller skips the update with it (``step_unless_skipped``, ``update_ema``'s
-    ``applied``). ``sync`` reads the counters, at log and checkpoint steps only, and raises once a run
-    of ``max_bad_steps`` non-finite steps happened: an abort is therefore noticed at the next log or
+    ``applied``). ``sync`` reads the counters (checkpoint steps), ``device_counts`` + ``absorb`` read
+    them asynchronously with a log line, and both raise once a run of ``max_bad_steps`` non-finite
+    steps happened: an abort is therefore noticed when the next log line is written or at the next
     checkpoint step after the limit is reached (the skipped steps changed nothing, and no checkpoint is
     written past it, since ``state_dict`` syncs first). ``check`` is the host-side form of all three.
     """
@@ -281,11 +282,27 @@ class NonFiniteGuard:
         skipped = total - self.total
         self.consecutive, self.total, self._counts = consecutive, total, None
         if longest >= self.max_bad_steps:
-            raise FloatingPointError(
-                f"{longest} consecutive non-finite steps (limit --max-bad-steps={self.max_bad_steps}); "
-                "aborting. Lower the LR, check the data, or resume from an earlier checkpoint."
-            )
+            raise FloatingPointError(self._abort_message(longest))
         return skipped
+
+    def device_counts(self) -> torch.Tensor | None:
+        """The device counters ``(consecutive, total, longest run)`` as of now, or None when nothing was recorded
+        since the last read. ``record`` builds new tensors, so the returned one keeps its values."""
+        return self._counts
+
+    def absorb(self, counts: list[int]) -> int:
+        """``sync`` for counters read asynchronously (from :meth:`device_counts`): the steps skipped since the
+        previous read; raises like ``sync``. The device counters keep counting."""
+        consecutive, total, longest = counts
+        skipped = total - self.total
+        self.consecutive, self.total = consecutive, total
+        if longest >= self.max_bad_steps:
+            raise FloatingPointError(self._abort_message(longest))
+        return skipped
+
+    def _abort_message(self, longest: int) -> str:
+        return (f"{longest} consecutive non-finite steps (limit --max-bad-steps={self.max_bad_steps}); "
+                "aborting. Lower the LR, check the data, or resume from an earlier checkpoint.")
 
     def check(self, *values: torch.Tensor) -> bool:
         """True if the step may be applied (reads the device: use ``finite`` + ``record`` in loops).
