@@ -31,7 +31,7 @@ without averaging), written by ``GPT.save_pretrained`` for the sampling CLIs. ``
 continues from the latest checkpoint, and a run killed at any moment and resumed on the same world
 size logs exactly the losses of an uninterrupted run. Resume is elastic: each global step trains on
 the same samples at any world size (``dataset.sampler``'s global-batch layout) with per-sample
-dropout draws (``autoregressive.sample_draws``), so a run continued on another number of ranks, at
+dropout draws (``autoregressive.train_draws``), so a run continued on another number of ranks, at
 the same global batch, follows the same trajectory up to float summation order.
 ``--stop-after-step`` ends a launch early (with a checkpoint) without changing the schedule;
 ``--init-from WEIGHTS`` starts a fine-tuning run from GPT weights (official or ours; weights only).
@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from autoregressive import sample_draws
+from autoregressive import train_draws
 from autoregressive.config import GPT_PRESETS, GPTConfig
 from autoregressive.loading import GPTLoadError, read_gpt_checkpoint
 from autoregressive.model import GPT, TransformerBlock, build_gpt
@@ -578,7 +578,7 @@ def build_model(cfg: ARTrainConfig, env: DistEnv, logger: Any,
     # per-step checks would only add host synchronisations.
     model.check_input_values = False
     ema = create_ema(model) if t.optim.ema_decay > 0 else None
-    sample_draws.install(model)  # per-sample dropout draws: the same at any world size
+    train_draws.install(model)  # per-sample dropout draws: the same at any world size
     logger.info(f"GPT: {model.num_params() / 1e6:.1f}M parameters; EMA {'%g' % t.optim.ema_decay if ema else 'off'}")
     if t.fsdp:
         logger.info("FSDP: " + ("bf16 parameters in forward and backward, fp32 gradient reduction and master weights"
@@ -655,7 +655,7 @@ def _train(cfg: ARTrainConfig, opts: RunOptions) -> dict[str, Any]:
         track_bad_files(state, ctx, t.data.data_path)
 
     # -- resume, loop, export ------------------------------------------------------------------
-    # Dropout and label dropout draw per sample (autoregressive.sample_draws), not from these streams;
+    # Dropout and label dropout draw per sample (autoregressive.train_draws), not from these streams;
     # one seed on every rank keeps whatever else might draw independent of the rank too.
     seed_everything(t.seed)
     if resume_path is not None:
@@ -684,7 +684,7 @@ def train_step(source: CodeSource, t: ARTrainSettings, ctx: RunContext, state: T
         batch = next_batch(state, ctx, _batch_size)
         codes, labels = source(batch)  # (B, N), (B,)
         with gradient_sync(state.trained, len(records) == t.grad_accum_steps - 1), \
-                sample_draws.keys_of(state.model).use(draw_keys(batch, state.loader, t.seed, ctx.env.device)):
+                train_draws.keys_of(state.model).use(draw_keys(batch, state.loader, t.seed, ctx.env.device)):
             with autocast(ctx.env.device, "fp32" if uses_fsdp_precision(t) else t.precision):
                 logits = state.trained(codes, labels)  # (B, N, V), float32
             loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
@@ -703,10 +703,10 @@ def draw_keys(batch: Any, loader: InfiniteLoader, seed: int, device: torch.devic
     Codes: the samples' places in the epoch's global order; images (bad files dropped): their dataset indices.
     """
     if isinstance(batch, ImageBatch):
-        return sample_draws.sample_keys(seed ^ 0x1A5E, loader.epoch, batch.indices).to(device)
+        return train_draws.sample_keys(seed ^ 0x1A5E, loader.epoch, batch.indices).to(device)
     rows = batch[1].shape[0]
     start = loader.consumed_in_epoch // loader.world_size - rows  # this rank's position before the batch
-    return sample_draws.sample_keys(seed, loader.epoch, loader.sampler.global_positions(start, rows)).to(device)
+    return train_draws.sample_keys(seed, loader.epoch, loader.sampler.global_positions(start, rows)).to(device)
 
 
 def checkpoint_aliases(model_config: GPTConfig, state: TrainState) -> dict[str, Any]:

@@ -53,7 +53,7 @@ from autoregressive.generate import (GuidanceSchedule, apply_guidance, decode_n_
                                      prefill, reference_decode_one_token, sample_token)
 from autoregressive.model import GPT
 from utils.cli import OneLineArgumentParser
-from utils.errors import run_cli
+from utils.errors import call_cli
 
 BENCH_CFG = GuidanceSchedule(1.5, 4.0)
 
@@ -403,5 +403,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return report
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m scripts.benchmark_sampling ARGV`` run in this process (argv None: ``sys.argv[1:]``); returns the exit
+    status instead of exiting."""
+    return call_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    raise SystemExit(cli())

@@ -33,7 +33,7 @@ from autoregressive import GPT, GPT_PRESETS, stream
 from tokenizer import TOKENIZER_PRESETS, DARTokenizer
 from utils.cli import OneLineArgumentParser, positive_int
 from utils.distributed import resolve_device
-from utils.errors import run_cli
+from utils.errors import call_cli
 from utils.fileio import atomic_write_text
 
 
@@ -187,5 +187,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return result
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m scripts.benchmark_streaming ARGV`` run in this process (argv None: ``sys.argv[1:]``); returns the exit
+    status instead of exiting."""
+    return call_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    raise SystemExit(cli())

@@ -38,7 +38,7 @@ import torch
 
 from tokenizer import TOKENIZER_PRESETS, DARTokenizer, load_tokenizer_config
 from utils.cli import OneLineArgumentParser, positive_int
-from utils.errors import run_cli
+from utils.errors import call_cli
 from utils.fileio import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,5 +241,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m scripts.benchmark_tokenizer ARGV`` run in this process (argv None: ``sys.argv[1:]``); returns the exit
+    status instead of exiting."""
+    return call_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    raise SystemExit(cli())

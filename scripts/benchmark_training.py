@@ -55,7 +55,7 @@ from tokenizer.losses import LossConfig, WeightFiles, build_loss_networks, loss_
 from utils.distributed import DistEnv
 from utils.training import OptimConfig, autocast, build_optimizer, create_ema, update_ema
 from utils.cli import OneLineArgumentParser
-from utils.errors import run_cli
+from utils.errors import call_cli
 
 # REPA encoder / discriminator presets that fit each tokenizer preset's REPA head and image size.
 REPA_PRESET = {"tiny": "tiny", "v1": "dinov2_vitb14"}
@@ -295,5 +295,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     return rows
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m scripts.benchmark_training ARGV`` run in this process (argv None: ``sys.argv[1:]``); returns the exit
+    status instead of exiting."""
+    return call_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    raise SystemExit(cli())

@@ -57,7 +57,7 @@ import numpy as np
 
 from utils.cli import OneLineArgumentParser, non_negative_int
 from utils.distributed import resolve_device
-from utils.errors import UserError, run_cli
+from utils.errors import UserError, call_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -488,5 +488,11 @@ def print_summary(report: dict[str, Any], out: Path) -> None:
           "class_consistency.json, report.json")
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m scripts.demo ARGV`` run in this process (argv None: ``sys.argv[1:]``); returns the exit
+    status instead of exiting."""
+    return call_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    raise SystemExit(cli())

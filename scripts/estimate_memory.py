@@ -38,7 +38,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from utils.config import load_yaml
 from utils.cli import OneLineArgumentParser
-from utils.errors import UserError, require_path, run_cli
+from utils.errors import UserError, call_cli, require_path
 
 GIB = 2**30
 MARGIN_FRACTION = 0.10  # allocator fragmentation, NCCL buffers, kernels' workspaces
@@ -496,5 +496,11 @@ def main(argv: list[str] | None = None) -> str:
     return text
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m scripts.estimate_memory ARGV`` run in this process (argv None: ``sys.argv[1:]``); returns the exit
+    status instead of exiting."""
+    return call_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    raise SystemExit(cli())

@@ -54,7 +54,8 @@ from tokenizer.model import DARTokenizer
 from tokenizer.losses import WeightFiles, build_loss_networks, loss_terms, term_weights, total_loss
 from tokenizer.train import load_train_config
 from utils.distributed import DistEnv, barrier, broadcast_object, gradient_sync, run_then_cleanup, setup_distributed
-from utils.errors import UserError, run_cli
+from utils.cli import OneLineArgumentParser
+from utils.errors import UserError, call_cli
 from utils.fileio import atomic_write_text
 from utils.training import autocast, build_optimizer, create_ema, default_precision, resolve_compile, update_ema
 
@@ -671,7 +672,7 @@ def environment_line(ctx: Context) -> str:
 # Command line
 # ------------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="python -m scripts.gpu_check", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="sections, in run order:\n" + "\n".join(f"  {k:<18} {s.help}" for k, s in SECTIONS.items()))
@@ -764,5 +765,11 @@ def _run(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m scripts.gpu_check ARGV`` run in this process (argv None: ``sys.argv[1:]``); returns the exit
+    status instead of exiting."""
+    return call_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    raise SystemExit(cli())

@@ -53,7 +53,9 @@ def test_call_cli_returns_the_status_python_would_exit_with(capsys):
 
 ENTRY_POINTS = ("tokenizer.train", "tokenizer.reconstruct", "tokenizer.extract_codes", "autoregressive.train",
                 "autoregressive.sample", "autoregressive.layout", "autoregressive.sample_ddp",
-                "evaluations.evaluator", "evaluations.class_consistency", "evaluations.make_reference")
+                "evaluations.evaluator", "evaluations.class_consistency", "evaluations.make_reference",
+                "scripts.demo", "scripts.estimate_memory", "scripts.gpu_check", "scripts.benchmark_sampling",
+                "scripts.benchmark_tokenizer", "scripts.benchmark_training", "scripts.benchmark_streaming")
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)

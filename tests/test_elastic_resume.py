@@ -167,12 +167,12 @@ def weights_of_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_training_draws_follow_the_sample_not_its_batch() -> None:
-    from autoregressive import sample_draws
+    from autoregressive import train_draws
 
     model = random_gpt(drop_path_rate=0.2).train()  # token/resid/ffn dropout, label dropout, stochastic depth
-    keys_source = sample_draws.install(model)
+    keys_source = train_draws.install(model)
     codes, labels = torch.randint(0, 64, (6, 16)), torch.arange(6)
-    keys = sample_draws.sample_keys(0, 3, torch.arange(10, 16))
+    keys = train_draws.sample_keys(0, 3, torch.arange(10, 16))
     with keys_source.use(keys):
         whole = model(codes, labels)
         swapped = model(codes.flip(0), labels.flip(0))
