@@ -104,6 +104,15 @@ def test_fsdp_writes_sharded_checkpoints_that_resume_and_export(codes: Path, tmp
     run_module("autoregressive.train", args(codes, cut, "--fsdp", "--ckpt-every", "4", "--resume", "auto"), nproc=2)
     assert_same_losses(cut, whole, rel=1e-6)
     assert not (cut / "checkpoints" / ".step_0000006.tmp").exists()
+    # Elastic across sharding: the same shards continue on 4 FSDP ranks and on 2 DDP ranks.
+    for name, nproc, extra in (("four_fsdp", 4, ["--fsdp"]), ("two_ddp", 2, [])):
+        folder = tmp_path / name
+        (folder / "checkpoints").mkdir(parents=True)
+        shutil.copytree(manager.sharded_path_for(4), folder / "checkpoints" / "step_0000004")
+        (folder / "metrics.jsonl").write_text("".join(lines[:4]))
+        run_module("autoregressive.train", args(codes, folder, *extra, "--ckpt-every", "100", "--resume", "auto"),
+                   nproc=nproc)
+        assert_same_losses(folder, whole, rel=1e-5)
     # The same checkpoint resumes without FSDP on one process (DCP reshards the tensors on load).
     single = tmp_path / "single"
     (single / "checkpoints").mkdir(parents=True)
