@@ -11,6 +11,20 @@ Layouts (``ImageFolderDataset``)
     Hidden files and folders (leading ``.``) are ignored; the file list is sorted by relative
     POSIX path, so every machine sees the same order.
 
+Listing (``load_folder_listing``, what ``ImageFolderDataset`` uses; ``scan_image_folder`` always lists)
+    Under ``torchrun`` the process with ``LOCAL_RANK`` 0 lists the folder once per node and writes the
+    listing atomically to ``.dar-folder-listing-<hash of the folder's real path and with_labels>.npz``
+    (plain arrays, loaded without pickle) while the other ranks wait at a barrier, then read it; the
+    cache folder is chosen as for the tar-shard index (``index_dir``, ``$DAR_SHARD_INDEX_DIR``, the
+    image folder's parent when writable, ``~/.cache/dar/folder_listing``; see ``dataset.node_cache``).
+    A single process uses it too: a second start reads instead of listing. A listing holds names only
+    and is reused while the root and every folder the scan read (class folders and all their
+    sub-folders) keep the mtime recorded before each was read: adding, removing or renaming a file or
+    folder moves its parent's mtime and the folder is listed again; editing a file in place does not,
+    and need not. A folder modified within 2 s before the scan might change again unseen within the
+    same mtime tick, so such a listing serves only the ranks of the run that made it. Writing a listing
+    removes those in the same cache folder that can never load again.
+
 Decoding policy (``decode_rgb``) — every returned image is 8-bit RGB, or the file is skipped:
     converted and counted
         ``grayscale``  L / 1 / LA / I / I;16* / F, replicated to three equal channels;
@@ -50,12 +64,17 @@ depend on the worker count or on a restart.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import math
 import os
 import struct
+import time
 import warnings
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,9 +85,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from dataset.node_cache import built_by_local_rank0, cache_file_path, remove_stale_files, write_or_warn
 from dataset.seeding import randint, sample_generator
-from utils.distributed import all_reduce_sum
+from utils.distributed import all_reduce_sum, barrier
 from utils.errors import PathNotFoundError, UserError
+from utils.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -112,46 +133,223 @@ def _is_image_name(name: str) -> bool:
     return not _is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _walk_images(top: Path, stamps: list[list] | None = None, top_rel: str = ".") -> list[str]:
+    """Sorted POSIX paths, relative to ``top``, of every image file under it (recursive, symlinks
+    followed). With ``stamps``, appends ``[folder relative to the scanned root, mtime_ns]`` for each
+    sub-folder before it is read (``top`` itself is the caller's to stamp)."""
+    found: list[str] = []
+    for folder, dirs, files in os.walk(top, followlinks=True):
+        dirs[:] = [d for d in dirs if not _is_hidden(d)]
+        rel = Path(folder).relative_to(top)
+        if stamps is not None:
+            stamps.extend(_stamp(Path(folder) / d, (Path(top_rel) / rel / d).as_posix()) for d in dirs)
+        found.extend((rel / name).as_posix() for name in files if _is_image_name(name))
+    return sorted(found)
+
+
+def _stamp(folder: Path, rel: str) -> list:
+    try:
+        return [rel, os.stat(folder).st_mtime_ns]
+    except OSError:  # gone or unreadable: -1 never matches, so the listing is never reused
+        return [rel, -1]
+
+
 def list_images(root: str | os.PathLike) -> list[Path]:
     """Every image file under ``root`` (recursive, symlinks followed), sorted by relative path."""
     root = Path(root)
-    found: list[str] = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = [d for d in dirs if not _is_hidden(d)]
-        rel = Path(folder).relative_to(root)
-        found.extend((rel / name).as_posix() for name in files if _is_image_name(name))
-    return [root / rel for rel in sorted(found)]
+    return [root / rel for rel in _walk_images(root)]
 
 
 def scan_image_folder(
     root: str | os.PathLike, with_labels: bool = True
 ) -> tuple[list[Path], list[int], tuple[str, ...]]:
-    """(files, labels, class names) for a class-folder or flat tree; see the module docstring."""
+    """(files, labels, class names) for a class-folder or flat tree; see the module docstring.
+
+    Always lists the folder; ``load_folder_listing`` gives the same result from the node's cache."""
     root = Path(root)
+    rels, labels, classes = _scan(root, with_labels)
+    return [root / rel for rel in rels], labels, classes
+
+
+def _scan(
+    root: Path, with_labels: bool, stamps: list[list] | None = None
+) -> tuple[list[str], list[int], tuple[str, ...]]:
+    """``scan_image_folder`` with the files as POSIX paths relative to ``root``; with ``stamps``, records
+    the mtime of every folder whose entries the result depends on, each read before the folder is listed
+    (a file added after the listing then moves a recorded mtime)."""
     if not root.exists():
         raise PathNotFoundError(root, "pass the folder that holds the images")
     if not root.is_dir():
         raise ImageFolderError(f"{root} is a file; pass the folder that holds the images")
+    if stamps is not None:
+        stamps.append(_stamp(root, "."))
     entries = sorted(e for e in os.listdir(root) if not _is_hidden(e))
     has_direct_images = any(_is_image_name(e) and (root / e).is_file() for e in entries)
     class_dirs = [e for e in entries if (root / e).is_dir()]
     if with_labels and class_dirs and not has_direct_images:
-        files: list[Path] = []
+        files: list[str] = []
         labels: list[int] = []
         for label, name in enumerate(class_dirs):
-            class_files = list_images(root / name)
+            if stamps is not None:
+                stamps.append(_stamp(root / name, name))
+            class_files = _walk_images(root / name, stamps, name)
             if not class_files:
                 raise ImageFolderError(
                     f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
                     "remove it or pass with_labels=False, otherwise class indices would shift"
                 )
-            files.extend(class_files)
+            files.extend(f"{name}/{rel}" for rel in class_files)
             labels.extend([label] * len(class_files))
         return files, labels, tuple(class_dirs)
-    files = list_images(root)
+    files = _walk_images(root, stamps)
     if not files:
         raise NoImagesError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}; pass the folder that holds them")
     return files, [0] * len(files), ()
+
+
+# --------------------------------------------------------------------------------------------
+# The listing shared by the ranks of a node
+
+LISTING_VERSION = 1
+_LISTING_GLOB = ".dar-folder-listing-*.npz"
+# A folder modified this close to the scan could change again within the same mtime tick (1-2 s on some
+# file systems) without its recorded mtime moving. Such a listing serves the ranks of this run only.
+_SETTLE_NS = 2_000_000_000
+
+
+@dataclass
+class _Listing:
+    rels: list[str]  # POSIX paths relative to the root, in scan order
+    labels: list[int]
+    classes: tuple[str, ...]
+    folders: list[list]  # [relative folder, mtime_ns] per folder the scan read
+    settled: bool  # every folder's mtime was older than the scan by _SETTLE_NS
+
+    @classmethod
+    def scan(cls, root: Path, with_labels: bool) -> _Listing:
+        started = time.time_ns()
+        folders: list[list] = []
+        rels, labels, classes = _scan(root, with_labels, folders)
+        settled = all(0 <= mtime < started - _SETTLE_NS for _, mtime in folders)
+        return cls(rels, labels, classes, folders, settled)
+
+    def save(self, path: Path, resolved_root: Path, with_labels: bool) -> None:
+        meta = json.dumps({"version": LISTING_VERSION, "root": str(resolved_root), "with_labels": with_labels,
+                           "classes": list(self.classes), "settled": self.settled, "folders": self.folders})
+        # One NUL-separated UTF-8 blob (NUL is the one byte no file name holds): a fixed-width unicode
+        # array would take 4 bytes per character of the longest path for every file.
+        names = "\0".join(self.rels).encode("utf-8", "surrogateescape")
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: numpy would append ".npz" to a path
+                np.savez_compressed(f, meta=np.frombuffer(meta.encode("ascii"), dtype=np.uint8),
+                                    names=np.frombuffer(names, dtype=np.uint8),
+                                    labels=np.asarray(self.labels, dtype=np.int64))
+
+        atomic_write(path, write)
+
+    @classmethod
+    def load(cls, path: Path, resolved_root: Path, with_labels: bool, settled_only: bool) -> _Listing | None:
+        """The cached listing if it was made for this root and flag and no folder it read has changed."""
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = _listing_meta(data)
+                if not (meta.get("version") == LISTING_VERSION and meta.get("root") == str(resolved_root)
+                        and meta.get("with_labels") is with_labels and (meta.get("settled") or not settled_only)
+                        and _folders_unchanged(resolved_root, meta["folders"])):
+                    return None
+                rels = bytes(data["names"]).decode("utf-8", "surrogateescape").split("\0")
+                labels = data["labels"].tolist()
+            if len(rels) != len(labels):
+                raise ValueError(f"{len(rels)} names but {len(labels)} labels")
+            return cls(rels, labels, tuple(meta["classes"]), meta["folders"], bool(meta["settled"]))
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+            logger.warning("folder listing %s is unreadable (%s); listing the folder again", path, error)
+            return None
+
+
+def _listing_meta(data: np.lib.npyio.NpzFile) -> dict:
+    meta = json.loads(bytes(data["meta"]).decode("ascii"))
+    if not isinstance(meta, dict):
+        raise ValueError("its metadata is not a JSON object")
+    return meta
+
+
+def _folders_unchanged(root: Path, folders: list[list]) -> bool:
+    for rel, mtime in folders:
+        try:
+            if os.stat(root / rel).st_mtime_ns != mtime:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def listing_cache_path(root: str | os.PathLike, with_labels: bool = True,
+                       index_dir: str | os.PathLike | None = None) -> Path:
+    """Where the listing of ``root`` is cached: beside the folder (in its parent), or see ``dataset.node_cache``."""
+    resolved = Path(os.path.realpath(root))
+    key = f"{resolved}\n{bool(with_labels)}".encode("utf-8", "surrogateescape")
+    name = f".dar-folder-listing-{hashlib.sha256(key).hexdigest()[:16]}.npz"
+    return cache_file_path(name, resolved.parent, index_dir, "folder_listing")
+
+
+def _listing_is_stale(path: Path) -> bool:
+    """Whether the cached listing ``path`` can never load again: another format, its folder is gone from
+    a parent that is still there, or a folder it read has changed. (A root whose parent is missing may sit
+    on a file system this machine does not mount while another one shares the cache.)"""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = _listing_meta(data)
+        if meta.get("version") != LISTING_VERSION:
+            return True
+        root = Path(meta["root"])
+        if not root.parent.is_dir():
+            return False
+        return not root.is_dir() or not _folders_unchanged(root, meta["folders"])
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error):
+        return False  # not ours to judge: whoever uses it next rebuilds it
+
+
+def remove_stale_listings(folder: Path, keep: Path) -> list[Path]:
+    """Delete the folder listings in ``folder`` (other than ``keep``) that can never load again."""
+    return remove_stale_files(folder, _LISTING_GLOB, keep, _listing_is_stale, "folder listing")
+
+
+def load_folder_listing(
+    root: str | os.PathLike, with_labels: bool = True, index_dir: str | os.PathLike | None = None
+) -> tuple[list[Path], list[int], tuple[str, ...]]:
+    """``scan_image_folder(root, with_labels)``, listed once per node: local rank 0 scans (or finds a
+    current listing in the cache) and writes it while the node's other ranks wait, then they read it.
+
+    Every rank must call it (it meets the others at a barrier when a process group exists). A listing is
+    current while the root, and every folder below it that the scan read, keep the mtime they had: adding,
+    removing or renaming a file or folder changes its parent folder's mtime. Editing a file in place does
+    not, and need not: the listing holds names only. Targets of symlinked files are not watched.
+    """
+    root = Path(root)
+    with_labels = bool(with_labels)
+    cache = listing_cache_path(root, with_labels, index_dir)
+    resolved = Path(os.path.realpath(root))
+
+    def build_and_save() -> _Listing:
+        logger.info("listing the image folder %s into %s", root, cache)
+        listing = _Listing.scan(root, with_labels)
+        if write_or_warn(cache, lambda path: listing.save(path, resolved, with_labels), "folder listing"):
+            remove_stale_listings(cache.parent, keep=cache)
+        return listing
+
+    # A new run trusts only a settled listing; the ranks of this run take the one rank 0 just made.
+    listing = built_by_local_rank0(
+        lambda: _Listing.load(cache, resolved, with_labels, settled_only=True),
+        build_and_save,
+        load_after_barrier=lambda: _Listing.load(cache, resolved, with_labels, settled_only=False),
+        build=lambda: _Listing.scan(root, with_labels),
+        sync=barrier,  # looked up here, so that tests can replace this module's ``barrier``
+    )
+    return [root / rel for rel in listing.rels], listing.labels, listing.classes
 
 
 # --------------------------------------------------------------------------------------------
@@ -585,10 +783,13 @@ class ImageFolderDataset(DecodedImageDataset):
         seed: int = 0,
         min_size: int = 0,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        *,
+        index_dir: str | os.PathLike | None = None,
     ) -> None:
         self._set_options(transform, seed, min_size, max_image_pixels)
         self.root = Path(root)
-        self.files, self.labels, self.classes = scan_image_folder(self.root, with_labels)
+        # Listed once per node and cached (``load_folder_listing``); the same as ``scan_image_folder``.
+        self.files, self.labels, self.classes = load_folder_listing(self.root, with_labels, index_dir)
 
 
 def collate_skip_bad(items: Sequence[ImageItem]) -> ImageBatch:

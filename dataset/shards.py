@@ -22,8 +22,10 @@ Index
     without pickle) in ``index_dir``, else ``$DAR_SHARD_INDEX_DIR``, else the folder of the first shard
     when it is writable, else ``~/.cache/dar/shard_index``. It records every shard's size and mtime and
     is rebuilt when one differs. Writing a new index removes the folder's indexes that can never be used
-    again: an older index format, or shards of which one is gone or has changed since. Under ``torchrun`` the process with ``LOCAL_RANK`` 0 on each node builds
-    (or checks) it and writes it atomically while the other ranks wait at a barrier, then read it.
+    again: an older index format, or shards of which one is gone or has changed since. Under ``torchrun``
+    the process with ``LOCAL_RANK`` 0 on each node builds (or checks) it and writes it atomically while
+    the other ranks wait at a barrier, then read it (``dataset.node_cache``, which image folders share:
+    their file listing is cached the same way, see ``dataset.images``).
 """
 
 from __future__ import annotations
@@ -50,13 +52,14 @@ from dataset.images import (
     Transform,
     _is_image_name,
 )
+from dataset.node_cache import CACHE_ENV, built_by_local_rank0, cache_file_path, remove_stale_files, write_or_warn
 from utils.distributed import barrier
 from utils.errors import PathNotFoundError, UserError
 from utils.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
-INDEX_ENV = "DAR_SHARD_INDEX_DIR"
+INDEX_ENV = CACHE_ENV
 INDEX_VERSION = 1
 _IMAGE_EXTS = frozenset(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -312,15 +315,7 @@ class ShardIndex:
 def index_cache_path(shards: Sequence[Path], index_dir: str | os.PathLike | None = None) -> Path:
     """Where the index of these shards is cached (see the module docstring for the order of choices)."""
     digest = hashlib.sha256("\n".join(str(s.resolve()) for s in shards).encode()).hexdigest()[:16]
-    name = f".dar-shard-index-{digest}.npz"
-    folder = index_dir or os.environ.get(INDEX_ENV)
-    if folder:
-        return Path(folder).expanduser() / name
-    beside = shards[0].resolve().parent
-    if os.access(beside, os.W_OK):
-        return beside / name
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "dar" / "shard_index" / name
+    return cache_file_path(f".dar-shard-index-{digest}.npz", shards[0].resolve().parent, index_dir, "shard_index")
 
 
 def _is_stale(path: Path) -> bool:
@@ -355,18 +350,7 @@ def remove_stale_indexes(folder: Path, keep: Path) -> list[Path]:
     Without this, every change to a dataset's list of shards (one added, one moved) left its old index
     behind for good. Indexes of other shard lists that are still valid are kept: another run may use them.
     """
-    removed = []
-    for path in sorted(folder.glob(".dar-shard-index-*.npz")):
-        if path == keep or not _is_stale(path):
-            continue
-        try:
-            path.unlink()
-        except OSError:  # already gone (another node), or not ours to delete
-            continue
-        removed.append(path)
-    if removed:
-        logger.info("removed %d stale shard index(es) from %s", len(removed), folder)
-    return removed
+    return remove_stale_files(folder, ".dar-shard-index-*.npz", keep, _is_stale, "shard index")
 
 
 def load_shard_index(shards: Sequence[Path], index_dir: str | os.PathLike | None = None) -> ShardIndex:
@@ -376,31 +360,17 @@ def load_shard_index(shards: Sequence[Path], index_dir: str | os.PathLike | None
     """
     stats = _shard_stats(shards)
     cache = index_cache_path(shards, index_dir)
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
-        barrier()
-        # The cache is missing only if rank 0 failed (the same mistake is then raised here) or could
-        # not write it: building it again is the fallback that never hangs.
-        return ShardIndex.load(cache, stats) or ShardIndex.build(stats)
-    error: BaseException | None = None
-    index = None
-    try:
-        index = ShardIndex.load(cache, stats)
-        if index is None:
-            logger.info("indexing %d tar shard(s) into %s", len(shards), cache)
-            index = ShardIndex.build(stats)
-            try:
-                index.save(cache)
-            except OSError as write_error:
-                logger.warning("cannot write the shard index %s (%s); set %s to a writable folder to share it",
-                               cache, write_error, INDEX_ENV)
-            else:
-                remove_stale_indexes(cache.parent, keep=cache)
-    except Exception as exc:  # re-raised below, once the other ranks are released from the barrier
-        error = exc
-    barrier()
-    if error is not None:
-        raise error
-    return index
+
+    def build_and_save() -> ShardIndex:
+        logger.info("indexing %d tar shard(s) into %s", len(shards), cache)
+        index = ShardIndex.build(stats)
+        if write_or_warn(cache, index.save, "shard index"):
+            remove_stale_indexes(cache.parent, keep=cache)
+        return index
+
+    # The barrier is looked up here, so that tests can replace this module's ``barrier``.
+    return built_by_local_rank0(lambda: ShardIndex.load(cache, stats), build_and_save,
+                                build=lambda: ShardIndex.build(stats), sync=barrier)
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,5 +462,5 @@ def open_images(
             raise ShardError(f"{flag} {path} holds both .tar shards and images; move one of them elsewhere")
     if is_shard_path(path):
         return TarShardDataset(path, transform, with_labels, seed, min_size, max_image_pixels, index_dir)
-    return ImageFolderDataset(path, transform, with_labels, seed, min_size, max_image_pixels)
+    return ImageFolderDataset(path, transform, with_labels, seed, min_size, max_image_pixels, index_dir=index_dir)
 
