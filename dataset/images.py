@@ -9,7 +9,8 @@ Layouts (``ImageFolderDataset``)
     * flat folders: images directly in ``root`` (and any sub-folders, recursively); label 0 and
       ``dataset.classes == ()``. ``with_labels=False`` forces this reading for any tree.
     Hidden files and folders (leading ``.``) are ignored; the file list is sorted by relative
-    POSIX path, so every machine sees the same order.
+    POSIX path, so every machine sees the same order. ``dataset.files`` is a ``FolderFiles`` (a
+    read-only sequence of Paths kept as one byte blob) and ``dataset.labels`` an int64 array.
 
 Listing (``load_folder_listing``, what ``ImageFolderDataset`` uses; ``scan_image_folder`` always lists)
     Under ``torchrun`` the process with ``LOCAL_RANK`` 0 lists the folder once per node and writes the
@@ -69,16 +70,17 @@ import io
 import json
 import logging
 import math
+import operator
 import os
 import struct
 import time
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Protocol, Union
+from typing import NamedTuple, Protocol, Union, overload
 
 import numpy as np
 import torch
@@ -217,10 +219,102 @@ _LISTING_GLOB = ".dar-folder-listing-*.npz"
 _SETTLE_NS = 2_000_000_000
 
 
+def _encode_names(rels: Iterable[str]) -> np.ndarray:
+    """(bytes,) uint8: the relative paths, UTF-8 with "surrogateescape" (names that are not UTF-8 round-trip),
+    NUL-separated: NUL is the one byte no file name holds, and a fixed-width unicode array would take 4 bytes
+    per character of the longest path for every file."""
+    rels = list(rels)
+    if any(not rel or "\0" in rel for rel in rels):
+        raise ValueError("a relative path is empty or holds NUL, which no file name can")
+    return np.frombuffer("\0".join(rels).encode("utf-8", "surrogateescape"), dtype=np.uint8)
+
+
+def _name_starts(names: np.ndarray) -> np.ndarray:
+    """(N + 1,) int64 for a NUL-separated blob of N names: name ``i`` is ``names[starts[i] : starts[i + 1] - 1]``
+    (the last one ends one past a NUL that is not there)."""
+    if names.size == 0:
+        return np.zeros(1, dtype=np.int64)
+    separators = np.flatnonzero(names == 0)
+    starts = np.empty(len(separators) + 2, dtype=np.int64)
+    starts[0], starts[-1] = 0, names.size + 1
+    starts[1:-1] = separators + 1
+    return starts
+
+
+class FolderFiles(Sequence[Path]):
+    """``dataset.files`` of an image folder: read-only, each ``root / relative path`` made on access.
+
+    Two numpy arrays instead of one ``Path`` per image: a list of 1.28 M Paths costs hundreds of MB in
+    every process and seconds to build, and data-loader workers copy its pages one by one as they touch
+    reference counts. Array buffers hold no reference counts, and pickle to workers as raw bytes that
+    unpickle into two arrays, where a list of Paths unpickles into a million objects again.
+    ``names`` is the NUL-separated blob of relative POSIX paths the folder listing stores (see
+    ``_encode_names``); ``starts`` the (N + 1,) offsets of ``_name_starts``. Indexing is a list's: negative
+    indices count from the end, a slice gives a list, an index out of range raises ``IndexError``.
+    """
+
+    def __init__(self, root: str | os.PathLike, names: np.ndarray, starts: np.ndarray | None = None) -> None:
+        names = np.asarray(names)
+        if names.dtype != np.uint8 or names.ndim != 1:
+            raise ValueError(f"names must be a 1-D uint8 blob, got {names.dtype} of shape {names.shape}")
+        starts = _name_starts(names) if starts is None else np.asarray(starts)
+        end = names.size + 1 if len(starts) > 1 else 0
+        if starts.dtype != np.int64 or starts.ndim != 1 or len(starts) == 0 or starts[0] != 0 or starts[-1] != end:
+            raise ValueError(f"starts do not describe a blob of {names.size} bytes")
+        self.root = Path(root)
+        self.names = names
+        self.starts = starts
+
+    @classmethod
+    def from_names(cls, root: str | os.PathLike, rels: Iterable[str]) -> FolderFiles:
+        """From POSIX paths relative to ``root`` (e.g. ``"n01440764/a.JPEG"``)."""
+        return cls(root, _encode_names(rels))
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def relative(self, i: int) -> str:
+        """The POSIX path of file ``i`` (0 <= i < len) relative to ``root``."""
+        raw = self.names[self.starts[i] : self.starts[i + 1] - 1].tobytes()
+        return raw.decode("utf-8", "surrogateescape")
+
+    @overload
+    def __getitem__(self, i: int) -> Path: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Path]: ...
+    def __getitem__(self, i: int | slice) -> Path | list[Path]:
+        if isinstance(i, slice):
+            return [self.root / self.relative(j) for j in range(*i.indices(len(self)))]
+        i = operator.index(i)  # numpy and torch integers too, as a list takes them
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"file {i} outside [0, {len(self)})")
+        return self.root / self.relative(i % len(self))
+
+    def __getstate__(self) -> dict:
+        # The offsets are 8 bytes per file and cheap to find again: a worker gets the blob only.
+        return {"root": self.root, "names": self.names}
+
+    def __setstate__(self, state: dict) -> None:
+        self.root, self.names = state["root"], state["names"]
+        self.starts = _name_starts(self.names)
+
+    def __iter__(self) -> Iterator[Path]:
+        # One name at a time: a caller that stops early (e.g. after a few samples) decodes only those.
+        return (self.root / self.relative(j) for j in range(len(self)))
+
+    def __repr__(self) -> str:
+        n = len(self)
+        head = f"FolderFiles({str(self.root)!r}, {n} file{'' if n == 1 else 's'}"
+        if n == 0:
+            return head + ")"
+        return head + f": {self.relative(0)!r}" + (f" .. {self.relative(n - 1)!r})" if n > 1 else ")")
+
+
 @dataclass
 class _Listing:
-    rels: list[str]  # POSIX paths relative to the root, in scan order
-    labels: list[int]
+    names: np.ndarray  # (bytes,) uint8: POSIX paths relative to the root, in scan order (``_encode_names``)
+    starts: np.ndarray  # (N + 1,) int64 offsets into ``names`` (``_name_starts``)
+    labels: np.ndarray  # (N,) int64
     classes: tuple[str, ...]
     folders: list[list]  # [relative folder, mtime_ns] per folder the scan read
     settled: bool  # every folder's mtime was older than the scan by _SETTLE_NS
@@ -231,20 +325,23 @@ class _Listing:
         folders: list[list] = []
         rels, labels, classes = _scan(root, with_labels, folders)
         settled = all(0 <= mtime < started - _SETTLE_NS for _, mtime in folders)
-        return cls(rels, labels, classes, folders, settled)
+        names = _encode_names(rels)
+        return cls(names, _name_starts(names), np.asarray(labels, dtype=np.int64), classes, folders, settled)
+
+    def files(self, root: Path) -> FolderFiles:
+        return FolderFiles(root, self.names, self.starts)
+
+    def rels(self) -> list[str]:
+        return self.names.tobytes().decode("utf-8", "surrogateescape").split("\0") if self.names.size else []
 
     def save(self, path: Path, resolved_root: Path, with_labels: bool) -> None:
         meta = json.dumps({"version": LISTING_VERSION, "root": str(resolved_root), "with_labels": with_labels,
                            "classes": list(self.classes), "settled": self.settled, "folders": self.folders})
-        # One NUL-separated UTF-8 blob (NUL is the one byte no file name holds): a fixed-width unicode
-        # array would take 4 bytes per character of the longest path for every file.
-        names = "\0".join(self.rels).encode("utf-8", "surrogateescape")
 
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f:  # a file object: numpy would append ".npz" to a path
                 np.savez_compressed(f, meta=np.frombuffer(meta.encode("ascii"), dtype=np.uint8),
-                                    names=np.frombuffer(names, dtype=np.uint8),
-                                    labels=np.asarray(self.labels, dtype=np.int64))
+                                    names=self.names, labels=self.labels)
 
         atomic_write(path, write)
 
@@ -260,11 +357,13 @@ class _Listing:
                         and meta.get("with_labels") is with_labels and (meta.get("settled") or not settled_only)
                         and _folders_unchanged(resolved_root, meta["folders"])):
                     return None
-                rels = bytes(data["names"]).decode("utf-8", "surrogateescape").split("\0")
-                labels = data["labels"].tolist()
-            if len(rels) != len(labels):
-                raise ValueError(f"{len(rels)} names but {len(labels)} labels")
-            return cls(rels, labels, tuple(meta["classes"]), meta["folders"], bool(meta["settled"]))
+                names, labels = data["names"], data["labels"]
+            if names.dtype != np.uint8 or names.ndim != 1 or labels.dtype != np.int64 or labels.ndim != 1:
+                raise ValueError(f"names {names.dtype} {names.shape}, labels {labels.dtype} {labels.shape}")
+            starts = _name_starts(names)
+            if len(starts) - 1 != len(labels):
+                raise ValueError(f"{len(starts) - 1} names but {len(labels)} labels")
+            return cls(names, starts, labels, tuple(meta["classes"]), meta["folders"], bool(meta["settled"]))
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error) as error:
             logger.warning("folder listing %s is unreadable (%s); listing the folder again", path, error)
             return None
@@ -328,8 +427,15 @@ def load_folder_listing(
     current while the root, and every folder below it that the scan read, keep the mtime they had: adding,
     removing or renaming a file or folder changes its parent folder's mtime. Editing a file in place does
     not, and need not: the listing holds names only. Targets of symlinked files are not watched.
+    ``ImageFolderDataset`` takes the same listing without making a Python object per file.
     """
     root = Path(root)
+    listing = _node_listing(root, with_labels, index_dir)
+    return [root / rel for rel in listing.rels()], listing.labels.tolist(), listing.classes
+
+
+def _node_listing(root: Path, with_labels: bool, index_dir: str | os.PathLike | None) -> _Listing:
+    """``load_folder_listing``'s listing, names still in one blob."""
     with_labels = bool(with_labels)
     cache = listing_cache_path(root, with_labels, index_dir)
     resolved = Path(os.path.realpath(root))
@@ -342,14 +448,13 @@ def load_folder_listing(
         return listing
 
     # A new run trusts only a settled listing; the ranks of this run take the one rank 0 just made.
-    listing = built_by_local_rank0(
+    return built_by_local_rank0(
         lambda: _Listing.load(cache, resolved, with_labels, settled_only=True),
         build_and_save,
         load_after_barrier=lambda: _Listing.load(cache, resolved, with_labels, settled_only=False),
         build=lambda: _Listing.scan(root, with_labels),
         sync=barrier,  # looked up here, so that tests can replace this module's ``barrier``
     )
-    return [root / rel for rel in listing.rels], listing.labels, listing.classes
 
 
 # --------------------------------------------------------------------------------------------
@@ -727,7 +832,7 @@ class DecodedImageDataset(Dataset):
     """
 
     files: Sequence[ImageSource]
-    labels: Sequence[int]
+    labels: np.ndarray  # (N,) int64
     classes: tuple[str, ...]
     transform: Transform
     seed: int
@@ -788,8 +893,12 @@ class ImageFolderDataset(DecodedImageDataset):
     ) -> None:
         self._set_options(transform, seed, min_size, max_image_pixels)
         self.root = Path(root)
-        # Listed once per node and cached (``load_folder_listing``); the same as ``scan_image_folder``.
-        self.files, self.labels, self.classes = load_folder_listing(self.root, with_labels, index_dir)
+        # Listed once per node and cached (``load_folder_listing``); the same as ``scan_image_folder``, as
+        # a ``FolderFiles`` and an int64 array rather than a Python object per file.
+        listing = _node_listing(self.root, with_labels, index_dir)
+        self.files = listing.files(self.root)
+        self.labels = listing.labels  # (N,) int64
+        self.classes = listing.classes
 
 
 def collate_skip_bad(items: Sequence[ImageItem]) -> ImageBatch:

@@ -42,7 +42,7 @@ def test_materialized_folder_goes_through_the_normal_dataset(tmp_path: Path) -> 
     root = materialize_fashion_mnist(tmp_path / "train", "train", limit_per_class=3)
     dataset = ImageFolderDataset(root, CenterCrop(32))
     assert dataset.classes[:2] == ("00_tshirt_top", "01_trouser") and dataset.classes[-1] == "09_ankle_boot"
-    assert len(dataset) == 30 and dataset.labels == sorted(dataset.labels)
+    assert len(dataset) == 30 and dataset.labels.tolist() == sorted(dataset.labels.tolist())
     images, labels = load_subset("train")
     first = dataset.files[0]
     np.testing.assert_array_equal(np.asarray(Image.open(first)), images[int(first.stem)])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import pickletools
 import shutil
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 import dataset.images as images
 from dataset.images import (
     CenterCrop,
+    FolderFiles,
     ImageFolderDataset,
     NoImagesError,
     listing_cache_path,
@@ -102,7 +105,7 @@ def test_a_cached_listing_equals_a_fresh_scan_for_class_and_flat_folders(
     assert load_folder_listing(Path("tree")) == scan_image_folder("tree")
     # The datasets use it, with the cache folder as argument or environment variable.
     dataset = open_images(tree, CenterCrop(8), index_dir=tmp_path / "arg_cache")
-    assert (dataset.files, dataset.labels, dataset.classes) == scan_image_folder(tree)
+    assert (list(dataset.files), dataset.labels.tolist(), dataset.classes) == scan_image_folder(tree)
     assert (tmp_path / "arg_cache" / cache.name).is_file()
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "env_cache"))
     ImageFolderDataset(tree, CenterCrop(8))
@@ -251,3 +254,77 @@ def test_writing_a_listing_removes_the_ones_that_can_never_load_again(tmp_path: 
     touch(roots["d"] / "new.png")
     load_folder_listing(roots["d"], index_dir=cache_dir)  # writing d's new listing cleans the folder
     assert sorted(cache_dir.iterdir()) == sorted([paths["a"], paths["d"], unreadable, off_machine, shard_index])
+
+
+# ---------------------------------------------------------------- compact dataset.files
+
+
+def assert_like_list(files: FolderFiles, expected: list[Path]) -> None:
+    """``files`` behaves as the list ``expected`` for every read a data set's users make."""
+    n = len(expected)
+    assert len(files) == n and list(files) == expected
+    assert [files[i] for i in range(n)] == expected and [files[i] for i in range(-n, 0)] == expected
+    assert files[np.int64(n - 1)] == expected[-1]  # samplers may hand out numpy integers
+    for cut in (slice(None), slice(1, 3), slice(-2, None), slice(None, None, -2), slice(n, n + 5), slice(3, 1)):
+        assert files[cut] == expected[cut]
+    for outside in (n, -n - 1):
+        with pytest.raises(IndexError):
+            files[outside]
+        with pytest.raises(IndexError):
+            expected[outside]
+
+
+def test_dataset_files_are_a_compact_sequence_equal_to_the_scanned_paths(tmp_path: Path) -> None:
+    tree, flat = make_tree(tmp_path / "tree"), make_flat(tmp_path / "flat")
+    for root, with_labels in ((tree, True), (tree, False), (flat, True)):
+        files, labels, classes = scan_image_folder(root, with_labels)
+        for _ in ("listed", "read from the cache"):
+            dataset = ImageFolderDataset(root, CenterCrop(8), with_labels)
+            assert isinstance(dataset.files, FolderFiles) and dataset.files.root == root
+            assert_like_list(dataset.files, files)
+            assert dataset.labels.dtype == np.int64 and dataset.labels.tolist() == labels
+            assert dataset.classes == classes
+    # The name that is not UTF-8 comes back as the same bytes, so the file opens.
+    dataset = ImageFolderDataset(tree, CenterCrop(8))
+    odd = [f for f in dataset.files if f.name.startswith("caf")]
+    assert [os.fsencode(f.name) for f in odd] == [b"caf\xe9.png"] and odd[0].is_file()
+    assert repr(dataset.files) == f"FolderFiles({str(tree)!r}, 5 files: 'a_cls/x.jpeg' .. 'b_cls/img1.png')"
+
+
+def test_folder_files_from_names() -> None:
+    root = Path("/data/train")
+    names = ["n01/a.JPEG", "n01/deep/b.png", "ünï cödé.png", "caf\udce9.png", "z"]
+    assert_like_list(FolderFiles.from_names(root, names), [root / name for name in names])
+    assert_like_list(FolderFiles.from_names("rel", names[:1]), [Path("rel") / names[0]])
+    empty = FolderFiles.from_names(root, [])
+    assert len(empty) == 0 and list(empty) == [] and empty[:] == []
+    assert repr(empty) == "FolderFiles('/data/train', 0 files)"
+    with pytest.raises(IndexError):
+        empty[0]
+    for bad in (["a.png", ""], ["a\0b.png"]):  # no file name is empty or holds NUL
+        with pytest.raises(ValueError):
+            FolderFiles.from_names(root, bad)
+
+
+def test_a_pickled_dataset_is_its_name_bytes_not_a_path_per_file(tmp_path: Path) -> None:
+    """What a data-loader worker receives: the names' bytes and the labels, unpickled as two arrays (a list
+    of Paths pickles a class, a tuple and strings per file, and unpickles into an object per file)."""
+    root = tmp_path / "train"
+    names = [f"n{c:08d}/n{c:08d}_{i:05d}.JPEG" for c in range(5) for i in range(1000)]  # in scan order
+    for c in range(5):
+        (root / f"n{c:08d}").mkdir(parents=True)
+    for name in names:
+        (root / name).touch()
+    dataset = ImageFolderDataset(root, CenterCrop(8))
+    data = pickle.dumps(dataset)
+    restored = pickle.loads(data)
+    assert isinstance(restored.files, FolderFiles) and list(restored.files) == [root / n for n in names]
+    assert restored.labels.dtype == np.int64 and restored.labels.tolist() == [i // 1000 for i in range(5000)]
+    assert restored.classes == dataset.classes and restored.transform == dataset.transform
+
+    raw = dataset.files.names.nbytes + dataset.labels.nbytes  # 155,000 + 40,000 bytes
+    bound = raw + 4096
+    operations = sum(1 for _ in pickletools.genops(data))
+    assert len(data) < bound and operations < 300
+    as_lists = pickle.dumps(([root / n for n in names], dataset.labels.tolist()))  # what the lists pickled to
+    assert len(as_lists) > bound and sum(1 for _ in pickletools.genops(as_lists)) > 10 * len(names)

@@ -100,7 +100,7 @@ def test_shards_read_exactly_like_the_folder(assets: dict[str, Path], source: st
     tars = open_images(path, CenterCrop(IMAGE_SIZE))
     assert isinstance(tars, TarShardDataset)
     assert len(tars) == len(folder) == 13 and len(tars.shards) == (1 if source == "single" else 3)
-    assert tars.labels.tolist() == folder.labels and tars.classes == ("0", "1", "2") and tars.num_classes == 3
+    assert tars.labels.tolist() == folder.labels.tolist() and tars.classes == ("0", "1", "2") and tars.num_classes == 3
     assert items(tars) == items(folder)  # pixels, labels, indices, conversion / skip notes
     # Every index entry is the byte range of its image member, read by one seek + read.
     member = tars.files[3]
