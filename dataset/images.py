@@ -20,8 +20,9 @@ Listing (``load_folder_listing``, what ``ImageFolderDataset`` uses; ``scan_image
     image folder's parent when writable, ``~/.cache/dar/folder_listing``; see ``dataset.node_cache``).
     A single process uses it too: a second start reads instead of listing. A listing holds names only
     and is reused while the root and every folder the scan read (class folders and all their
-    sub-folders) keep the mtime recorded before each was read: adding, removing or renaming a file or
-    folder moves its parent's mtime and the folder is listed again; editing a file in place does not,
+    sub-folders) keep the mtime and change time recorded before each was read: adding, removing or
+    renaming a file or folder moves its parent's mtime, a permission change its ctime, and the folder is
+    listed again; editing a file in place does not,
     and need not. A folder modified within 2 s before the scan might change again unseen within the
     same mtime tick, so such a listing serves only the ranks of the run that made it. Writing a listing
     removes those in the same cache folder that can never load again.
@@ -137,7 +138,7 @@ def _is_image_name(name: str) -> bool:
 
 def _walk_images(top: Path, stamps: list[list] | None = None, top_rel: str = ".") -> list[str]:
     """Sorted POSIX paths, relative to ``top``, of every image file under it (recursive, symlinks
-    followed). With ``stamps``, appends ``[folder relative to the scanned root, mtime_ns]`` for each
+    followed). With ``stamps``, appends ``[folder relative to the scanned root, mtime_ns, ctime_ns]`` for each
     sub-folder before it is read (``top`` itself is the caller's to stamp)."""
     found: list[str] = []
     for folder, dirs, files in os.walk(top, followlinks=True):
@@ -151,9 +152,12 @@ def _walk_images(top: Path, stamps: list[list] | None = None, top_rel: str = "."
 
 def _stamp(folder: Path, rel: str) -> list:
     try:
-        return [rel, os.stat(folder).st_mtime_ns]
+        stat = os.stat(folder)
     except OSError:  # gone or unreadable: -1 never matches, so the listing is never reused
-        return [rel, -1]
+        return [rel, -1, -1]
+    # The change time too: it also moves when permissions change, e.g. when a folder that was unreadable
+    # at the scan (os.walk skips it silently) becomes readable.
+    return [rel, stat.st_mtime_ns, stat.st_ctime_ns]
 
 
 def list_images(root: str | os.PathLike) -> list[Path]:
@@ -212,7 +216,7 @@ def _scan(
 # --------------------------------------------------------------------------------------------
 # The listing shared by the ranks of a node
 
-LISTING_VERSION = 1
+LISTING_VERSION = 2
 _LISTING_GLOB = ".dar-folder-listing-*.npz"
 # A folder modified this close to the scan could change again within the same mtime tick (1-2 s on some
 # file systems) without its recorded mtime moving. Such a listing serves the ranks of this run only.
@@ -316,7 +320,7 @@ class _Listing:
     starts: np.ndarray  # (N + 1,) int64 offsets into ``names`` (``_name_starts``)
     labels: np.ndarray  # (N,) int64
     classes: tuple[str, ...]
-    folders: list[list]  # [relative folder, mtime_ns] per folder the scan read
+    folders: list[list]  # [relative folder, mtime_ns, ctime_ns] per folder the scan read
     settled: bool  # every folder's mtime was older than the scan by _SETTLE_NS
 
     @classmethod
@@ -324,7 +328,7 @@ class _Listing:
         started = time.time_ns()
         folders: list[list] = []
         rels, labels, classes = _scan(root, with_labels, folders)
-        settled = all(0 <= mtime < started - _SETTLE_NS for _, mtime in folders)
+        settled = all(0 <= mtime < started - _SETTLE_NS for _, mtime, _ in folders)
         names = _encode_names(rels)
         return cls(names, _name_starts(names), np.asarray(labels, dtype=np.int64), classes, folders, settled)
 
@@ -377,9 +381,10 @@ def _listing_meta(data: np.lib.npyio.NpzFile) -> dict:
 
 
 def _folders_unchanged(root: Path, folders: list[list]) -> bool:
-    for rel, mtime in folders:
+    for rel, mtime, ctime in folders:
         try:
-            if os.stat(root / rel).st_mtime_ns != mtime:
+            stat = os.stat(root / rel)
+            if (stat.st_mtime_ns, stat.st_ctime_ns) != (mtime, ctime):
                 return False
         except OSError:
             return False

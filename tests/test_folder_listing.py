@@ -151,6 +151,19 @@ def test_adding_or_removing_a_file_anywhere_in_the_tree_invalidates_the_listing(
     assert scans == ["tree", "tree"]
 
 
+def test_a_permission_change_lists_the_folder_again(tmp_path: Path, scans: list[str]) -> None:
+    """os.walk skips a folder it cannot read without a word; making it readable moves its ctime, not its mtime."""
+    tree = make_tree(tmp_path / "tree")
+    load_folder_listing(tree)
+    scans.clear()
+    deep = tree / "b_cls" / "deep"
+    before = deep.stat().st_mtime_ns
+    deep.chmod(0o700)
+    assert deep.stat().st_mtime_ns == before
+    load_folder_listing(tree)
+    assert scans == ["tree"]
+
+
 def test_the_cache_is_never_trusted_for_another_root_or_with_labels(tmp_path: Path, scans: list[str]) -> None:
     tree = make_tree(tmp_path / "tree")
     twin = tmp_path / "twin"

@@ -129,6 +129,9 @@ def test_tokenizer_training_steps_do_not_read_the_device(tmp_path: Path, monkeyp
             "--device", "cpu"]
     tokenizer.train.main(*tokenizer.train.parse_args(argv))
     assert per_step == [0] * 4, per_step
+    # The step-2 line, written late, still precedes the epoch-end record of step 3 (fetched in step 3).
+    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert steps == [2, 3, 4], steps
 
 
 def test_log_lines_are_read_from_the_device_one_step_late(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

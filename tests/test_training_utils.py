@@ -142,16 +142,43 @@ def test_infinite_loader_keeps_persistent_workers_and_sends_each_index_its_epoch
         sampler = ResumableDistributedSampler(10, num_replicas=1, rank=0, seed=3)
         loader = InfiniteLoader(_TaggedItems(), sampler, batch_size=5, world_size=1, num_workers=num_workers,
                                 collate_fn=list)
-        return [next(loader) for _ in range(6)]  # three epochs of two batches
+        rows = [next(loader) for _ in range(6)]  # three epochs of two batches
+        before = {pid for _, _, pid in rows[-1]}
+        loader.close()  # stops the workers; the next batch comes from new ones, at the same position
+        rows.append(next(loader))
+        if num_workers:
+            for pid in before:
+                with pytest.raises(ProcessLookupError):
+                    os.kill(pid, 0)
+        loader.close()
+        return rows
 
     inline, workers = batches(0), batches(2)
     strip = lambda rows: [[(i, e) for i, e, _ in batch] for batch in rows]  # noqa: E731
     assert strip(workers) == strip(inline)  # same samples, same epochs, whatever the worker count
-    assert [{e for _, e, _ in batch} for batch in workers] == [{0}, {0}, {1}, {1}, {2}, {2}]
+    assert [{e for _, e, _ in batch} for batch in workers] == [{0}, {0}, {1}, {1}, {2}, {2}, {3}]
     pids = [{pid for _, _, pid in batch} for batch in workers]
     first_epoch = pids[0] | pids[1]
     assert os.getpid() not in first_epoch and len(first_epoch) == 2
-    assert all(p <= first_epoch for p in pids[2:])  # later epochs reuse the same two workers
+    assert all(p <= first_epoch for p in pids[2:6])  # later epochs reuse the same two workers
+    assert not pids[6] & first_epoch  # after close(): new workers
+
+
+def test_infinite_loader_refuses_workers_for_a_dataset_that_learns_its_epoch_only_from_set_epoch() -> None:
+    from dataset.sampler import ResumableDistributedSampler
+    from utils.training import InfiniteLoader
+
+    class OldStyle(torch.utils.data.Dataset):
+        def set_epoch(self, epoch: int) -> None: ...
+        def __len__(self) -> int:
+            return 4
+        def __getitem__(self, index: int) -> int:
+            return index
+
+    sampler = ResumableDistributedSampler(4, num_replicas=1, rank=0)
+    with pytest.raises(TypeError, match="item_at"):
+        InfiniteLoader(OldStyle(), sampler, batch_size=2, world_size=1, num_workers=1)
+    InfiniteLoader(OldStyle(), sampler, batch_size=2, world_size=1, num_workers=0)  # in-process: set_epoch reaches it
 
 
 def test_datasets_draw_from_the_epoch_given_with_the_index(tmp_path) -> None:  # noqa: ANN001

@@ -129,6 +129,8 @@ class TrainState:
     # a resume until the next step adds to them); checkpoints store them as floats.
     window: dict[str, Any] = field(default_factory=dict)
     empty_batches: int = 0
+    # The log line begun at the last log step and not yet written (see PendingLog); not checkpointed.
+    pending_log: PendingLog | None = None
 
     @property
     def sampling_model(self) -> nn.Module:
@@ -319,6 +321,7 @@ def save_checkpoint(state: TrainState, ctx: RunContext) -> None:
 
 def end_epoch(state: TrainState, ctx: RunContext, data_path: str, epoch: int) -> None:
     """``InfiniteLoader.on_epoch_end``: report the epoch's bad files; stop when every file was unreadable."""
+    write_pending_log(state, ctx)  # the previous step's line first: metrics.jsonl stays in step order
     state.bad.sync(ctx.env.device)
     total = state.bad.synced
     ctx.logger.info(f"epoch {epoch} done: {total.summary()}")
@@ -422,6 +425,7 @@ class PendingLog:
     values: torch.Tensor  # float64, on the host once ``ready`` has completed
     ready: torch.cuda.Event | None
     guard_counts: bool
+    empty_batches: int  # as of the logged step (the next step may add one before the line is written)
 
     def write(self, state: TrainState, ctx: RunContext) -> None:
         """Read the copied values (waits for the logged step only) and write the line."""
@@ -437,8 +441,8 @@ class PendingLog:
         record.update({k: v / count for k, v in values.items()} if count else {"loss": float("nan")})
         record.update(lr=self.tail["lr"], grad_norm=grad_norm, images_per_s=rate)
         record.update({k: v for k, v in self.tail.items() if k != "lr"})
-        if state.guard.total or state.empty_batches:
-            record.update(skipped_steps=state.guard.total, empty_batches=state.empty_batches)
+        if state.guard.total or self.empty_batches:
+            record.update(skipped_steps=state.guard.total, empty_batches=self.empty_batches)
         ctx.run.log_metrics(record)
         if ctx.wandb is not None:
             ctx.wandb.log(record)
@@ -466,7 +470,10 @@ def begin_log(state: TrainState, ctx: RunContext, result: StepResult) -> Pending
     # torch.full writes the host number on the device: no copy waits for the queue.
     rate = all_reduce_sum(torch.full((), ctx.throughput.rate(), dtype=torch.float64, device=device))
     names = list(state.window) + ["grad_norm", "images_per_s"]
-    values = [torch.as_tensor(state.window[k], dtype=torch.float64, device=device) for k in state.window]
+    # A host float (a window restored from a checkpoint) is written on the device by torch.full, not copied.
+    values = [v.to(torch.float64) if isinstance(v, torch.Tensor) else torch.full((), v, dtype=torch.float64,
+                                                                                  device=device)
+              for v in state.window.values()]
     values += [result.grad_norm.detach().to(torch.float64), rate]
     counts = state.guard.device_counts()
     if counts is not None:
@@ -475,12 +482,12 @@ def begin_log(state: TrainState, ctx: RunContext, result: StepResult) -> Pending
     stacked = torch.stack(values)
     state.window = {}
     if device.type != "cuda":
-        return PendingLog(head, tail, names, stacked, None, counts is not None)
+        return PendingLog(head, tail, names, stacked, None, counts is not None, state.empty_batches)
     host = torch.empty(stacked.shape, dtype=torch.float64, pin_memory=True)
     host.copy_(stacked, non_blocking=True)
     ready = torch.cuda.Event()
     ready.record()
-    return PendingLog(head, tail, names, host, ready, counts is not None)
+    return PendingLog(head, tail, names, host, ready, counts is not None, state.empty_batches)
 
 
 def check_guard(state: TrainState, ctx: RunContext) -> None:
@@ -488,32 +495,37 @@ def check_guard(state: TrainState, ctx: RunContext) -> None:
     warn_skipped(state, ctx, state.guard.sync())
 
 
+def write_pending_log(state: TrainState, ctx: RunContext) -> None:
+    """Write the log line begun at the last log step, if any (waits for that step's values only)."""
+    if state.pending_log is not None:
+        pending, state.pending_log = state.pending_log, None
+        pending.write(state, ctx)
+
+
 def run_loop(state: TrainState, ctx: RunContext, train_step: Callable[[TrainState], StepResult],
              after_step: Callable[[TrainState], None] | None = None) -> None:
     """Train until ``ctx.last_step``: step, log, ``after_step`` (e.g. sample grids), checkpoint.
 
-    A log step's line is written after the next step has been queued (:class:`PendingLog`), or before
-    a checkpoint, whichever comes first.
+    A log step's line is written after the next step has been queued (:class:`PendingLog`), or earlier
+    when an epoch ends while that step fetches its batch, or before a checkpoint. So messages of the
+    next step's data loading (a skipped batch) may be printed before the line.
     """
-    pending: PendingLog | None = None
-    while state.step < ctx.last_step:
-        result = train_step(state)
-        if pending is not None:
-            pending.write(state, ctx)
-            pending = None
-        record_step(state, ctx, result)
-        if state.step % ctx.log_every == 0 or state.step == ctx.last_step:
-            pending = begin_log(state, ctx, result)
-        if after_step is not None:
-            after_step(state)
-        if state.step % ctx.ckpt_every == 0 or state.step == ctx.last_step:
-            if pending is not None:
-                pending.write(state, ctx)
-                pending = None
-            check_guard(state, ctx)  # never write a checkpoint past the --max-bad-steps limit
-            save_checkpoint(state, ctx)
-    if pending is not None:
-        pending.write(state, ctx)
+    try:
+        while state.step < ctx.last_step:
+            result = train_step(state)
+            write_pending_log(state, ctx)
+            record_step(state, ctx, result)
+            if state.step % ctx.log_every == 0 or state.step == ctx.last_step:
+                state.pending_log = begin_log(state, ctx, result)
+            if after_step is not None:
+                after_step(state)
+            if state.step % ctx.ckpt_every == 0 or state.step == ctx.last_step:
+                write_pending_log(state, ctx)
+                check_guard(state, ctx)  # never write a checkpoint past the --max-bad-steps limit
+                save_checkpoint(state, ctx)
+        write_pending_log(state, ctx)
+    finally:
+        state.loader.close()  # the data workers are not needed for the export
 
 
 def final_exports(state: TrainState) -> dict[str, nn.Module]:

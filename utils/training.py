@@ -406,6 +406,10 @@ class InfiniteLoader:
         self.collate_fn = collate_fn
         self.pin_memory = pin_memory
         self.on_epoch_end = on_epoch_end
+        if num_workers > 0 and hasattr(dataset, "set_epoch") and not hasattr(dataset, "item_at"):
+            # Persistent workers hold their own copy of the dataset: set_epoch would never reach them.
+            raise TypeError(f"{type(dataset).__name__} has set_epoch but no item_at(index, epoch): with data workers "
+                            "it would draw every epoch's samples from epoch 0; give it item_at")
         self.epoch = 0
         self.consumed_in_epoch = 0
         self._indices = _EpochIndices(sampler)
@@ -454,6 +458,14 @@ class InfiniteLoader:
             self.consumed_in_epoch += self.batch_size * self.world_size
             return batch
         raise RuntimeError("the dataset yields no full batch: it is smaller than the per-rank batch size")
+
+    def close(self) -> None:
+        """Stop the data workers (they would otherwise live until the loader is garbage-collected); a later
+        ``next`` starts new ones."""
+        iterator, self._iterator, self._loader = self._iterator, None, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's multi-process iterator
+        if shutdown is not None:
+            shutdown()
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "consumed_in_epoch": self.consumed_in_epoch}
