@@ -70,7 +70,9 @@ def resolve_file(
     except ImportError as error:  # pragma: no cover - huggingface_hub is a requirement
         raise WeightsNotFoundError("huggingface_hub is not installed; pass a local path instead") from error
     try:
-        return Path(hf_hub_download(repo_id=repo_id, filename=name))
+        # huggingface_hub reads HF_HUB_OFFLINE once, at its import: asking again here honours a value set
+        # later in the process (a notebook, a test) instead of trying the network and timing out.
+        return Path(hf_hub_download(repo_id=repo_id, filename=name, local_files_only=is_offline()))
     except Exception as error:  # the hub raises many network/cache error types; all mean "not available"
         raise WeightsNotFoundError(
             f"could not get {name!r} from the hub repo {repo_id!r} ({type(error).__name__}: "
