@@ -88,7 +88,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from dataset.node_cache import built_by_local_rank0, cache_file_path, remove_stale_files, write_or_warn
+from dataset.node_cache import CACHE_ENV, built_by_local_rank0, cache_file_path, remove_stale_files, write_or_warn
 from dataset.seeding import randint, sample_generator
 from utils.distributed import all_reduce_sum, barrier
 from utils.errors import PathNotFoundError, UserError
@@ -439,6 +439,16 @@ def load_folder_listing(
     return [root / rel for rel in listing.rels()], listing.labels.tolist(), listing.classes
 
 
+def _writes_into_the_listing(cache: Path, resolved_root: Path) -> bool:
+    """Whether writing ``cache`` changes a folder the listing records: the root itself or a folder under it
+    that the scan reads (hidden folders are not read)."""
+    try:
+        inside = Path(os.path.realpath(cache.parent)).relative_to(resolved_root)
+    except ValueError:
+        return False
+    return not any(_is_hidden(part) for part in inside.parts)
+
+
 def _node_listing(root: Path, with_labels: bool, index_dir: str | os.PathLike | None) -> _Listing:
     """``load_folder_listing``'s listing, names still in one blob."""
     with_labels = bool(with_labels)
@@ -446,8 +456,13 @@ def _node_listing(root: Path, with_labels: bool, index_dir: str | os.PathLike | 
     resolved = Path(os.path.realpath(root))
 
     def build_and_save() -> _Listing:
-        logger.info("listing the image folder %s into %s", root, cache)
         listing = _Listing.scan(root, with_labels)
+        if _writes_into_the_listing(cache, resolved):
+            logger.warning("not caching the listing of %s: its cache %s would be inside the listed folder and make "
+                           "the listing stale as it is written; point index_dir / $%s elsewhere",
+                           root, cache, CACHE_ENV)
+            return listing
+        logger.info("listed the image folder %s into %s", root, cache)
         if write_or_warn(cache, lambda path: listing.save(path, resolved, with_labels), "folder listing"):
             remove_stale_listings(cache.parent, keep=cache)
         return listing

@@ -164,6 +164,27 @@ def test_a_permission_change_lists_the_folder_again(tmp_path: Path, scans: list[
     assert scans == ["tree"]
 
 
+def test_a_cache_inside_the_listed_folder_is_not_written(tmp_path: Path, scans: list[str],
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Writing there would move a recorded mtime: the listing would be stale the moment it exists."""
+    tree = make_tree(tmp_path / "tree")
+    for inside in (tree, tree / "a_cls"):
+        scans.clear()
+        assert_same_as_scan(tree, index_dir=inside)
+        assert_same_as_scan(tree, index_dir=inside)
+        assert scans == ["tree"] * 4  # listed every time, nothing cached
+        assert not list(inside.glob(".dar-folder-listing-*"))
+    assert "inside the listed folder" in caplog.text
+    hidden = tree / ".listing"  # a hidden folder is not read by the scan: caching there works
+    scans.clear()
+    assert_same_as_scan(tree, index_dir=hidden)
+    settle(tree)
+    assert_same_as_scan(tree, index_dir=hidden)
+    load_folder_listing(tree, index_dir=hidden)
+    # Creating the folder moved the root's mtime once (listed again after settle), then the cache holds.
+    assert scans == ["tree"] * 4 and list(hidden.glob(".dar-folder-listing-*"))
+
+
 def test_the_cache_is_never_trusted_for_another_root_or_with_labels(tmp_path: Path, scans: list[str]) -> None:
     tree = make_tree(tmp_path / "tree")
     twin = tmp_path / "twin"
