@@ -188,8 +188,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``python -m scripts.benchmark_streaming ARGV`` run in this process (argv None: ``sys.argv[1:]``); returns the exit
-    status instead of exiting."""
+    """``python -m scripts.benchmark_streaming ARGV`` run in this process (argv None: ``sys.argv[1:]``); returns
+    the exit status instead of exiting."""
     return call_cli(main, argv)
 
 

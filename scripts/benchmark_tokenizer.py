@@ -242,8 +242,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``python -m scripts.benchmark_tokenizer ARGV`` run in this process (argv None: ``sys.argv[1:]``); returns the exit
-    status instead of exiting."""
+    """``python -m scripts.benchmark_tokenizer ARGV`` run in this process (argv None: ``sys.argv[1:]``); returns
+    the exit status instead of exiting."""
     return call_cli(main, argv)
 
 

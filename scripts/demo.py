@@ -489,8 +489,8 @@ def print_summary(report: dict[str, Any], out: Path) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``python -m scripts.demo ARGV`` run in this process (argv None: ``sys.argv[1:]``); returns the exit
-    status instead of exiting."""
+    """``python -m scripts.demo ARGV`` run in this process (argv None: ``sys.argv[1:]``); returns
+    the exit status instead of exiting."""
     return call_cli(main, argv)
 
 

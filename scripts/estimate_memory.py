@@ -497,8 +497,8 @@ def main(argv: list[str] | None = None) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``python -m scripts.estimate_memory ARGV`` run in this process (argv None: ``sys.argv[1:]``); returns the exit
-    status instead of exiting."""
+    """``python -m scripts.estimate_memory ARGV`` run in this process (argv None: ``sys.argv[1:]``); returns
+    the exit status instead of exiting."""
     return call_cli(main, argv)
 
 

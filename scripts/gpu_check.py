@@ -766,8 +766,8 @@ def _run(args: argparse.Namespace) -> list[Row]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``python -m scripts.gpu_check ARGV`` run in this process (argv None: ``sys.argv[1:]``); returns the exit
-    status instead of exiting."""
+    """``python -m scripts.gpu_check ARGV`` run in this process (argv None: ``sys.argv[1:]``); returns
+    the exit status instead of exiting."""
     return call_cli(main, argv)
 
 
