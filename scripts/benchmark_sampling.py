@@ -191,8 +191,9 @@ def machine() -> dict[str, Any]:
 
 
 @torch.no_grad()
-def reference_codes(gpt: GPT, labels: torch.Tensor, uniforms: torch.Tensor, guidance: GuidanceSchedule) -> torch.Tensor:
-    """Codes (B, n) the way generation ran before the fast paths: the reference step, unfused sampler."""
+def sample_codes(gpt: GPT, labels: torch.Tensor, uniforms: torch.Tensor, guidance: GuidanceSchedule,
+                 step: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """Codes (B, n) by generate_codes' cached decoding with a chosen decode step."""
     guided = guidance.enabled
     labels_in = torch.cat([labels, torch.full_like(labels, gpt.config.null_class)]) if guided else labels
     n = uniforms.shape[1]
@@ -200,9 +201,13 @@ def reference_codes(gpt: GPT, labels: torch.Tensor, uniforms: torch.Tensor, guid
     gpt.setup_caches(labels_in.shape[0], n, device=labels.device)
     logits = prefill(gpt, labels_in)
     first = sample_token(apply_guidance(logits, scales[0]) if guided else logits, uniforms[:, 0])
-    rest = decode_n_tokens(gpt, first, 1, scales[1:], uniforms[:, 1:], 1.0, 0, 1.0, guided,
-                           step=reference_decode_one_token)
+    rest = decode_n_tokens(gpt, first, 1, scales[1:], uniforms[:, 1:], 1.0, 0, 1.0, guided, step=step)
     return torch.cat([first[:, None], rest], dim=1)
+
+
+def reference_codes(gpt: GPT, labels: torch.Tensor, uniforms: torch.Tensor, guidance: GuidanceSchedule) -> torch.Tensor:
+    """Codes (B, n) the way generation ran before the fast paths: the reference step, unfused sampler."""
+    return sample_codes(gpt, labels, uniforms, guidance, reference_decode_one_token)
 
 
 def fast_codes(gpt: GPT, labels: torch.Tensor, uniforms: torch.Tensor, guidance: GuidanceSchedule,

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from typing import Any
 
 import torch
 
+from scripts.benchmark_sampling import peak_memory_mib
 from tokenizer import TOKENIZER_PRESETS, DARTokenizer, load_tokenizer_config
 from utils.cli import OneLineArgumentParser, positive_int
 from utils.errors import call_cli
@@ -58,33 +58,9 @@ def build(tiny: bool, seed: int) -> DARTokenizer:
     return model.eval()
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def peak_rss_rise_mib(fn: Callable[[], Any]) -> tuple[float | None, Any]:
     """(rise of the resident set during ``fn()`` in MiB, or None where it cannot be measured; its result)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux ≥ 4.0)
-        reset = True
-    except OSError:
-        reset = False
-    before = _status_kib("VmRSS")
-    if reset and before is not None:
-        result = fn()
-        peak = _status_kib("VmHWM")
-        return (None if peak is None else (peak - before) / 1024), result
-    # Without a reset only a rise above the process's earlier peak shows (ru_maxrss is KiB on Linux).
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    result = fn()
-    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return ((peak_after - peak_before) / 1024 if peak_after > peak_before else None), result
+    return peak_memory_mib(fn, torch.device("cpu"))
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:

@@ -50,6 +50,7 @@ from autoregressive.generate import (
 )
 from autoregressive.model import GPT
 from autoregressive.train import load_ar_config
+from scripts.benchmark_sampling import sample_codes
 from tokenizer.model import DARTokenizer
 from tokenizer.losses import WeightFiles, build_loss_networks, loss_terms, term_weights, total_loss
 from tokenizer.train import load_train_config
@@ -341,23 +342,6 @@ def _sampling_inputs(ctx: Context, gpt: GPT) -> tuple[torch.Tensor, torch.Tensor
     labels = torch.arange(batch, device=ctx.device) % gpt.config.num_classes
     uniforms = draw_uniforms(batch, gpt.config.block_size, seeds=list(range(batch)), device=ctx.device)
     return labels, uniforms
-
-
-@torch.no_grad()
-def sample_codes(gpt: GPT, labels: torch.Tensor, uniforms: torch.Tensor, guidance: GuidanceSchedule,
-                 step: Callable[..., torch.Tensor]) -> torch.Tensor:
-    """generate_codes' cached decoding with a chosen decode step (GPT.generate picks the compile backend itself)."""
-    guided = guidance.enabled
-    labels_in = torch.cat([labels, torch.full_like(labels, gpt.config.null_class)]) if guided else labels
-    n = uniforms.shape[1]
-    scales = guidance.scales(n).to(labels.device)
-    gpt.setup_caches(labels_in.shape[0], n, device=labels.device)
-    logits = prefill(gpt, labels_in)
-    if guided:
-        logits = apply_guidance(logits, scales[0])
-    first = sample_token(logits, uniforms[:, 0])
-    rest = decode_n_tokens(gpt, first, 1, scales[1:], uniforms[:, 1:], 1.0, 0, 1.0, guided, step=step)
-    return torch.cat([first[:, None], rest], dim=1)
 
 
 def gpt_l_sample(ctx: Context) -> list[Row]:

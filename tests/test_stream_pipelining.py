@@ -19,19 +19,8 @@ from autoregressive.stream import PIPELINE_BY_DEFAULT, default_pipeline
 from scripts import benchmark_streaming
 from tests.extraction_testing import make_tokenizer
 from tests.gpt_testing import random_gpt
+from tests.test_stream import CFG, gpt, tokenizer  # noqa: F401 (the same module-scoped models as test_stream)
 from tokenizer import DARTokenizer
-
-CFG = (1.5, 4.0)
-
-
-@pytest.fixture(scope="module")
-def gpt() -> GPT:
-    return random_gpt()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> DARTokenizer:
-    return DARTokenizer.from_pretrained(make_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
 def assert_same_records(a: list[StreamStep], b: list[StreamStep]) -> None:
