@@ -420,11 +420,11 @@ class PendingLog:
     """
 
     head: dict[str, Any]  # host fields before the window's means: step, epoch
-    tail: dict[str, Any]  # host fields after them: lr, the trainer's extras, peak memory
+    lr: float
+    extras: dict[str, Any]  # host fields after the device ones: the trainer's extras, peak memory
     names: list[str]  # window terms, then grad_norm, the throughput and the guard's counters (if any)
     values: torch.Tensor  # float64, on the host once ``ready`` has completed
     ready: torch.cuda.Event | None
-    guard_counts: bool
     empty_batches: int  # as of the logged step (the next step may add one before the line is written)
 
     def write(self, state: TrainState, ctx: RunContext) -> None:
@@ -432,15 +432,14 @@ class PendingLog:
         if self.ready is not None:
             self.ready.synchronize()
         values = dict(zip(self.names, self.values.tolist()))
-        if self.guard_counts:
+        if _GUARD_FIELDS[0] in values:
             skipped = state.guard.absorb([int(values.pop(k)) for k in _GUARD_FIELDS])
             warn_skipped(state, ctx, skipped)
         grad_norm, rate = values.pop("grad_norm"), values.pop("images_per_s")
         count = values.pop("count", 0.0)
         record = dict(self.head)
         record.update({k: v / count for k, v in values.items()} if count else {"loss": float("nan")})
-        record.update(lr=self.tail["lr"], grad_norm=grad_norm, images_per_s=rate)
-        record.update({k: v for k, v in self.tail.items() if k != "lr"})
+        record.update(lr=self.lr, grad_norm=grad_norm, images_per_s=rate, **self.extras)
         if state.guard.total or self.empty_batches:
             record.update(skipped_steps=state.guard.total, empty_batches=self.empty_batches)
         ctx.run.log_metrics(record)
@@ -464,9 +463,9 @@ def begin_log(state: TrainState, ctx: RunContext, result: StepResult) -> Pending
     device = ctx.env.device
     epoch = state.loader.epoch + state.loader.consumed_in_epoch / (ctx.steps_per_epoch * ctx.global_batch_size)
     head = {"step": state.step, "epoch": round(epoch, 4)}
-    tail: dict[str, Any] = {"lr": result.lr, **result.extras}
+    extras: dict[str, Any] = dict(result.extras)
     if device.type == "cuda":
-        tail["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30  # allocator statistics, no sync
+        extras["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30  # allocator statistics, no sync
     # torch.full writes the host number on the device: no copy waits for the queue.
     rate = all_reduce_sum(torch.full((), ctx.throughput.rate(), dtype=torch.float64, device=device))
     names = list(state.window) + ["grad_norm", "images_per_s"]
@@ -481,13 +480,13 @@ def begin_log(state: TrainState, ctx: RunContext, result: StepResult) -> Pending
         values += list(counts.to(torch.float64))
     stacked = torch.stack(values)
     state.window = {}
-    if device.type != "cuda":
-        return PendingLog(head, tail, names, stacked, None, counts is not None, state.empty_batches)
-    host = torch.empty(stacked.shape, dtype=torch.float64, pin_memory=True)
-    host.copy_(stacked, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record()
-    return PendingLog(head, tail, names, host, ready, counts is not None, state.empty_batches)
+    host, ready = stacked, None
+    if device.type == "cuda":
+        host = torch.empty(stacked.shape, dtype=torch.float64, pin_memory=True)
+        host.copy_(stacked, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+    return PendingLog(head, result.lr, extras, names, host, ready, state.empty_batches)
 
 
 def check_guard(state: TrainState, ctx: RunContext) -> None:

@@ -278,12 +278,8 @@ class NonFiniteGuard:
         """
         if self._counts is None:
             return 0
-        consecutive, total, longest = self._counts.tolist()
-        skipped = total - self.total
-        self.consecutive, self.total, self._counts = consecutive, total, None
-        if longest >= self.max_bad_steps:
-            raise FloatingPointError(self._abort_message(longest))
-        return skipped
+        counts, self._counts = self._counts.tolist(), None
+        return self.absorb(counts)
 
     def device_counts(self) -> torch.Tensor | None:
         """The device counters ``(consecutive, total, longest run)`` as of now, or None when nothing was recorded
@@ -297,12 +293,11 @@ class NonFiniteGuard:
         skipped = total - self.total
         self.consecutive, self.total = consecutive, total
         if longest >= self.max_bad_steps:
-            raise FloatingPointError(self._abort_message(longest))
+            raise FloatingPointError(
+                f"{longest} consecutive non-finite steps (limit --max-bad-steps={self.max_bad_steps}); "
+                "aborting. Lower the LR, check the data, or resume from an earlier checkpoint."
+            )
         return skipped
-
-    def _abort_message(self, longest: int) -> str:
-        return (f"{longest} consecutive non-finite steps (limit --max-bad-steps={self.max_bad_steps}); "
-                "aborting. Lower the LR, check the data, or resume from an earlier checkpoint.")
 
     def check(self, *values: torch.Tensor) -> bool:
         """True if the step may be applied (reads the device: use ``finite`` + ``record`` in loops).
