@@ -3,6 +3,7 @@
     python -m scripts.benchmark_training                                  # GPT-B forward and training step
     python -m scripts.benchmark_training --configs tiny,v1                # the tokenizer, small CPU batches
     python -m scripts.benchmark_training --device cuda --batch-v1 32      # realistic GPU batch, bf16
+    python -m scripts.benchmark_training --configs lpips                  # the LPIPS term, old vs new path
 
 One measurement is one full training step of ``tokenizer.train`` (forward, every loss term of the
 recipe, backward, gradient clipping, AdamW step, EMA update) on random images; networks have random
@@ -25,6 +26,12 @@ in the same run (interleaved, warm-up first, min / median of ``--repeats`` calls
   ``build_optimizer``'s fused AdamW against the per-tensor AdamW loop, parameters after the step
   compared; and activation checkpointing on (memory against speed).
 ``--quick``: 64 codes, batch 1, the smallest run that exercises every path.
+
+``--configs lpips`` times the LPIPS term of tokenizer training (forward + backward to the reconstruction,
+``--lpips-batch`` images at 256²) as the trainer computes it (``tokenizer.losses.lpips_term``: targets
+without autograd, the VGG backward taken ``LPIPS_CHUNK`` images at a time) against the previous one-pass
+computation, with peak memory and the gradients compared. For CPU peaks that follow the live tensors, run
+with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc otherwise keeps freed blocks between the calls).
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ from utils.errors import call_cli
 REPA_PRESET = {"tiny": "tiny", "v1": "dinov2_vitb14"}
 IMAGE_SIZE = {"tiny": 32, "v1": 256}
 GPT_CONFIGS = ("GPT-B", "gpt-tiny")
+OTHER_CONFIGS = ("lpips",)
 
 
 def measure(config_name: str, grad_ckpt: bool, batch: int, steps: int, device: torch.device, sdpa_only: bool) -> dict:
@@ -96,19 +104,21 @@ def measure(config_name: str, grad_ckpt: bool, batch: int, steps: int, device: t
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     context = _sdpa_fast_kernels() if sdpa_only and device.type == "cuda" else contextlib.nullcontext()
+    times = []
     with context:
-        start = time.perf_counter()
         for _ in range(steps):
+            start = time.perf_counter()
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - start
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     return {"config": config_name, "grad_ckpt": grad_ckpt, "batch": batch, "steps": steps, "precision": precision,
-            "images_per_s": batch * steps / elapsed, "s_per_step": elapsed / steps, "peak_mem_gib": peak,
+            "images_per_s": batch / statistics.median(times), "s_per_step": statistics.median(times),
+            "s_per_step_min": min(times), "peak_mem_gib": peak,
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
@@ -199,6 +209,64 @@ def gpt_measure(name: str, args: argparse.Namespace, device: torch.device) -> di
     return report
 
 
+# ------------------------------------------------------------------------------------------------
+# LPIPS term of tokenizer training
+# ------------------------------------------------------------------------------------------------
+def lpips_measure(args: argparse.Namespace, device: torch.device) -> dict:
+    """Forward + backward of the LPIPS term at 256², down to the reconstruction, three ways in this process.
+
+    ``one pass`` is the baseline (the previous code): targets and reconstructions through the VGG16 as one
+    batch, the backward at the end. ``split``: ``LPIPS.forward`` runs the targets without autograd.
+    ``chunked``: ``tokenizer.losses.lpips_term`` (what training uses), LPIPS_CHUNK images at a time, each
+    chunk's VGG backward taken at once. bf16 autocast on CUDA, fp32 on the CPU.
+    """
+    from tokenizer.losses import lpips_term
+    from tokenizer.lpips import LPIPS
+
+    torch.manual_seed(0)
+    net = LPIPS(pretrained=False).to(device)
+    batch = args.lpips_batch
+    images = torch.rand(batch, 3, 256, 256, device=device) * 2 - 1
+    start = torch.rand(batch, 3, 256, 256, device=device) * 2 - 1
+    precision = "bf16" if device.type == "cuda" else "fp32"
+
+    def one_pass(recon: torch.Tensor) -> torch.Tensor:
+        taps = net._taps(torch.cat([images, recon.to(images.dtype)]))
+        heads = [head.weight.view(1, -1).float() for head in net.heads]
+        return sum(((tap[:batch] - tap[batch:]).pow(2).mean(dim=(2, 3)) * w).sum(1) for w, tap in zip(heads, taps)).mean()
+
+    def run(term) -> torch.Tensor:
+        recon = start.clone().requires_grad_(True)
+        with autocast(device, precision):
+            loss = term(recon)
+        loss.backward()
+        return recon.grad
+
+    calls = {"one pass": lambda: run(one_pass), "split": lambda: run(lambda r: net(images, r).mean()),
+             "chunked": lambda: run(lambda r: lpips_term(net, images, r))}
+    memory, grads = {}, {}
+    for key, fn in calls.items():
+        memory[key], grads[key] = peak_memory_mib(fn, device)
+    times = interleaved(calls, device, args.repeats)
+    return {"config": "lpips", "batch": batch, "precision": precision,
+            **{k: _row(times[k], memory[k]) for k in calls},
+            "grad_rel_diff": {k: _relative(grads[k], grads["one pass"]) for k in ("split", "chunked")}}
+
+
+def print_lpips(report: dict) -> None:
+    print(f"LPIPS term, forward + backward to the reconstruction, batch {report['batch']} x 256², "
+          f"{report['precision']} (min / median s, peak rise):")
+    base = report["one pass"]
+    for key in ("one pass", "split", "chunked"):
+        row = report[key]
+        mem = "n/a" if row["peak_rise_mib"] is None else f"{row['peak_rise_mib']:.0f} MiB"
+        ratio = (f"  speed-up {base['min_s'] / row['min_s']:.2f}x / {base['median_s'] / row['median_s']:.2f}x"
+                 if key != "one pass" else "")
+        print(f"  {key:10s} {row['min_s']:8.3f} / {row['median_s']:8.3f} s  peak rise {mem}{ratio}")
+    print("  gradient max relative difference vs one pass: "
+          + ", ".join(f"{k} {v:.2e}" for k, v in report["grad_rel_diff"].items()))
+
+
 def print_gpt(report: dict) -> None:
     for part, label in (("forward", "teacher-forcing forward, no grad"), ("train", "training step")):
         r = report[part]
@@ -227,14 +295,14 @@ def format_row(row: dict, base: dict) -> str:
     speed = row["images_per_s"] / base["images_per_s"]
     memory = row["peak_mem_gib"] / base["peak_mem_gib"]
     return (f"{row['config']:>4} ckpt={'on ' if row['grad_ckpt'] else 'off'} B={row['batch']:<3} {row['precision']}: "
-            f"{row['images_per_s']:9.4g} img/s {row['s_per_step']:8.3f} s/step  peak {row['peak_mem_gib']:7.2f} GiB"
-            f"  | vs ckpt off: speed x{speed:.2f}, memory x{memory:.2f}")
+            f"{row['images_per_s']:9.4g} img/s, s/step min {row['s_per_step_min']:.3f} median {row['s_per_step']:.3f}"
+            f"  peak {row['peak_mem_gib']:7.2f} GiB  | vs ckpt off: speed x{speed:.2f} (median), memory x{memory:.2f}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = OneLineArgumentParser(prog="python -m scripts.benchmark_training", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", type=lambda t: t.split(","), default=["GPT-B"],
-                        help="comma-separated: tiny, v1 (tokenizer), GPT-B, gpt-tiny")
+                        help="comma-separated: tiny, v1 (tokenizer), GPT-B, gpt-tiny, lpips (the LPIPS term)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-tiny", type=int, default=None, help="default 8 on CPU, 256 on GPU")
     parser.add_argument("--batch-v1", type=int, default=None, help="default 1 on CPU, 32 on GPU")
@@ -243,20 +311,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="allow the math SDPA kernel on CUDA")
     parser.add_argument("--gpt-batch", type=int, default=8, help="GPT forward batch (x 256 codes)")
     parser.add_argument("--gpt-train-batch", type=int, default=None, help="GPT training batch (default 2 on CPU, 8 on GPU)")
-    parser.add_argument("--repeats", type=int, default=3, help="GPT: timed calls per path after the warm-up")
+    parser.add_argument("--repeats", type=int, default=3, help="GPT, lpips: timed calls per path after the warm-up")
+    parser.add_argument("--lpips-batch", type=int, default=None, help="lpips: images (default 16 on CPU, 64 on GPU)")
     parser.add_argument("--quick", action="store_true", help="GPT: 64 codes, batch 1 (a smoke run)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # "config,ckpt": one measurement
     args = parser.parse_args(argv)
-    unknown = [c for c in args.configs if c not in IMAGE_SIZE and c not in GPT_CONFIGS]
+    known = (*IMAGE_SIZE, *GPT_CONFIGS, *OTHER_CONFIGS)
+    unknown = [c for c in args.configs if c not in known]
     if unknown:
-        parser.error(f"unknown config(s) {unknown}; choose from {', '.join((*IMAGE_SIZE, *GPT_CONFIGS))}")
+        parser.error(f"unknown config(s) {unknown}; choose from {', '.join(known)}")
     gpu = args.device.startswith("cuda")
     args.batch_tiny = args.batch_tiny or (256 if gpu else 8)
     args.batch_v1 = args.batch_v1 or (32 if gpu else 1)
     args.steps = args.steps or (10 if gpu else 2)
     args.gpt_train_batch = args.gpt_train_batch or (8 if gpu else 2)
+    args.lpips_batch = args.lpips_batch or (64 if gpu else 16)
     return args
 
 
@@ -276,6 +347,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for name in [c for c in args.configs if c in GPT_CONFIGS]:
         report = gpt_measure(name, args, torch.device(args.device))
         print_gpt(report)
+        rows.append(report)
+    if "lpips" in args.configs:
+        report = lpips_measure(args, torch.device(args.device))
+        print_lpips(report)
         rows.append(report)
     for name in [c for c in args.configs if c in IMAGE_SIZE]:
         base = None

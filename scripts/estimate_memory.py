@@ -12,7 +12,8 @@ numbers; data-parallel overheads (DDP's gradient buckets, FSDP's unsharded block
 The verdict judges the recipe as shipped (its ``fsdp`` / ``grad_accum_steps`` /
 ``activation_checkpointing``) against the GPU memory less a margin (10 % + 1 GiB CUDA context) and,
 when it does not fit, names the smallest change that does: more gradient accumulation, then
-activation checkpointing, then FSDP. These are estimates: the CUDA caching allocator's fragmentation
+activation checkpointing, then FSDP; when it fits with activation checkpointing and would fit without,
+it says so (the recomputation costs time). These are estimates: the CUDA caching allocator's fragmentation
 is inside the margin, not modelled.
 """
 
@@ -468,6 +469,11 @@ def report(recipe: Recipe, gpus: int, gpu_memory_gib: float, acts: Activations |
     fits = shipped.peak <= budget
     lines.append(f"fits: {'yes' if fits else 'no'} (peak {shipped.peak / GIB:.1f} GiB of {budget / GIB:.1f} GiB) "
                  f"with {settings_text(recipe.fsdp, accum, recipe.activation_checkpointing)}")
+    if fits and recipe.activation_checkpointing:
+        plain = breakdown(recipe, acts, gpus, accum, recipe.fsdp, False)
+        if plain.peak <= budget:
+            lines.append(f"faster: it also fits without activation checkpointing (peak {plain.peak / GIB:.1f} GiB); "
+                         "set train.activation_checkpointing: false to skip recomputing the blocks in the backward")
     if not fits:
         found = smallest_fit(recipe, acts, gpus, budget)
         if found is None:

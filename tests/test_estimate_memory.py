@@ -93,6 +93,23 @@ def test_cli_prints_the_verdict_for_the_xl_recipe(capsys: pytest.CaptureFixture[
     assert capsys.readouterr().out.strip() == text
     verdict = [line for line in text.splitlines() if line.startswith("fits: ")]
     assert len(verdict) == 1 and verdict[0].startswith("fits: yes"), text
+    assert "faster:" not in text  # XL needs its activation checkpointing on 8 x 80 GB
+
+
+def test_cli_says_when_activation_checkpointing_is_not_needed(tmp_path: Path) -> None:
+    path = tmp_path / "small.yaml"
+    path.write_text(GPT_RECIPE.format(dim=256, batch=32).replace("precision: fp32", "precision: fp32, "
+                                                                  "activation_checkpointing: true"))
+    text = main(["--config", str(path), "--gpus", "1", "--gpu-memory", "80"])
+    assert "fits: yes" in text and "activation_checkpointing true" in text, text
+    assert "faster: it also fits without activation checkpointing" in text, text
+    recipe = load_recipe(path)
+    acts = Activations(recipe)
+    with_ac, without = (breakdown(recipe, acts, gpus=1, accum=1, fsdp=False, ac=ac).peak for ac in (True, False))
+    assert without > 1.5 * with_ac
+    between = ((with_ac + without) / 2 / 2**30 + 1) / 0.9  # usable memory = 90 % of the GPU less 1 GiB
+    text = main(["--config", str(path), "--gpus", "1", "--gpu-memory", f"{between:.4f}"])
+    assert "fits: yes" in text and "faster:" not in text, text
 
 
 def test_cli_names_a_change_when_the_recipe_does_not_fit(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from tokenizer.losses import (
     discriminator_loss,
     gan_active,
     generator_loss,
+    lpips_term,
     repa_loss,
 )
 
@@ -73,6 +74,55 @@ def test_lpips_gradients_reach_inputs_only(lpips: LPIPS) -> None:
     lpips(x, _images(2, 32, seed=4)).mean().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
     assert all(p.grad is None and not p.requires_grad for p in lpips.parameters())
+
+
+def test_lpips_against_a_fixed_target_runs_the_target_without_autograd(lpips: LPIPS) -> None:
+    """With one side requiring grad (training) the target's pass runs under no_grad; the distances and
+    the gradients equal those of the one-pass path, and the backward holds half the activations."""
+    target = _images(2, 32, seed=7)
+    outputs = {}
+    for side in ("x", "y", "both"):
+        recon = _images(2, 32, seed=8).requires_grad_(True)
+        other = target.clone().requires_grad_(side == "both")
+        saved = []  # activations the graph keeps (the frozen weights are kept either way)
+        weights = {p.data_ptr() for p in lpips.parameters()}
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            saved.append(0 if t.data_ptr() in weights else t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            distance = lpips(recon, other) if side == "x" else lpips(other, recon)
+        distance.sum().backward()
+        outputs[side] = distance.detach(), recon.grad, sum(saved)
+    for side in ("x", "y"):
+        torch.testing.assert_close(outputs[side][0], outputs["both"][0], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(outputs[side][1], outputs["both"][1], rtol=1e-5, atol=1e-8)
+        assert outputs[side][2] < 0.6 * outputs["both"][2]
+
+
+def test_lpips_term_takes_the_vgg_backward_chunk_by_chunk(lpips: LPIPS) -> None:
+    """The training term: same value and gradient as the plain mean, but the returned graph holds no VGG
+    activations, only the gradient it already computed (one node between the term and its input)."""
+    target = _images(5, 32, seed=9)
+    weight = torch.tensor(0.7, requires_grad=True)  # something upstream of the reconstruction
+    recon = _images(5, 32, seed=10) * weight
+    plain = lpips(target, recon).mean()
+    (plain_grad,) = torch.autograd.grad(plain, weight, retain_graph=True)
+    term = lpips_term(lpips, target, recon, chunk=2)  # chunks of 2, 2 and 1
+    assert term.grad_fn.next_functions[0][0] is recon.grad_fn
+    torch.testing.assert_close(term, plain, rtol=1e-6, atol=1e-7)
+    (term_grad,) = torch.autograd.grad(term, weight)
+    torch.testing.assert_close(term_grad, plain_grad, rtol=1e-5, atol=1e-8)
+    with torch.no_grad():
+        torch.testing.assert_close(lpips_term(lpips, target, recon), plain)
+    # Under bf16 autocast (the trainers' GPU precision) as under the plain mean, whose backward runs outside it.
+    recon = _images(5, 32, seed=10) * weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, term = lpips(target, recon).mean(), lpips_term(lpips, target, recon, chunk=2)
+    torch.testing.assert_close(term, plain, rtol=1e-2, atol=1e-4)
+    (plain_grad,) = torch.autograd.grad(plain, weight, retain_graph=True)
+    torch.testing.assert_close(torch.autograd.grad(term, weight)[0], plain_grad, rtol=2e-2, atol=1e-5)
 
 
 def test_lpips_stays_in_eval_mode(lpips: LPIPS) -> None:

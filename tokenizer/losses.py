@@ -86,6 +86,7 @@ __all__ = [
     "discriminator_loss",
     "gan_active",
     "generator_loss",
+    "lpips_term",
     "repa_loss",
 ]
 
@@ -366,6 +367,49 @@ def _build_loss_networks(w: LossConfig, files: WeightFiles | None, log: Any) -> 
     return nets
 
 
+# Images per LPIPS pass while training: the VGG16 activations of one 256² reconstruction are about 180 MB in
+# bf16 (11.5 GiB for a micro-batch of 64), so the term is computed and differentiated this many at a time.
+LPIPS_CHUNK = 8
+
+
+class _PrecomputedGradient(torch.autograd.Function):
+    """A scalar ``value`` whose gradient with respect to ``inputs`` was computed already (``grad``)."""
+
+    @staticmethod
+    def forward(ctx: Any, inputs: torch.Tensor, value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None
+
+
+def lpips_term(lpips: nn.Module, images: torch.Tensor, recon: torch.Tensor, chunk: int = LPIPS_CHUNK) -> torch.Tensor:
+    """Mean LPIPS distance of ``recon`` (B, 3, H, W) to ``images``, as a term of the generator loss.
+
+    While gradients are recorded, the term is evaluated ``chunk`` images at a time and each chunk's
+    backward through the VGG16 runs at once, down to ``recon``; only dLPIPS/d(recon) (the size of the
+    images) is kept for the loss's backward. Without this the VGG activations of the whole micro-batch
+    stayed alive until the backward of the step, at the moment the model's activations peak. Same value
+    and gradient (up to the rounding of a different batch size), no recomputation.
+    """
+    if not (torch.is_grad_enabled() and recon.requires_grad):
+        return lpips(images, recon).mean()
+    batch = recon.shape[0]
+    value = recon.new_zeros((), dtype=torch.float32)
+    grads = []
+    for begin in range(0, batch, chunk):
+        part = recon[begin:begin + chunk].detach().requires_grad_(True)
+        distance = lpips(images[begin:begin + chunk], part).sum() / batch
+        with torch.autocast(recon.device.type, enabled=False):  # a backward, like the step's own, outside autocast
+            (grad,) = torch.autograd.grad(distance, part)
+        value = value + distance.detach()
+        grads.append(grad)
+    return _PrecomputedGradient.apply(recon, value, torch.cat(grads))
+
+
 def last_decoder_layer(model: DARTokenizer) -> torch.Tensor:
     """The pixel decoder's output weight, where the adaptive GAN weight compares gradient norms."""
     decoder = unwrap_model(model).pixel_decoder
@@ -378,7 +422,7 @@ def loss_terms(
     """Unweighted scalar terms of the generator objective (only those that are switched on)."""
     terms = dict(out.losses)  # flow, codebook, commitment
     if nets.lpips is not None:
-        terms["lpips"] = nets.lpips(images, out.clean_image).mean()
+        terms["lpips"] = lpips_term(nets.lpips, images, out.clean_image)
     if weights["pixel"] > 0:
         terms["pixel"] = F.mse_loss(out.clean_image.float(), images.float())
     if nets.repa is not None:

@@ -211,12 +211,21 @@ class LPIPS(nn.Module):
             raise ValueError(
                 f"LPIPS-VGG16 needs images of at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}, got {tuple(x.shape[-2:])}"
             )
-        batch = x.shape[0]
-        # One backbone pass over both batches: half the kernel launches, same result per image.
-        taps = self._taps(torch.cat([x, y.to(x.dtype)]))
+        batch, y = x.shape[0], y.to(x.dtype)
+        if torch.is_grad_enabled() and x.requires_grad != y.requires_grad:
+            # Training (a reconstruction against fixed targets): the target's pass runs without autograd,
+            # so its activations are not kept and the backward does not carry it through the backbone.
+            fixed, graded = (y, x) if x.requires_grad else (x, y)
+            with torch.no_grad():
+                fixed_taps = self._taps(fixed)
+            pairs = list(zip(fixed_taps, self._taps(graded)))
+        else:
+            # One backbone pass over both batches: half the kernel launches, same result per image.
+            taps = self._taps(torch.cat([x, y]))
+            pairs = [(tap[:batch], tap[batch:]) for tap in taps]
         distance = x.new_zeros(batch, dtype=torch.float32)
-        for head, tap in zip(self.heads, taps):
-            diff = (tap[:batch] - tap[batch:]).pow(2)  # (B, C, H, W)
+        for head, (a, b) in zip(self.heads, pairs):
+            diff = (a - b).pow(2)  # (B, C, H, W); symmetric, so the order of the pair does not matter
             # The 1x1 head and the spatial mean are both linear, so averaging first is the same sum;
             # elementwise ops keep it in float32 under autocast, where a conv/matmul would drop to bf16.
             weight = head.weight.view(1, -1).float()  # (1, C)
