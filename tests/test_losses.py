@@ -112,10 +112,13 @@ def test_lpips_term_takes_the_vgg_backward_chunk_by_chunk(lpips: LPIPS) -> None:
     term = lpips_term(lpips, target, recon, chunk=2)  # chunks of 2, 2 and 1
     assert term.grad_fn.next_functions[0][0] is recon.grad_fn
     torch.testing.assert_close(term, plain, rtol=1e-6, atol=1e-7)
-    (term_grad,) = torch.autograd.grad(term, weight)
-    torch.testing.assert_close(term_grad, plain_grad, rtol=1e-5, atol=1e-8)
+    (term_grad,) = torch.autograd.grad(0.25 * term, weight)  # a weighted term, as in the loss
+    torch.testing.assert_close(term_grad, 0.25 * plain_grad, rtol=1e-5, atol=1e-8)
     with torch.no_grad():
         torch.testing.assert_close(lpips_term(lpips, target, recon), plain)
+    moving = target.clone().requires_grad_(True)  # a target that needs its gradient too: the plain path
+    lpips_term(lpips, moving, _images(5, 32, seed=10) * weight, chunk=2).backward()
+    assert moving.grad is not None and moving.grad.abs().sum() > 0
     # Under bf16 autocast (the trainers' GPU precision) as under the plain mean, whose backward runs outside it.
     recon = _images(5, 32, seed=10) * weight
     with torch.autocast("cpu", dtype=torch.bfloat16):

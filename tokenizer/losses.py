@@ -12,7 +12,7 @@ The networks on their own:
 
     lpips = LPIPS(pretrained=True).to(device)                     # tokenizer/lpips.py
     repa = RepaFeatureExtractor(REPA_ENCODER_PRESETS["dinov2_vitb14"]).to(device)
-    terms["lpips"] = lpips(images, predicted_clean).mean()        # (B,) -> scalar
+    terms["lpips"] = lpips(images, predicted_clean).mean()        # (B,) -> scalar; training: lpips_term
     terms["repa"] = repa_loss(repa_head_tokens, repa(images))     # (B, 256, 768) each -> scalar
     terms["gan"] = generator_loss(disc(predicted_clean))          # tokenizer/discriminator.py
 
@@ -367,8 +367,9 @@ def _build_loss_networks(w: LossConfig, files: WeightFiles | None, log: Any) -> 
     return nets
 
 
-# Images per LPIPS pass while training: the VGG16 activations of one 256² reconstruction are about 180 MB in
-# bf16 (11.5 GiB for a micro-batch of 64), so the term is computed and differentiated this many at a time.
+# Images per LPIPS pass while training. Kept until the step's backward, the term's VGG16 activations were
+# 11.5 GiB of the v1 recipe's micro-batch of 64 in bf16 (scripts.estimate_memory), so the term is computed
+# and differentiated this many images at a time.
 LPIPS_CHUNK = 8
 
 
@@ -381,9 +382,10 @@ class _PrecomputedGradient(torch.autograd.Function):
         return value.clone()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second-order gradient would silently be zero
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None
+        return (grad.float() * grad_output).to(grad.dtype), None, None  # one rounding, as a plain backward
 
 
 def lpips_term(lpips: nn.Module, images: torch.Tensor, recon: torch.Tensor, chunk: int = LPIPS_CHUNK) -> torch.Tensor:
@@ -393,9 +395,10 @@ def lpips_term(lpips: nn.Module, images: torch.Tensor, recon: torch.Tensor, chun
     backward through the VGG16 runs at once, down to ``recon``; only dLPIPS/d(recon) (the size of the
     images) is kept for the loss's backward. Without this the VGG activations of the whole micro-batch
     stayed alive until the backward of the step, at the moment the model's activations peak. Same value
-    and gradient (up to the rounding of a different batch size), no recomputation.
+    and gradient (up to the rounding of a different batch size), no recomputation. Targets that require
+    grad themselves take the plain path.
     """
-    if not (torch.is_grad_enabled() and recon.requires_grad):
+    if not (torch.is_grad_enabled() and recon.requires_grad) or images.requires_grad:
         return lpips(images, recon).mean()
     batch = recon.shape[0]
     value = recon.new_zeros((), dtype=torch.float32)
