@@ -230,10 +230,12 @@ def lpips_measure(args: argparse.Namespace, device: torch.device) -> dict:
     start = torch.rand(batch, 3, 256, 256, device=device) * 2 - 1
     precision = "bf16" if device.type == "cuda" else "fp32"
 
+    # With both sides requiring grad, LPIPS.forward takes its one concatenated pass, and the backward runs
+    # through the targets as well: the computation training did before.
+    graded_images = images.clone().requires_grad_(True)
+
     def one_pass(recon: torch.Tensor) -> torch.Tensor:
-        taps = net._taps(torch.cat([images, recon.to(images.dtype)]))
-        heads = [head.weight.view(1, -1).float() for head in net.heads]
-        return sum(((tap[:batch] - tap[batch:]).pow(2).mean(dim=(2, 3)) * w).sum(1) for w, tap in zip(heads, taps)).mean()
+        return net(graded_images, recon).mean()
 
     def run(term) -> torch.Tensor:
         recon = start.clone().requires_grad_(True)
